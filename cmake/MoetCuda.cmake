@@ -1,0 +1,17 @@
+# The CUDA backend is the subject of a later milestone; for now this only decides whether CUDA
+# is available (AUTO looks for nvcc in /usr/local/cuda) and records the decision.
+set(MOET_CUDA_ENABLED OFF)
+if(MOET_CUDA STREQUAL "AUTO" OR MOET_CUDA STREQUAL "ON")
+  if(NOT CMAKE_CUDA_COMPILER AND EXISTS /usr/local/cuda/bin/nvcc)
+    set(CMAKE_CUDA_COMPILER /usr/local/cuda/bin/nvcc)
+  endif()
+  include(CheckLanguage)
+  check_language(CUDA)
+  if(CMAKE_CUDA_COMPILER)
+    set(MOET_CUDA_ENABLED ON)
+  elseif(MOET_CUDA STREQUAL "ON")
+    message(FATAL_ERROR "moet: MOET_CUDA=ON but no CUDA compiler was found (looked in /usr/local/cuda)")
+  endif()
+elseif(NOT MOET_CUDA STREQUAL "OFF")
+  message(FATAL_ERROR "moet: MOET_CUDA must be AUTO, ON or OFF, got '${MOET_CUDA}'")
+endif()

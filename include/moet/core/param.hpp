@@ -1,0 +1,100 @@
+// Parameters. A `Param<T>` is a trainable matrix with its gradient; a `Frozen<T>` is a
+// pretrained matrix that gets no gradient (gradients flow through it, never into it). Both are
+// views: they either own their storage or point into a layer's fused buffer (so that, for
+// instance, the frozen W0, the router kernel and the LoRA "A" matrices can sit side by side in
+// one (d_in, d_out + E + E*R) matrix read by a single GEMM). Layers are movable, not copyable:
+// moving keeps heap buffers where they are, so the views stay valid.
+#pragma once
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "tensor.hpp"
+
+namespace moet {
+
+/// Whether a backward pass adds into parameter gradients or replaces them. Always explicit.
+enum class GradMode { accumulate, overwrite };
+inline constexpr GradMode accumulate = GradMode::accumulate;
+inline constexpr GradMode overwrite = GradMode::overwrite;
+
+namespace detail {
+/// dst = src or dst += src, by mode; written for Eigen expressions (products included).
+template <class Dst, class Src>
+void assign_grad(Dst&& dst, const Src& src, GradMode mode) {
+  if (mode == GradMode::overwrite)
+    dst.noalias() = src;
+  else
+    dst.noalias() += src;
+}
+}  // namespace detail
+
+template <class T>
+class Param {
+ public:
+  using Scalar = T;
+
+  /// Owns zero-initialised storage of shape (rows, cols).
+  Param(std::string name, Index rows, Index cols)
+      : name_(std::move(name)),
+        storage_(static_cast<std::size_t>(2 * rows * cols), T(0)),
+        value_(storage_.data(), rows, cols, Eigen::OuterStride<>(cols)),
+        grad_(storage_.data() + rows * cols, rows, cols, Eigen::OuterStride<>(cols)) {}
+
+  /// Views storage owned by a layer.
+  Param(std::string name, MatrixView<T> value, MatrixView<T> grad)
+      : name_(std::move(name)), value_(value), grad_(grad) {}
+
+  Param(Param&&) noexcept = default;  // std::vector keeps its buffer: the views stay valid
+  Param(const Param&) = delete;
+  Param& operator=(const Param&) = delete;
+  Param& operator=(Param&&) = delete;
+
+  const std::string& name() const { return name_; }
+  MatrixView<T>& value() { return value_; }
+  const MatrixView<T>& value() const { return value_; }
+  MatrixView<T>& grad() { return grad_; }
+  const MatrixView<T>& grad() const { return grad_; }
+  Index rows() const { return value_.rows(); }
+  Index cols() const { return value_.cols(); }
+  Index size() const { return value_.size(); }
+
+ private:
+  std::string name_;
+  std::vector<T> storage_;  // empty for views
+  MatrixView<T> value_;
+  MatrixView<T> grad_;
+};
+
+template <class T>
+class Frozen {
+ public:
+  using Scalar = T;
+
+  Frozen(std::string name, Index rows, Index cols)
+      : name_(std::move(name)),
+        storage_(static_cast<std::size_t>(rows * cols), T(0)),
+        value_(storage_.data(), rows, cols, Eigen::OuterStride<>(cols)) {}
+  Frozen(std::string name, MatrixView<T> value) : name_(std::move(name)), value_(value) {}
+
+  Frozen(Frozen&&) noexcept = default;
+  Frozen(const Frozen&) = delete;
+  Frozen& operator=(const Frozen&) = delete;
+  Frozen& operator=(Frozen&&) = delete;
+
+  const std::string& name() const { return name_; }
+  const MatrixView<T>& value() const { return value_; }
+  /// Writable for loading pretrained weights; training never writes here.
+  MatrixView<T>& mutable_value() { return value_; }
+  Index rows() const { return value_.rows(); }
+  Index cols() const { return value_.cols(); }
+  Index size() const { return value_.size(); }
+
+ private:
+  std::string name_;
+  std::vector<T> storage_;
+  MatrixView<T> value_;
+};
+
+}  // namespace moet

@@ -1,0 +1,58 @@
+// Small shared helpers: the one runtime-to-compile-time dispatch helper (flash-attention's
+// BOOL_SWITCH, as a function), dependent_false for primary templates that must not be
+// instantiated, and the OpenMP pragma wrapper that compiles away without OpenMP.
+#pragma once
+
+#include <string>
+#include <type_traits>
+#include <typeinfo>
+
+#ifdef _OPENMP
+#include <omp.h>
+#define MOET_OMP(directive) _Pragma(#directive)
+#else
+#define MOET_OMP(directive)
+#endif
+
+#ifdef MOET_USE_OPENBLAS
+extern "C" void openblas_set_num_threads(int);
+#endif
+
+#include <Eigen/Core>
+
+namespace moet {
+
+template <class...>
+inline constexpr bool dependent_false = false;
+
+namespace detail {
+
+/// Calls f(std::true_type{}) or f(std::false_type{}), so a runtime flag becomes a template
+/// argument once, at the API boundary.
+template <class F>
+decltype(auto) bool_switch(bool condition, F&& f) {
+  if (condition) return f(std::true_type{});
+  return f(std::false_type{});
+}
+
+template <class T>
+constexpr const char* scalar_name() {
+  if constexpr (std::is_same_v<T, float>) return "float";
+  else if constexpr (std::is_same_v<T, double>) return "double";
+  else return typeid(T).name();
+}
+
+}  // namespace detail
+
+/// Sets the threads used by moet's loops, Eigen and (when linked) OpenBLAS.
+inline void set_num_threads(int threads) {
+#ifdef _OPENMP
+  omp_set_num_threads(threads);
+#endif
+  Eigen::setNbThreads(threads);
+#ifdef MOET_USE_OPENBLAS
+  openblas_set_num_threads(threads);
+#endif
+}
+
+}  // namespace moet

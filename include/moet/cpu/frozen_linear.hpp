@@ -1,0 +1,62 @@
+// A frozen linear layer y = x W0 + b: the floor every adapter is measured against. W0 and b
+// get no gradient; backward returns dx = dy W0^T.
+#pragma once
+
+#include <optional>
+#include <string>
+
+#include <boost/hana/define_struct.hpp>
+
+#include "../core/error.hpp"
+#include "../core/param.hpp"
+#include "../core/visit.hpp"
+
+namespace moet::cpu_impl {
+
+template <class T>
+class FrozenLinear {
+ public:
+  using Scalar = T;
+  struct Context {
+    Matrix<T> y;  // (tokens, d_out)
+    const Matrix<T>& output() const { return y; }
+    double aux_loss() const { return 0.0; }
+  };
+
+  static std::string name() { return "FrozenLinear"; }
+
+  explicit FrozenLinear(In<T> weight) : weight(make("weight", weight)), bias("bias", 0, 0) {}
+  FrozenLinear(In<T> w, In<T> b) : weight(make("weight", w)), bias(make("bias", b)) {
+    detail::expect_shape(name(), "bias", b.rows(), b.cols(), 1, w.cols(), "1 x d_out");
+  }
+
+  Index d_in() const { return weight.rows(); }
+  Index d_out() const { return weight.cols(); }
+
+  Context forward(In<T> x) const {
+    detail::expect_cols(name(), "input x", x.rows(), x.cols(), d_in(), "tokens x d_in");
+    Context c;
+    c.y.noalias() = x * weight.value();
+    if (bias.size()) c.y.rowwise() += bias.value().row(0);
+    return c;
+  }
+
+  Matrix<T> backward(const Context& c, In<T> x, In<T> dy, GradMode) const {
+    detail::expect_shape(name(), "output gradient dy", dy.rows(), dy.cols(), c.y.rows(), d_out(), "tokens x d_out");
+    return dy * weight.value().transpose();
+  }
+
+ private:
+  static Frozen<T> make(const char* what, In<T> value) {
+    detail::expect_positive(name(), "rows of the weight", value.rows());
+    detail::expect_positive(name(), "columns of the weight", value.cols());
+    Frozen<T> f(what, value.rows(), value.cols());
+    f.mutable_value() = value;
+    return f;
+  }
+
+ public:
+  BOOST_HANA_DEFINE_STRUCT(FrozenLinear, (Frozen<T>, weight), (Frozen<T>, bias));
+};
+
+}  // namespace moet::cpu_impl

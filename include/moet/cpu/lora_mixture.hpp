@@ -1,0 +1,224 @@
+// Mixture of LoRA experts on the CPU (MoLoRA), fused:
+//
+//   forward   z = x [W0 | W_r | A_1 .. A_E]              one GEMM: y0, router logits, U = x A
+//             g = route(logits)
+//             V_e = g_e (alpha/R) U_e                     (tokens, E*R), elementwise
+//             y = y0 + b + V [B_1; ..; B_E]               one GEMM, accumulating into y0
+//   backward  dB = V^T dy, dV = dy B^T                    two GEMMs
+//             dg_e = (alpha/R) rowsum(dV_e * U_e),  dU_e = g_e (alpha/R) dV_e
+//             d_logits = route backward(dg)
+//             dx = [dy | d_logits | dU] [W0 | W_r | A]^T  one GEMM
+//             [dW_r | dA] = x^T [d_logits | dU]           one GEMM
+//
+// Top-k mixtures may instead compute only the chosen experts (Dispatch::grouped): the fused
+// GEMM covers [W0 | W_r], then tokens are grouped by expert and each expert runs on its rows.
+// Dispatch::automatic picks by the cost model in `prefers_grouped` (docs/design.md).
+#pragma once
+
+#include <optional>
+#include <string>
+
+#include "../core/visit.hpp"
+#include "../mixture.hpp"
+#include "routed_linear.hpp"
+#include "routing.hpp"
+
+namespace moet::cpu_impl {
+
+template <class Policy, int R, int E, class T>
+class LoraMixture {
+  static_assert(std::is_floating_point_v<T>, "moet layers take float or double");
+  using Spec = Mixture<Router<Policy>, Expert<LoRA<R>>, E>;
+  using Math = RouterMath<Policy, T>;
+  static constexpr int K = Policy::k;
+  static constexpr Index ER = Index(E) * R;
+
+ public:
+  using Options = MixtureOptions<LoRA<R>>;
+  using Scalar = T;
+
+  struct Context {
+    Index tokens = 0;
+    bool grouped = false;
+    Matrix<T> z;      // dense: (tokens, d_out + E + E*R) = [y | logits | U]; grouped: (tokens, d_out + E)
+    Matrix<T> mixed;  // dense: V (tokens, E*R); grouped: U of each slot (tokens*K, R), group order
+    Routing<T> routing;
+    TokenGroups groups;  // grouped only
+    Index d_out = 0;
+
+    /// The layer output y: (tokens, d_out).
+    ConstMatrixView<T> output() const { return column_block<T>(z.data(), tokens, z.cols(), 0, d_out); }
+    /// Weighted auxiliary loss (already included in backward's gradients).
+    double aux_loss() const { return routing.aux_loss(); }
+    const AuxLosses& aux() const { return routing.aux; }
+    /// Share of routing slots each expert received in this pass.
+    const std::vector<double>& expert_usage() const { return routing.usage; }
+  };
+
+  static std::string name() { return Spec::name(); }
+
+  /// weight: the frozen (d_in, d_out) W0, copied in.
+  LoraMixture(In<T> weight, Rng& rng, const Options& options = {}) : LoraMixture(weight, std::nullopt, rng, options) {}
+  /// bias: the frozen (1, d_out) b.
+  LoraMixture(In<T> weight, In<T> bias, Rng& rng, const Options& options = {})
+      : LoraMixture(weight, std::optional<In<T>>(bias), rng, options) {}
+
+  LoraMixture(LoraMixture&&) noexcept = default;
+
+  Index d_in() const { return base.d_in(); }
+  Index d_out() const { return base.d_out(); }
+  T scale() const { return scale_; }
+  const Options& options() const { return options_; }
+
+  /// The path a forward pass takes with these options.
+  bool uses_grouped() const {
+    if constexpr (K == 0) return false;
+    else if (options_.dispatch == Dispatch::automatic) return prefers_grouped();
+    else return options_.dispatch == Dispatch::grouped;
+  }
+
+  /// The cost model, in units of "one multiply-add inside a large GEMM" per token and per
+  /// unit of (d_in + d_out). Dense: the experts' share of the wide GEMMs, forward and backward
+  /// (3 E R). Grouped: K experts per token on skinny GEMMs that run at about half efficiency
+  /// (6 K R), plus moving each token's rows in and out of the groups (~30 multiply-adds per
+  /// value moved, measured on AVX2 with two cores, two moves per pass: 60 K).
+  static constexpr bool prefers_grouped() {
+    if constexpr (K == 0) return false;
+    else return double(K) * (6.0 * R + 60.0) < 3.0 * double(E) * R;
+  }
+
+  Context forward(In<T> x) const {
+    detail::expect_cols(name(), "input x", x.rows(), x.cols(), d_in(), "tokens x d_in");
+    Context c;
+    c.tokens = x.rows();
+    c.d_out = d_out();
+    c.grouped = uses_grouped();
+    if (c.grouped) forward_grouped(x, c);
+    else forward_dense(x, c);
+    return c;
+  }
+
+  /// dy: (tokens, d_out). Returns dx (tokens, d_in); adds (or writes) the parameter gradients.
+  Matrix<T> backward(const Context& c, In<T> x, In<T> dy, GradMode mode) {
+    detail::expect_shape(name(), "input x", x.rows(), x.cols(), c.tokens, d_in(), "the x given to forward");
+    detail::expect_shape(name(), "output gradient dy", dy.rows(), dy.cols(), c.tokens, d_out(), "tokens x d_out");
+    return c.grouped ? backward_grouped(c, x, dy, mode) : backward_dense(c, x, dy, mode);
+  }
+
+ private:
+  LoraMixture(In<T> weight, std::optional<In<T>> bias, Rng& rng, const Options& options)
+      : options_(validated(options)),
+        scale_(T(options.expert.alpha / R)),
+        base(name(), weight, bias, E, ER, options.router.init_stddev, rng),
+        lora_down("lora_down", base.extra_value(), base.extra_grad()),
+        lora_up("lora_up", ER, base.d_out()) {
+    LoRA<R>::init_down(lora_down.value(), options.expert, rng);
+  }
+
+  static const Options& validated(const Options& options) {
+    options.expert.validate(name());
+    options.router.validate(name());
+    return options;
+  }
+
+  void forward_dense(In<T> x, Context& c) const {
+    const Index N = x.rows(), D = d_out();
+    base.forward(x, D + E + ER, c.z);
+    c.routing = Math::route(c.z.middleCols(D, E), options_.router);
+    c.mixed.resize(N, ER);
+    MOET_OMP(omp parallel for schedule(static) if (N * ER > 32768))
+    for (Index t = 0; t < N; ++t)
+      for (Index e = 0; e < E; ++e)
+        c.mixed.row(t).segment(e * R, R) = (c.routing.gates(t, e) * scale_) * c.z.row(t).segment(D + E + e * R, R);
+    c.z.leftCols(D).noalias() += c.mixed * lora_up.value();
+  }
+
+  Matrix<T> backward_dense(const Context& c, In<T> x, In<T> dy, GradMode mode) {
+    const Index N = c.tokens, D = d_out();
+    detail::assign_grad(lora_up.grad(), c.mixed.transpose() * dy, mode);
+    const Matrix<T> d_mixed = dy * lora_up.value().transpose();  // (N, E*R)
+    Matrix<T> dz(N, D + E + ER);                                // [dy | d_logits | dU]
+    Matrix<T> d_gates(N, E);
+    MOET_OMP(omp parallel for schedule(static) if (N * (D + ER) > 32768))
+    for (Index t = 0; t < N; ++t) {
+      dz.row(t).head(D) = dy.row(t);
+      for (Index e = 0; e < E; ++e) {
+        const auto dv = d_mixed.row(t).segment(e * R, R);
+        d_gates(t, e) = scale_ * dv.dot(c.z.row(t).segment(D + E + e * R, R));
+        dz.row(t).segment(D + E + e * R, R) = (c.routing.gates(t, e) * scale_) * dv;
+      }
+    }
+    auto d_logits = dz.middleCols(D, E);
+    Math::backward(c.routing, d_gates, d_logits);
+    detail::assign_grad(base.trainable_grad(), x.transpose() * dz.rightCols(E + ER), mode);
+    return base.input_grad(dz);
+  }
+
+  void forward_grouped(In<T> x, Context& c) const {
+    const Index N = x.rows(), D = d_out();
+    base.forward(x, D + E, c.z);
+    c.routing = Math::route(c.z.rightCols(E), options_.router);
+    c.groups = TokenGroups::of(c.routing.selected, E);
+    c.mixed.resize(N * K, R);
+    Matrix<T> expert_out(N * K, D);  // each slot's g (alpha/R) U B, group order
+    MOET_OMP(omp parallel for schedule(dynamic))
+    for (Index e = 0; e < E; ++e) {
+      const Index n = c.groups.count(e), first = c.groups.offsets[e];
+      if (n == 0) continue;
+      auto down = c.mixed.middleRows(first, n);
+      down.noalias() = c.groups.gather(x, e) * lora_down.value().middleCols(e * R, R);
+      Matrix<T> scaled = down;
+      for (Index i = 0; i < n; ++i) scaled.row(i) *= c.routing.gates(c.groups.tokens[first + i], e) * scale_;
+      expert_out.middleRows(first, n).noalias() = scaled * lora_up.value().middleRows(e * R, R);
+    }
+    MOET_OMP(omp parallel for schedule(static) if (N * D > 32768))
+    for (Index t = 0; t < N; ++t)
+      for (Index j = 0; j < K; ++j) c.z.row(t).head(D) += expert_out.row(c.groups.slot_of[t * K + j]);
+  }
+
+  Matrix<T> backward_grouped(const Context& c, In<T> x, In<T> dy, GradMode mode) {
+    const Index N = c.tokens, D = d_out();
+    if (mode == GradMode::overwrite) zero_grad(*this);  // experts without tokens get zero, not stale values
+    Matrix<T> d_gates = Matrix<T>::Zero(N, E);
+    Matrix<T> d_expert_in(N * K, d_in());  // each slot's contribution to dx, group order
+    MOET_OMP(omp parallel for schedule(dynamic))
+    for (Index e = 0; e < E; ++e) {
+      const Index n = c.groups.count(e), first = c.groups.offsets[e];
+      if (n == 0) continue;
+      const auto down = c.mixed.middleRows(first, n);  // (n, R)
+      const Matrix<T> dy_e = c.groups.gather(dy, e);   // (n, D)
+      Matrix<T> scaled = down, d_down(n, R);
+      for (Index i = 0; i < n; ++i) scaled.row(i) *= c.routing.gates(c.groups.tokens[first + i], e) * scale_;
+      lora_up.grad().middleRows(e * R, R).noalias() += scaled.transpose() * dy_e;
+      d_down.noalias() = dy_e * lora_up.value().middleRows(e * R, R).transpose();
+      for (Index i = 0; i < n; ++i) {
+        const Index t = c.groups.tokens[first + i];
+        d_gates(t, e) = scale_ * d_down.row(i).dot(down.row(i));  // (t, e) pairs are unique: no race
+        d_down.row(i) *= c.routing.gates(t, e) * scale_;
+      }
+      lora_down.grad().middleCols(e * R, R).noalias() += c.groups.gather(x, e).transpose() * d_down;
+      d_expert_in.middleRows(first, n).noalias() = d_down * lora_down.value().middleCols(e * R, R).transpose();
+    }
+    Matrix<T> dz(N, D + E);  // [dy | d_logits]
+    dz.leftCols(D) = dy;
+    auto d_logits = dz.rightCols(E);
+    Math::backward(c.routing, d_gates, d_logits);
+    base.router_kernel.grad().noalias() += x.transpose() * d_logits;
+    Matrix<T> dx = base.input_grad(dz);
+    MOET_OMP(omp parallel for schedule(static) if (N * d_in() > 32768))
+    for (Index t = 0; t < N; ++t)
+      for (Index j = 0; j < K; ++j) dx.row(t) += d_expert_in.row(c.groups.slot_of[t * K + j]);
+    return dx;
+  }
+
+  Options options_;
+  T scale_;
+
+ public:
+  BOOST_HANA_DEFINE_STRUCT(LoraMixture,
+                           (RoutedLinear<T>, base),  // W0, b (frozen) and the router kernel W_r (d_in, E)
+                           (Param<T>, lora_down),    // A (d_in, E*R): expert e is columns [e R, (e+1) R)
+                           (Param<T>, lora_up));     // B (E*R, d_out): expert e is rows [e R, (e+1) R)
+};
+
+}  // namespace moet::cpu_impl

@@ -1,0 +1,73 @@
+// A router on its own: gates = route(x W_r). Mixtures fuse their router into their input GEMM;
+// this layer is for callers who want only the routing weights (and for testing routers alone).
+#pragma once
+
+#include <string>
+
+#include <boost/hana/define_struct.hpp>
+
+#include "../core/visit.hpp"
+#include "../router.hpp"
+#include "routing.hpp"
+
+namespace moet::cpu_impl {
+
+template <class Policy, class T>
+class RouterLayer {
+  using Math = RouterMath<Policy, T>;
+
+ public:
+  using Scalar = T;
+
+  struct Context {
+    Routing<T> routing;
+    const Matrix<T>& output() const { return routing.gates; }  // (tokens, E)
+    double aux_loss() const { return routing.aux_loss(); }
+    const AuxLosses& aux() const { return routing.aux; }
+    const std::vector<double>& expert_usage() const { return routing.usage; }
+  };
+
+  static std::string name() { return Router<Policy>::name(); }
+
+  RouterLayer(Index d_in, Index experts, Rng& rng, const RouterOptions& options = {})
+      : options_(validated(d_in, experts, options)), router_kernel("router_kernel", d_in, experts) {
+    rng.fill_normal(router_kernel.value(), 0.0, options.init_stddev);
+  }
+
+  Index d_in() const { return router_kernel.rows(); }
+  Index experts() const { return router_kernel.cols(); }
+
+  Context forward(In<T> x) const {
+    detail::expect_cols(name(), "input x", x.rows(), x.cols(), d_in(), "tokens x d_in");
+    const Matrix<T> logits = x * router_kernel.value();
+    return Context{Math::route(logits, options_)};
+  }
+
+  /// d_gates: (tokens, E). Returns dx.
+  Matrix<T> backward(const Context& c, In<T> x, In<T> d_gates, GradMode mode) {
+    detail::expect_shape(name(), "input x", x.rows(), x.cols(), c.routing.rows(), d_in(), "the x given to forward");
+    detail::expect_shape(name(), "gate gradient", d_gates.rows(), d_gates.cols(), c.routing.rows(), experts(),
+                         "tokens x E");
+    Matrix<T> d_logits(c.routing.rows(), experts());
+    Math::backward(c.routing, d_gates, d_logits);
+    detail::assign_grad(router_kernel.grad(), x.transpose() * d_logits, mode);
+    return d_logits * router_kernel.value().transpose();
+  }
+
+ private:
+  static const RouterOptions& validated(Index d_in, Index experts, const RouterOptions& options) {
+    detail::expect_positive(name(), "d_in", d_in);
+    detail::expect_positive(name(), "number of experts E", experts);
+    if (Policy::k > experts)
+      throw value_error(detail::concat(name(), ": needs at least ", Policy::k, " experts, got ", experts));
+    options.validate(name());
+    return options;
+  }
+
+  RouterOptions options_;
+
+ public:
+  BOOST_HANA_DEFINE_STRUCT(RouterLayer, (Param<T>, router_kernel));  // W_r (d_in, E)
+};
+
+}  // namespace moet::cpu_impl

@@ -1,0 +1,203 @@
+// Routing math on the CPU: softmax / top-k over router logits, the auxiliary losses, and the
+// backward from d(gates) to d(logits). It works row by row so that fused layers (the IA3
+// mixture) can route inside their own single pass over the activation; `route` and `backward`
+// are the whole-matrix drivers. Only logits-derived state is kept for backward: the softmax
+// probabilities, the gates, the top-k ids and the log-sum-exp (flash-attention's lesson).
+//
+// Gradient, for p = softmax(z) over all E experts and S the selected set:
+//   Soft:             g = p                 dp = dg
+//   TopK, renormalised g_S = p_S / s, s = sum_S p     dp_S = (dg_S - <dg_S, g_S>) / s
+//   TopK, not renorm. g_S = p_S             dp_S = dg_S
+//   load balancing    L = E sum_i f_i P_i, P_i = mean_t p_ti, f piecewise constant
+//                     dp_ti += w E f_i / N
+//   softmax           dz = p * (dp - <dp, p>)
+//   z-loss            L = mean_t lse_t^2    dz_ti += w (2 / N) lse_t p_ti
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../core/tensor.hpp"
+#include "../core/util.hpp"
+#include "../router.hpp"
+
+namespace moet::cpu_impl {
+
+using IndexMatrix = Eigen::Matrix<int, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+/// What a router keeps between forward and backward.
+template <class T>
+struct Routing {
+  RouterOptions options;
+  Matrix<T> probs;       // (rows, E) softmax over all experts
+  Matrix<T> gates;       // (rows, E) mixing weights; zero where an expert was not selected
+  IndexMatrix selected;  // (rows, K) chosen expert ids, best first; (rows, 0) for Soft
+  std::vector<T> lse;    // (rows) logsumexp of the logits
+  std::vector<double> usage;  // (E) f_i: share of routing slots sent to each expert
+  AuxLosses aux;
+
+  Index rows() const { return probs.rows(); }
+  Index experts() const { return probs.cols(); }
+  /// The weighted auxiliary loss whose gradient backward adds.
+  double aux_loss() const { return options.load_balance_weight * aux.load_balance + options.z_loss_weight * aux.z_loss; }
+};
+
+template <class Policy, class T>
+struct RouterMath {
+  static constexpr int K = Policy::k;  // 0 for Soft
+  static constexpr bool top_k = K > 0;
+
+  static Routing<T> start(Index rows, Index experts, const RouterOptions& options) {
+    Routing<T> r;
+    r.options = options;
+    r.probs.resize(rows, experts);
+    r.gates.resize(rows, experts);
+    r.selected.resize(rows, K);
+    r.lse.assign(static_cast<std::size_t>(rows), T(0));
+    return r;
+  }
+
+  /// Routes one row; rows are independent, so callers may run this in parallel.
+  static void route_row(Routing<T>& r, Index row, const T* logits) {
+    detail::bool_switch(r.options.fp32_softmax, [&](auto fp32) {
+      using C = std::conditional_t<decltype(fp32)::value, float, T>;
+      route_row_in<C>(r, row, logits);
+    });
+  }
+
+  /// Aux losses and usage over all rows; call once after every row is routed.
+  static void finish(Routing<T>& r) {
+    const Index rows = r.rows(), E = r.experts();
+    r.usage.assign(static_cast<std::size_t>(E), 0.0);
+    r.aux = {};
+    if (rows == 0) return;
+    std::vector<double> mean_prob(static_cast<std::size_t>(E), 0.0);
+    double lse_sq = 0.0;
+    for (Index t = 0; t < rows; ++t) {
+      for (Index e = 0; e < E; ++e) mean_prob[e] += double(r.probs(t, e));
+      if constexpr (top_k) {
+        for (int j = 0; j < K; ++j) r.usage[r.selected(t, j)] += 1.0;
+      } else {
+        Index best = 0;
+        for (Index e = 1; e < E; ++e)
+          if (r.probs(t, e) > r.probs(t, best)) best = e;
+        r.usage[best] += 1.0;
+      }
+      lse_sq += double(r.lse[t]) * double(r.lse[t]);
+    }
+    const double slots = double(rows) * (top_k ? K : 1);
+    for (Index e = 0; e < E; ++e) {
+      r.usage[e] /= slots;
+      r.aux.load_balance += double(E) * r.usage[e] * mean_prob[e] / double(rows);
+    }
+    r.aux.z_loss = lse_sq / double(rows);
+  }
+
+  /// logits: (rows, E).
+  static Routing<T> route(In<T> logits, const RouterOptions& options) {
+    Routing<T> r = start(logits.rows(), logits.cols(), options);
+    const Index rows = logits.rows();
+    MOET_OMP(omp parallel for schedule(static) if (rows * logits.cols() > 32768))
+    for (Index t = 0; t < rows; ++t) route_row(r, t, logits.row(t).data());
+    finish(r);
+    return r;
+  }
+
+  /// d(loss)/d(logits) of one row from d(loss)/d(gates), aux-loss gradients included.
+  static void backward_row(const Routing<T>& r, Index row, const T* dgates, T* dlogits) {
+    detail::bool_switch(r.options.fp32_softmax, [&](auto fp32) {
+      using C = std::conditional_t<decltype(fp32)::value, float, T>;
+      backward_row_in<C>(r, row, dgates, dlogits);
+    });
+  }
+
+  /// dgates: (rows, E); dlogits: (rows, E), overwritten.
+  static void backward(const Routing<T>& r, In<T> dgates, Out<T> dlogits) {
+    const Index rows = r.rows();
+    MOET_OMP(omp parallel for schedule(static) if (rows * r.experts() > 32768))
+    for (Index t = 0; t < rows; ++t) backward_row(r, t, dgates.row(t).data(), dlogits.row(t).data());
+  }
+
+ private:
+  static constexpr int max_experts_on_stack = 256;
+
+  template <class C>
+  static void route_row_in(Routing<T>& r, Index row, const T* logits) {
+    const Index E = r.experts();
+    C max_logit = C(logits[0]);
+    for (Index e = 1; e < E; ++e) max_logit = std::max(max_logit, C(logits[e]));
+    C sum = 0;
+    T* probs = &r.probs(row, 0);
+    for (Index e = 0; e < E; ++e) {
+      const C ex = std::exp(C(logits[e]) - max_logit);
+      probs[e] = T(ex);
+      sum += ex;
+    }
+    const C inv = C(1) / sum;
+    for (Index e = 0; e < E; ++e) probs[e] = T(C(probs[e]) * inv);
+    r.lse[row] = T(max_logit + std::log(sum));
+
+    T* gates = &r.gates(row, 0);
+    if constexpr (!top_k) {
+      for (Index e = 0; e < E; ++e) gates[e] = probs[e];
+    } else {
+      // Insertion into a sorted list of K: O(E K), ties go to the lower expert id.
+      int* chosen = &r.selected(row, 0);
+      int count = 0;
+      for (int e = 0; e < int(E); ++e) {
+        int pos = count < K ? count : K;
+        while (pos > 0 && probs[e] > probs[chosen[pos - 1]]) --pos;
+        if (pos >= K) continue;
+        for (int j = std::min(count, K - 1); j > pos; --j) chosen[j] = chosen[j - 1];
+        chosen[pos] = e;
+        count = std::min(count + 1, K);
+      }
+      for (Index e = 0; e < E; ++e) gates[e] = T(0);
+      C kept = 0;
+      for (int j = 0; j < K; ++j) kept += C(probs[chosen[j]]);
+      const C scale = Policy::renorm == Renorm::on ? C(1) / kept : C(1);
+      for (int j = 0; j < K; ++j) gates[chosen[j]] = T(C(probs[chosen[j]]) * scale);
+    }
+  }
+
+  template <class C>
+  static void backward_row_in(const Routing<T>& r, Index row, const T* dgates, T* dlogits) {
+    const Index E = r.experts();
+    C dprob_stack[max_experts_on_stack];
+    std::vector<C> dprob_heap;
+    C* dprob = dprob_stack;
+    if (E > max_experts_on_stack) {
+      dprob_heap.resize(static_cast<std::size_t>(E));
+      dprob = dprob_heap.data();
+    }
+    const T* probs = &r.probs(row, 0);
+    if constexpr (!top_k) {
+      for (Index e = 0; e < E; ++e) dprob[e] = C(dgates[e]);
+    } else {
+      for (Index e = 0; e < E; ++e) dprob[e] = 0;
+      const int* chosen = &r.selected(row, 0);
+      if constexpr (Policy::renorm == Renorm::on) {
+        C kept = 0, weighted = 0;
+        for (int j = 0; j < K; ++j) {
+          kept += C(probs[chosen[j]]);
+          weighted += C(dgates[chosen[j]]) * C(r.gates(row, chosen[j]));
+        }
+        for (int j = 0; j < K; ++j) dprob[chosen[j]] = (C(dgates[chosen[j]]) - weighted) / kept;
+      } else {
+        for (int j = 0; j < K; ++j) dprob[chosen[j]] = C(dgates[chosen[j]]);
+      }
+    }
+    const C rows = C(r.rows());
+    if (r.options.load_balance_weight != 0.0) {
+      const C w = C(r.options.load_balance_weight) * C(E) / rows;
+      for (Index e = 0; e < E; ++e) dprob[e] += w * C(r.usage[e]);
+    }
+    C dot = 0;
+    for (Index e = 0; e < E; ++e) dot += dprob[e] * C(probs[e]);
+    const C z_coef = C(r.options.z_loss_weight) * C(2) / rows * C(r.lse[row]);
+    for (Index e = 0; e < E; ++e) dlogits[e] = T(C(probs[e]) * (dprob[e] - dot + z_coef));
+  }
+};
+
+}  // namespace moet::cpu_impl
