@@ -14,12 +14,14 @@
 
 namespace moet {
 
+/// Whether top-k gates are renormalised over the K kept experts.
+enum class Renorm { on, off };
+
 struct Soft {
-  static constexpr int k = 0;  // every expert
+  static constexpr int k = 0;                      // every expert
+  static constexpr Renorm renorm = Renorm::on;     // the gates sum to one
   static std::string name() { return "Soft"; }
 };
-
-enum class Renorm { on, off };
 
 template <int K, Renorm Renormalise = Renorm::on>
 struct TopK {

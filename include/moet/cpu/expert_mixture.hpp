@@ -48,9 +48,9 @@ class ExpertMixture {
 
   static std::string name() { return Spec::name(); }
 
-  ExpertMixture(In<T> weight, Rng& rng, const Options& options = {}) : ExpertMixture(weight, std::nullopt, rng, options) {}
+  ExpertMixture(In<T> weight, Rng& rng, const Options& options = {}) : ExpertMixture(Bias{}, weight, std::nullopt, rng, options) {}
   ExpertMixture(In<T> weight, In<T> bias, Rng& rng, const Options& options = {})
-      : ExpertMixture(weight, std::optional<In<T>>(bias), rng, options) {}
+      : ExpertMixture(Bias{}, weight, std::optional<In<T>>(bias), rng, options) {}
   ExpertMixture(ExpertMixture&&) noexcept = default;
 
   Index d_in() const { return base.d_in(); }
@@ -113,7 +113,8 @@ class ExpertMixture {
   }
 
  private:
-  ExpertMixture(In<T> weight, std::optional<In<T>> bias, Rng& rng, const Options& options)
+  struct Bias {};  // tags the delegated-to constructor
+  ExpertMixture(Bias, In<T> weight, std::optional<In<T>> bias, Rng& rng, const Options& options)
       : options_(validated(options)), base(name(), weight, bias, E, 0, options.router.init_stddev, rng) {
     experts.reserve(E);
     for (Index e = 0; e < E; ++e) experts.emplace_back(ExpertShape{base.d_in(), base.d_out()}, options.expert, rng);

@@ -27,6 +27,9 @@ class Ia3Mixture {
   static_assert(std::is_floating_point_v<T>, "moet layers take float or double");
   using Spec = Mixture<Router<Policy>, Expert<IA3>, E>;
   using Math = RouterMath<Policy, T>;
+  /// Soft and renormalised top-k gates sum to one, so s = 1 + sum_e g_e (l_e - 1) is the same
+  /// merged vector, and it is exactly ones at init even when the float softmax sums to 1 +- ulp.
+  static constexpr bool gates_sum_to_one = Policy::k == 0 || Policy::renorm == Renorm::on;
 
  public:
   using Options = MixtureOptions<IA3>;
@@ -145,6 +148,7 @@ class Ia3Mixture {
     c.external_router_input = ext;
     c.y.resize(N, width());
     c.routing = Math::start(N * G, E, options_.router);
+    const Matrix<T> mix = mixing_vectors();
     MOET_OMP(omp parallel)
     {
       RowVector<T> logits(E), merged(head_dim_);
@@ -155,7 +159,7 @@ class Ia3Mixture {
           Math::route_row(c.routing, t * G + j, logits.data());
         }
         for (Index hd = 0; hd < heads_; ++hd) {
-          merged.noalias() = c.routing.gates.row(t * G + (ext ? 0 : hd)) * scales.value().middleRows(hd * E, E);
+          merge(c.routing.gates.row(t * G + (ext ? 0 : hd)), mix.middleRows(hd * E, E), merged);
           c.y.row(t).segment(hd * head_dim_, head_dim_) = h.row(t).segment(hd * head_dim_, head_dim_).cwiseProduct(merged);
         }
       }
@@ -164,11 +168,24 @@ class Ia3Mixture {
     return c;
   }
 
+  /// The vectors the gates mix: l, or l - 1 when the gates sum to one (see gates_sum_to_one).
+  Matrix<T> mixing_vectors() const {
+    if constexpr (gates_sum_to_one) return scales.value().array() - T(1);
+    else return scales.value();
+  }
+
+  template <class Gates, class Vectors>
+  static void merge(const Gates& gates, const Vectors& vectors, RowVector<T>& merged) {
+    merged.noalias() = gates * vectors;
+    if constexpr (gates_sum_to_one) merged.array() += T(1);
+  }
+
   /// dh is written; dr is accumulated into (it is dh itself when self-routed).
   void backward_impl(const Context& c, In<T> h, In<T> r, In<T> dy, GradMode mode, Matrix<T>& dh, Matrix<T>& dr) {
     if (mode == GradMode::overwrite) zero_grad(*this);
     const Index N = c.tokens, G = groups();
     const bool ext = c.external_router_input;
+    const Matrix<T> mix = mixing_vectors();
     MOET_OMP(omp parallel)
     {
       Matrix<T> d_scales = Matrix<T>::Zero(heads_ * E, head_dim_);  // per-thread accumulators
@@ -187,7 +204,7 @@ class Ia3Mixture {
           d_gates.row(j).noalias() += ds * l.transpose();
           for (Index e = 0; e < E; ++e)
             if (gates(e) != T(0)) d_scales.row(hd * E + e) += gates(e) * ds;
-          merged.noalias() = gates * l;
+          merge(gates, mix.middleRows(hd * E, E), merged);
           dh.row(t).segment(hd * head_dim_, head_dim_) = dy_h.cwiseProduct(merged);
         }
         for (Index j = 0; j < G; ++j) {

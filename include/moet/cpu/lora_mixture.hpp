@@ -58,10 +58,10 @@ class LoraMixture {
   static std::string name() { return Spec::name(); }
 
   /// weight: the frozen (d_in, d_out) W0, copied in.
-  LoraMixture(In<T> weight, Rng& rng, const Options& options = {}) : LoraMixture(weight, std::nullopt, rng, options) {}
+  LoraMixture(In<T> weight, Rng& rng, const Options& options = {}) : LoraMixture(Bias{}, weight, std::nullopt, rng, options) {}
   /// bias: the frozen (1, d_out) b.
   LoraMixture(In<T> weight, In<T> bias, Rng& rng, const Options& options = {})
-      : LoraMixture(weight, std::optional<In<T>>(bias), rng, options) {}
+      : LoraMixture(Bias{}, weight, std::optional<In<T>>(bias), rng, options) {}
 
   LoraMixture(LoraMixture&&) noexcept = default;
 
@@ -106,7 +106,8 @@ class LoraMixture {
   }
 
  private:
-  LoraMixture(In<T> weight, std::optional<In<T>> bias, Rng& rng, const Options& options)
+  struct Bias {};  // tags the delegated-to constructor
+  LoraMixture(Bias, In<T> weight, std::optional<In<T>> bias, Rng& rng, const Options& options)
       : options_(validated(options)),
         scale_(T(options.expert.alpha / R)),
         base(name(), weight, bias, E, ER, options.router.init_stddev, rng),
