@@ -33,6 +33,15 @@ struct MixtureOptions {
 };
 
 namespace detail {
+template <class X>
+struct spec_of {
+  using type = void;
+};
+template <class S>
+struct spec_of<Expert<S>> {
+  using type = typename Expert<S>::spec;
+};
+
 template <class R>
 constexpr int router_k() {
   if constexpr (is_router<R>::value) return R::policy::k;
@@ -51,6 +60,8 @@ struct Mixture {
 
   using router = RouterSpec;
   using expert = ExpertSpec;
+  /// Naming the spec instantiates Expert<S>, whose static_assert checks the concept once.
+  using expert_spec = typename detail::spec_of<ExpertSpec>::type;
   static constexpr int experts = E;
 
   static std::string name() {

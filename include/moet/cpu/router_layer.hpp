@@ -6,6 +6,7 @@
 
 #include <boost/hana/define_struct.hpp>
 
+#include "../core/random.hpp"
 #include "../core/visit.hpp"
 #include "../router.hpp"
 #include "routing.hpp"
