@@ -115,7 +115,7 @@ class ExpertMixture {
  private:
   struct Bias {};  // tags the delegated-to constructor
   ExpertMixture(Bias, In<T> weight, std::optional<In<T>> bias, Rng& rng, const Options& options)
-      : options_(validated(options)), base(name(), weight, bias, E, 0, options.router.init_stddev, rng) {
+      : options_(validated(options)), base(name(), weight, bias, E, 0, 0, options.router.init_stddev, rng) {
     experts.reserve(E);
     for (Index e = 0; e < E; ++e) experts.emplace_back(ExpertShape{base.d_in(), base.d_out()}, options.expert, rng);
   }

@@ -4,11 +4,14 @@
 //             g = route(logits)
 //             V_e = g_e (alpha/R) U_e                     (tokens, E*R), elementwise
 //             y = y0 + b + V [B_1; ..; B_E]               one GEMM, accumulating into y0
-//   backward  dB = V^T dy, dV = dy B^T                    two GEMMs
+//   backward  dB = V^T dy                                 one GEMM
+//             [dx0 | dV] = dy [W0; B]^T                   one GEMM (B is stored under W0)
 //             dg_e = (alpha/R) rowsum(dV_e * U_e),  dU_e = g_e (alpha/R) dV_e
 //             d_logits = route backward(dg)
-//             dx = [dy | d_logits | dU] [W0 | W_r | A]^T  one GEMM
+//             dx = dx0 + [d_logits | dU] [W_r | A]^T      one GEMM
 //             [dW_r | dA] = x^T [d_logits | dU]           one GEMM
+// Stacking B under W0 turns the skinny dy B^T (a GEMM with E*R output columns, which runs at
+// about half speed) into extra columns of the big dx GEMM.
 //
 // Top-k mixtures may instead compute only the chosen experts (Dispatch::grouped): the fused
 // GEMM covers [W0 | W_r], then tokens are grouped by expert and each expert runs on its rows.
@@ -110,9 +113,10 @@ class LoraMixture {
   LoraMixture(Bias, In<T> weight, std::optional<In<T>> bias, Rng& rng, const Options& options)
       : options_(validated(options)),
         scale_(T(options.expert.alpha / R)),
-        base(name(), weight, bias, E, ER, options.router.init_stddev, rng),
+        up_grad_(static_cast<std::size_t>(ER * weight.cols()), T(0)),
+        base(name(), weight, bias, E, ER, ER, options.router.init_stddev, rng),
         lora_down("lora_down", base.extra_value(), base.extra_grad()),
-        lora_up("lora_up", ER, base.d_out()) {
+        lora_up("lora_up", base.lower(), MatrixView<T>(up_grad_.data(), ER, weight.cols(), Eigen::OuterStride<>(weight.cols()))) {
     LoRA<R>::init_down(lora_down.value(), options.expert, rng);
   }
 
@@ -135,24 +139,26 @@ class LoraMixture {
   }
 
   Matrix<T> backward_dense(const Context& c, In<T> x, In<T> dy, GradMode mode) {
-    const Index N = c.tokens, D = d_out();
+    const Index N = c.tokens, D = d_out(), I = d_in();
     detail::assign_grad(lora_up.grad(), c.mixed.transpose() * dy, mode);
-    const Matrix<T> d_mixed = dy * lora_up.value().transpose();  // (N, E*R)
-    Matrix<T> dz(N, D + E + ER);                                // [dy | d_logits | dU]
+    Matrix<T> dx_dv(N, I + ER);  // [dx0 | dV]
+    dx_dv.noalias() = dy * base.stacked().transpose();
+    Matrix<T> d_right(N, E + ER);  // [d_logits | dU]
     Matrix<T> d_gates(N, E);
-    MOET_OMP(omp parallel for schedule(static) if (N * (D + ER) > 32768))
+    MOET_OMP(omp parallel for schedule(static) if (N * ER > 32768))
     for (Index t = 0; t < N; ++t) {
-      dz.row(t).head(D) = dy.row(t);
       for (Index e = 0; e < E; ++e) {
-        const auto dv = d_mixed.row(t).segment(e * R, R);
+        const auto dv = dx_dv.row(t).segment(I + e * R, R);
         d_gates(t, e) = scale_ * dv.dot(c.z.row(t).segment(D + E + e * R, R));
-        dz.row(t).segment(D + E + e * R, R) = (c.routing.gates(t, e) * scale_) * dv;
+        d_right.row(t).segment(E + e * R, R) = (c.routing.gates(t, e) * scale_) * dv;
       }
     }
-    auto d_logits = dz.middleCols(D, E);
+    auto d_logits = d_right.leftCols(E);
     Math::backward(c.routing, d_gates, d_logits);
-    detail::assign_grad(base.trainable_grad(), x.transpose() * dz.rightCols(E + ER), mode);
-    return base.input_grad(dz);
+    detail::assign_grad(base.trainable_grad(), x.transpose() * d_right, mode);
+    Matrix<T> dx = dx_dv.leftCols(I);
+    dx.noalias() += d_right * base.right().transpose();
+    return dx;
   }
 
   void forward_grouped(In<T> x, Context& c) const {
@@ -214,6 +220,7 @@ class LoraMixture {
 
   Options options_;
   T scale_;
+  std::vector<T> up_grad_;  // (E*R, d_out)
 
  public:
   BOOST_HANA_DEFINE_STRUCT(LoraMixture,

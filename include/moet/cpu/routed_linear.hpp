@@ -2,11 +2,14 @@
 // also computes the router logits and, optionally, more trainable columns (the LoRA "A"
 // matrices of all experts). The weights sit side by side in one row-major buffer
 //
-//   weights (d_in, d_out + E + extra) = [ W0 (frozen) | W_r (router) | extra ]
+//   weights (d_in + below, d_out + E + extra) = [ W0 (frozen) | W_r (router) | extra ]
+//                                               [ lower       |      0     |   0   ]
 //
 // so `x * weights` reads x once for all of them, and `[dy | d_logits | d_extra] * weights^T`
-// gives dx in one GEMM. The trainable columns [W_r | extra] have one contiguous gradient buffer
-// (d_in, E + extra), filled by one GEMM x^T [d_logits | d_extra].
+// gives dx in one GEMM. `below` optional rows under W0 hold a trainable (below, d_out) matrix
+// (the LoRA "B" matrices) so that dy [W0; lower]^T yields dx and dy lower^T in one GEMM too.
+// The trainable columns [W_r | extra] have one contiguous gradient buffer (d_in, E + extra),
+// filled by one GEMM x^T [d_logits | d_extra].
 #pragma once
 
 #include <optional>
@@ -27,13 +30,14 @@ class RoutedLinear {
  public:
   /// weight: (d_in, d_out); bias: (1, d_out) or none.
   RoutedLinear(const std::string& layer, In<T> weight, std::optional<In<T>> bias, Index experts, Index extra,
-               double router_stddev, Rng& rng)
+               Index below, double router_stddev, Rng& rng)
       : d_in_(checked(layer, "d_in (rows of W0)", weight.rows())),
         d_out_(checked(layer, "d_out (columns of W0)", weight.cols())),
         experts_(experts),
         extra_(extra),
+        below_(below),
         cols_(d_out_ + experts + extra),
-        weights_(static_cast<std::size_t>(d_in_ * cols_), T(0)),
+        weights_(static_cast<std::size_t>((d_in_ + below) * cols_), T(0)),
         grads_(static_cast<std::size_t>(d_in_ * (experts + extra)), T(0)),
         base_weight("base_weight", column_block(weights_.data(), d_in_, cols_, 0, d_out_)),
         base_bias("base_bias", bias ? 1 : 0, bias ? d_out_ : 0),
@@ -51,8 +55,14 @@ class RoutedLinear {
   Index d_out() const { return d_out_; }
   bool has_bias() const { return base_bias.size() > 0; }
 
-  /// The first `cols` columns of the fused weights.
+  /// The first `cols` columns of the fused weights (the d_in rows that multiply x).
   ConstMatrixView<T> weights(Index cols) const { return column_block<T>(weights_.data(), d_in_, cols_, 0, cols); }
+  /// [W0; lower]: (d_in + below, d_out).
+  ConstMatrixView<T> stacked() const { return column_block<T>(weights_.data(), d_in_ + below_, cols_, 0, d_out_); }
+  /// The trainable rows under W0: (below, d_out).
+  MatrixView<T> lower() { return column_block(weights_.data() + d_in_ * cols_, below_, cols_, 0, d_out_); }
+  /// The columns right of W0 in the x rows: [W_r | extra] (d_in, E + extra).
+  ConstMatrixView<T> right() const { return column_block<T>(weights_.data(), d_in_, cols_, d_out_, experts_ + extra_); }
   MatrixView<T> extra_value() { return column_block(weights_.data(), d_in_, cols_, d_out_ + experts_, extra_); }
   ConstMatrixView<T> extra_value() const { return column_block<T>(weights_.data(), d_in_, cols_, d_out_ + experts_, extra_); }
   MatrixView<T> extra_grad() { return column_block(grads_.data(), d_in_, experts_ + extra_, experts_, extra_); }
@@ -75,8 +85,8 @@ class RoutedLinear {
     detail::expect_positive(layer, what, value);
     return value;
   }
-  Index d_in_, d_out_, experts_, extra_, cols_;
-  std::vector<T> weights_;  // (d_in, cols_)
+  Index d_in_, d_out_, experts_, extra_, below_, cols_;
+  std::vector<T> weights_;  // (d_in + below_, cols_)
   std::vector<T> grads_;    // (d_in, experts_ + extra_)
 
  public:
