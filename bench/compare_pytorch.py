@@ -36,6 +36,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,8 +284,9 @@ _UNIT_TO_MS = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
 def _case_pattern(name: str) -> str:
-    # Google Benchmark appends e.g. "/real_time", "/threads:1", "_median".
-    return re.escape(name) + r"($|/real_time|/process_time|/threads|_)"
+    # Google Benchmark appends e.g. "/min_time:0.500", "/real_time", "/manual_time",
+    # "/threads:1", "_median"; a further number ("/10240") would be another case.
+    return re.escape(name) + r"($|/(min_time|real_time|manual_time|process_time|threads|iterations|repeats)|_)"
 
 
 def parse_moet_json(data: dict, names: list[str]) -> dict[str, float]:
@@ -310,18 +312,23 @@ def run_moet(binary: Path, names: list[str], repeats: int) -> dict[str, float]:
         return {}
     # Google Benchmark's filter is a regex over the full benchmark name.
     bm_filter = "^(" + "|".join(re.escape(n) for n in names) + ")(/|_|$)"
-    cmd = [str(binary), "--benchmark_format=json",
-           f"--benchmark_repetitions={repeats}",
-           "--benchmark_report_aggregates_only=true",
-           f"--benchmark_filter={bm_filter}"]
-    print(f"running {' '.join(cmd)}", file=sys.stderr)
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=_USER_ENV)
-    if proc.returncode != 0:
-        print(f"warning: {binary} exited with status {proc.returncode}; moet column will be n/a",
-              file=sys.stderr)
-        return {}
+    # JSON goes to a file (--benchmark_out): moet's console output, with its ratio table, goes to
+    # stderr so the user sees it while this script prints only its own table on stdout.
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "moet.json"
+        cmd = [str(binary), f"--benchmark_out={out}", "--benchmark_out_format=json",
+               f"--benchmark_repetitions={repeats}",
+               "--benchmark_report_aggregates_only=true",
+               f"--benchmark_filter={bm_filter}"]
+        print(f"running {' '.join(cmd)}", file=sys.stderr)
+        proc = subprocess.run(cmd, stdout=sys.stderr, text=True, env=_USER_ENV)
+        if proc.returncode != 0:
+            print(f"warning: {binary} exited with status {proc.returncode}; moet column will be n/a",
+                  file=sys.stderr)
+            return {}
+        text = out.read_text() if out.exists() else ""
     try:
-        data = json.loads(proc.stdout)
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         print(f"warning: could not parse JSON from {binary}: {err}", file=sys.stderr)
         return {}
