@@ -140,7 +140,6 @@ class LoraMixture {
 
   Matrix<T> backward_dense(const Context& c, In<T> x, In<T> dy, GradMode mode) {
     const Index N = c.tokens, D = d_out(), I = d_in();
-    detail::assign_grad(lora_up.grad(), c.mixed.transpose() * dy, mode);
     Matrix<T> dx_dv(N, I + ER);  // [dx0 | dV]
     dx_dv.noalias() = dy * base.stacked().transpose();
     Matrix<T> d_right(N, E + ER);  // [d_logits | dU]
@@ -155,9 +154,20 @@ class LoraMixture {
     }
     auto d_logits = d_right.leftCols(E);
     Math::backward(c.routing, d_gates, d_logits);
-    detail::assign_grad(base.trainable_grad(), x.transpose() * d_right, mode);
-    Matrix<T> dx = dx_dv.leftCols(I);
-    dx.noalias() += d_right * base.right().transpose();
+    // The remaining GEMMs are skinny (E*R or E + E*R wide) and scale poorly across threads, so
+    // they run side by side, one thread each (BLAS calls inside a parallel region stay serial).
+    Matrix<T> dx(N, I);
+    MOET_OMP(omp parallel sections if (N * (I + D) * ER > (1 << 22)))
+    {
+      MOET_OMP(omp section)
+      {
+        detail::assign_grad(lora_up.grad(), c.mixed.transpose() * dy, mode);
+        dx = dx_dv.leftCols(I);
+        dx.noalias() += d_right * base.right().transpose();
+      }
+      MOET_OMP(omp section)
+      detail::assign_grad(base.trainable_grad(), x.transpose() * d_right, mode);
+    }
     return dx;
   }
 
