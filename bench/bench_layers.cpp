@@ -147,7 +147,9 @@ int main(int argc, char** argv) {
 
   benchmark::Initialize(&args_count, args.data());
   if (benchmark::ReportUnrecognizedArguments(args_count, args.data())) return 1;
-  moet::bench::RatioReporter reporter;
+  // Colours only on a terminal (the reporter is ours, so --benchmark_color does not reach it).
+  moet::bench::RatioReporter reporter(isatty(STDOUT_FILENO) ? benchmark::ConsoleReporter::OO_Defaults
+                                                            : benchmark::ConsoleReporter::OO_Tabular);
   reporter.add_target("molora_soft/1024/1024/10/4", 1.20);
   reporter.add_target("molora_top2/1024/1024/10/4", 1.30);
   reporter.add_target("molora_soft/1024/4096/15/4", 1.15);

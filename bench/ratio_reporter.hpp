@@ -15,6 +15,8 @@ namespace moet::bench {
 
 class RatioReporter : public benchmark::ConsoleReporter {
  public:
+  explicit RatioReporter(OutputOptions options) : ConsoleReporter(options) {}
+
   void add_target(const std::string& name, double target) { targets_[name] = target; }
 
   void ReportRuns(const std::vector<Run>& runs) override {

@@ -6,10 +6,10 @@
 // itself by default; with Options::router_width > 0 it is a separate (tokens, router_width)
 // tensor of the caller's, and each token's gates then apply to all heads.
 //
-// MoV is bandwidth-bound, so forward and backward are each one pass over blocks of token rows:
-// logits, routing, the merged vector and the scaling run on a block that stays in the last-level
-// cache (GEMMs on all threads, elementwise work split by rows). Backward recomputes s instead of
-// storing it.
+// MoV is bandwidth-bound, so forward and backward are each one pass over blocks of token rows,
+// the blocks split across threads: logits, routing, the merged vector and the scaling are small
+// single-threaded GEMMs on a block that stays in the core's L2 cache, and the parameter
+// gradients are accumulated per thread. Backward recomputes s instead of storing it.
 //   ds = dy * h                 dg_e = <ds, l_e>          dl_e += g_e ds
 //   dh = dy * s (+ d_logits W_r^T when r = h)             dW_r += r^T d_logits
 #pragma once
@@ -138,9 +138,9 @@ class Ia3Mixture {
     detail::expect_shape(name(), "output gradient dy", dy.rows(), dy.cols(), c.tokens, width(), "tokens x width");
   }
 
-  /// Tokens per block: about 1 Mi values of h per block, small enough to stay in the last-level
-  /// cache between the block's GEMMs, large enough for the GEMMs to run at speed on all threads.
-  Index block_tokens() const { return std::max<Index>(16, (1 << 20) / std::max<Index>(1, width())); }
+  /// Tokens per block: about 256 Ki values of h, so that a block of h, dy and the block's
+  /// intermediates stay in one core's L2 cache while its small GEMMs run.
+  Index block_tokens() const { return std::max<Index>(8, (256 * 1024) / std::max<Index>(1, width())); }
 
   /// Gates of head hd for tokens [t0, t0 + n): (n, E), a strided view into the routing rows.
   static ConstMatrixView<T> head_gates(const Routing<T>& r, Index t0, Index n, Index groups, Index j) {
@@ -152,13 +152,6 @@ class Ia3Mixture {
     return r.block(t0, ext ? 0 : j * head_dim_, n, router_in_);
   }
 
-  /// out = a * b elementwise, rows split across threads (the GEMMs around it use all threads too).
-  template <class Out, class A, class B>
-  static void multiply(Out&& out, const A& a, const B& b) {
-    MOET_OMP(omp parallel for schedule(static) if (a.size() > 65536))
-    for (Index i = 0; i < a.rows(); ++i) out.row(i) = a.row(i).cwiseProduct(b.row(i));
-  }
-
   Context forward_impl(In<T> h, In<T> r, bool ext) const {
     Context c;
     const Index N = h.rows(), G = groups(), B = block_tokens(), D = head_dim_;
@@ -167,17 +160,20 @@ class Ia3Mixture {
     c.y.resize(N, width());
     c.routing = Math::start(N * G, E, options_.router);
     const Matrix<T> mix = mixing_vectors();
-    Matrix<T> logits(B, E), merged(B, D);
-    for (Index t0 = 0; t0 < N; t0 += B) {
-      const Index n = std::min(B, N - t0);
-      for (Index j = 0; j < G; ++j) {
-        logits.topRows(n).noalias() = router_block(r, ext, t0, n, j) * router_kernel.value();
-        MOET_OMP(omp parallel for schedule(static) if (n * E > 8192))
-        for (Index i = 0; i < n; ++i) Math::route_row(c.routing, (t0 + i) * G + j, logits.row(i).data());
-      }
-      for (Index hd = 0; hd < heads_; ++hd) {
-        merge(head_gates(c.routing, t0, n, G, ext ? 0 : hd), mix.middleRows(hd * E, E), merged.topRows(n));
-        multiply(c.y.block(t0, hd * D, n, D), h.block(t0, hd * D, n, D), merged.topRows(n));
+    MOET_OMP(omp parallel if (N > B))
+    {
+      Matrix<T> logits(B, E), merged(B, D);
+      MOET_OMP(omp for schedule(static))
+      for (Index t0 = 0; t0 < N; t0 += B) {
+        const Index n = std::min(B, N - t0);
+        for (Index j = 0; j < G; ++j) {
+          logits.topRows(n).noalias() = router_block(r, ext, t0, n, j) * router_kernel.value();
+          for (Index i = 0; i < n; ++i) Math::route_row(c.routing, (t0 + i) * G + j, logits.row(i).data());
+        }
+        for (Index hd = 0; hd < heads_; ++hd) {
+          merge(head_gates(c.routing, t0, n, G, ext ? 0 : hd), mix.middleRows(hd * E, E), merged.topRows(n));
+          c.y.block(t0, hd * D, n, D) = h.block(t0, hd * D, n, D).cwiseProduct(merged.topRows(n));
+        }
       }
     }
     Math::finish(c.routing);
@@ -202,28 +198,38 @@ class Ia3Mixture {
     const Index N = c.tokens, G = groups(), B = block_tokens(), D = head_dim_;
     const bool ext = c.external_router_input;
     const Matrix<T> mix = mixing_vectors();
-    Matrix<T> ds(B, D), merged(B, D), d_gates(G * B, E), d_logits(B, E);
-    for (Index t0 = 0; t0 < N; t0 += B) {
-      const Index n = std::min(B, N - t0);
-      d_gates.setZero();
-      for (Index hd = 0; hd < heads_; ++hd) {
-        const Index j = ext ? 0 : hd;
-        const auto gates = head_gates(c.routing, t0, n, G, j);  // (n, E)
-        const auto l = mix.middleRows(hd * E, E);              // (E, D)
-        const auto dy_h = dy.block(t0, hd * D, n, D);
-        multiply(ds.topRows(n), dy_h, h.block(t0, hd * D, n, D));
-        d_gates.middleRows(j * B, n).noalias() += ds.topRows(n) * l.transpose();
-        scales.grad().middleRows(hd * E, E).noalias() += gates.transpose() * ds.topRows(n);
-        merge(gates, l, merged.topRows(n));
-        multiply(dh.block(t0, hd * D, n, D), dy_h, merged.topRows(n));
+    MOET_OMP(omp parallel if (N > B))
+    {
+      Matrix<T> d_scales = Matrix<T>::Zero(heads_ * E, D);  // per-thread accumulators
+      Matrix<T> d_kernel = Matrix<T>::Zero(router_in_, E);
+      Matrix<T> ds(B, D), merged(B, D), d_gates(G * B, E), d_logits(B, E);
+      MOET_OMP(omp for schedule(static))
+      for (Index t0 = 0; t0 < N; t0 += B) {
+        const Index n = std::min(B, N - t0);
+        d_gates.setZero();
+        for (Index hd = 0; hd < heads_; ++hd) {
+          const Index j = ext ? 0 : hd;
+          const auto gates = head_gates(c.routing, t0, n, G, j);  // (n, E)
+          const auto l = mix.middleRows(hd * E, E);              // (E, D)
+          const auto dy_h = dy.block(t0, hd * D, n, D);
+          ds.topRows(n) = dy_h.cwiseProduct(h.block(t0, hd * D, n, D));
+          d_gates.middleRows(j * B, n).noalias() += ds.topRows(n) * l.transpose();
+          d_scales.middleRows(hd * E, E).noalias() += gates.transpose() * ds.topRows(n);
+          merge(gates, l, merged.topRows(n));
+          dh.block(t0, hd * D, n, D) = dy_h.cwiseProduct(merged.topRows(n));
+        }
+        for (Index j = 0; j < G; ++j) {
+          for (Index i = 0; i < n; ++i)
+            Math::backward_row(c.routing, (t0 + i) * G + j, d_gates.row(j * B + i).data(), d_logits.row(i).data());
+          if (ext) dr.middleRows(t0, n).noalias() += d_logits.topRows(n) * router_kernel.value().transpose();
+          else dr.block(t0, j * D, n, D).noalias() += d_logits.topRows(n) * router_kernel.value().transpose();
+          d_kernel.noalias() += router_block(r, ext, t0, n, j).transpose() * d_logits.topRows(n);
+        }
       }
-      for (Index j = 0; j < G; ++j) {
-        MOET_OMP(omp parallel for schedule(static) if (n * E > 8192))
-        for (Index i = 0; i < n; ++i)
-          Math::backward_row(c.routing, (t0 + i) * G + j, d_gates.row(j * B + i).data(), d_logits.row(i).data());
-        if (ext) dr.middleRows(t0, n).noalias() += d_logits.topRows(n) * router_kernel.value().transpose();
-        else dr.block(t0, j * D, n, D).noalias() += d_logits.topRows(n) * router_kernel.value().transpose();
-        router_kernel.grad().noalias() += router_block(r, ext, t0, n, j).transpose() * d_logits.topRows(n);
+      MOET_OMP(omp critical)
+      {
+        scales.grad() += d_scales;
+        router_kernel.grad() += d_kernel;
       }
     }
   }
