@@ -23,16 +23,20 @@ namespace {
 using namespace moet;
 constexpr Index tokens = 1024;
 
+/// One training step of a layer: forward, then backward with accumulated parameter gradients.
+template <class Layer>
+void step(Layer& layer, const Matrix<float>& x, const Matrix<float>& dy) {
+  const auto c = layer.forward(x);
+  Matrix<float> dx = layer.backward(c, x, dy, accumulate);
+  benchmark::DoNotOptimize(dx.data());
+  benchmark::ClobberMemory();
+}
+
 void frozen_linear(benchmark::State& state, Index d_in, Index d_out) {
   Rng rng(1);
   layer<FrozenLinear, float> linear(rng.normal_matrix<float>(d_in, d_out, 0, 0.02));
   const Matrix<float> x = rng.normal_matrix<float>(tokens, d_in), dy = rng.normal_matrix<float>(tokens, d_out);
-  for (auto _ : state) {
-    const auto c = linear.forward(x);
-    Matrix<float> dx = linear.backward(c, x, dy, accumulate);
-    benchmark::DoNotOptimize(dx.data());
-    benchmark::ClobberMemory();
-  }
+  for (auto _ : state) step(linear, x, dy);
   state.SetItemsProcessed(state.iterations() * tokens);
 }
 
@@ -66,18 +70,7 @@ void lora_mixture(benchmark::State& state, Index d_in, Index d_out, Dispatch dis
   rng.fill_normal(mix.lora_up.value(), 0.0, 0.02);  // a trained adapter: no zero shortcut
   layer<FrozenLinear, float> floor(mix.base.base_weight.value());
   const Matrix<float> x = rng.normal_matrix<float>(tokens, d_in), dy = rng.normal_matrix<float>(tokens, d_out);
-  timed_against_floor(
-      state,
-      [&] {
-        const auto c = floor.forward(x);
-        Matrix<float> dx = floor.backward(c, x, dy, accumulate);
-        benchmark::DoNotOptimize(dx.data());
-      },
-      [&] {
-        const auto c = mix.forward(x);
-        Matrix<float> dx = mix.backward(c, x, dy, accumulate);
-        benchmark::DoNotOptimize(dx.data());
-      });
+  timed_against_floor(state, [&] { step(floor, x, dy); }, [&] { step(mix, x, dy); });
   state.counters["grouped"] = mix.uses_grouped();
 }
 
@@ -89,18 +82,7 @@ void ia3_mixture(benchmark::State& state, Index width) {
   // The floor of an activation scaling is the frozen linear layer that produces it (d_model 1024).
   layer<FrozenLinear, float> floor(rng.normal_matrix<float>(1024, width, 0, 0.02));
   const Matrix<float> x = rng.normal_matrix<float>(tokens, 1024);
-  timed_against_floor(
-      state,
-      [&] {
-        const auto c = floor.forward(x);
-        Matrix<float> dx = floor.backward(c, x, dy, accumulate);
-        benchmark::DoNotOptimize(dx.data());
-      },
-      [&] {
-        const auto c = mix.forward(h);
-        Matrix<float> dh = mix.backward(c, h, dy, accumulate);
-        benchmark::DoNotOptimize(dh.data());
-      });
+  timed_against_floor(state, [&] { step(floor, x, dy); }, [&] { step(mix, h, dy); });
 }
 
 template <class F>

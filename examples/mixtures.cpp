@@ -27,6 +27,28 @@ Matrix<float> make_tokens(Rng& rng, Index n, Index d) {
   return x;
 }
 
+struct Fit {
+  std::vector<double> losses;  // mean squared error of every step
+  std::vector<double> usage;   // expert usage of the last step
+};
+
+/// Trains `layer` with AdamW to map `input` to `target` by mean squared error.
+template <class Layer>
+Fit fit(Layer& layer, const Matrix<float>& input, const Matrix<float>& target, double lr, int steps) {
+  AdamW<float> optimizer({.lr = lr});
+  Fit out;
+  for (int step = 0; step < steps; ++step) {
+    auto ctx = layer.forward(input);
+    const Matrix<float> diff = ctx.output() - target;
+    const float scale = 1.0f / float(diff.size());
+    out.losses.push_back(diff.squaredNorm() * scale);
+    layer.backward(ctx, input, 2 * scale * diff, overwrite);  // also adds the router's aux-loss gradient
+    optimizer.step(layer);
+    out.usage = ctx.expert_usage();
+  }
+  return out;
+}
+
 void print_losses(const char* name, const std::vector<double>& losses) {
   std::printf("%s loss per step:\n", name);
   for (std::size_t s = 0; s < losses.size(); ++s)
@@ -58,21 +80,10 @@ int main() {
     for (Index i = 0; i < n; ++i) target.row(i) += x.row(i) * corrections[i % clusters];
 
     MoLoRA::layer<float> layer(w0, rng, {.expert = {.alpha = 8}, .router = {.load_balance_weight = 0.01}});
-    AdamW<float> optimizer({.lr = 5e-3});
     std::printf("MoLoRA = %s\n  %s\n", MoLoRA::name().c_str(), parameter_report(layer).c_str());
-    std::vector<double> losses;
-    std::vector<double> usage;
-    for (int step = 0; step < steps; ++step) {
-      auto ctx = layer.forward(x);
-      const Matrix<float> diff = ctx.output() - target;
-      const float scale = 1.0f / float(diff.size());
-      losses.push_back(diff.squaredNorm() * scale);
-      layer.backward(ctx, x, 2 * scale * diff, overwrite);  // also adds the load-balancing gradient
-      optimizer.step(layer);
-      usage = ctx.expert_usage();
-    }
-    print_losses("MoLoRA", losses);
-    print_usage("MoLoRA", usage);
+    const Fit result = fit(layer, x, target, 5e-3, steps);
+    print_losses("MoLoRA", result.losses);
+    print_usage("MoLoRA", result.usage);
   }
 
   // --- MoV: y = h * (cluster-specific scaling) --------------------------------------------------
@@ -84,21 +95,10 @@ int main() {
     for (Index i = 0; i < n; ++i) target.row(i) = h.row(i).cwiseProduct(scalings[i % clusters]);
 
     MoV::layer<float> layer(d, rng);
-    AdamW<float> optimizer({.lr = 2e-2});
     std::printf("\nMoV = %s\n  %s\n", MoV::name().c_str(), parameter_report(layer).c_str());
-    std::vector<double> losses;
-    std::vector<double> usage;
-    for (int step = 0; step < steps; ++step) {
-      auto ctx = layer.forward(h);
-      const Matrix<float> diff = ctx.output() - target;
-      const float scale = 1.0f / float(diff.size());
-      losses.push_back(diff.squaredNorm() * scale);
-      layer.backward(ctx, h, 2 * scale * diff, overwrite);
-      optimizer.step(layer);
-      usage = ctx.expert_usage();
-    }
-    print_losses("MoV", losses);
-    print_usage("MoV", usage);
+    const Fit result = fit(layer, h, target, 2e-2, steps);
+    print_losses("MoV", result.losses);
+    print_usage("MoV", result.usage);
   }
   return 0;
 }

@@ -121,3 +121,17 @@ TEST_CASE("float and double layers agree", "[property]") {
   const Matrix<double> yf = Matrix<float>(f.forward(x.cast<float>()).output()).cast<double>();
   REQUIRE(max_abs(yd - yf) < 1e-4 * (1 + max_abs(yd)));
 }
+
+TEST_CASE("Moved layers keep working (parameter views follow their buffers)", "[property]") {
+  Rng rng(8);
+  const Matrix<double> w0 = rng.normal_matrix<double>(6, 5), x = rng.normal_matrix<double>(4, 6);
+  Mixture<Router<TopK<2>>, Expert<LoRA<2>>, 3>::layer<double> original(w0, rng);
+  original.lora_up.value().setConstant(0.3);
+  const Matrix<double> expected = original.forward(x).output();
+  std::vector<Mixture<Router<TopK<2>>, Expert<LoRA<2>>, 3>::layer<double>> layers;
+  layers.push_back(std::move(original));
+  layers.reserve(8);  // moves again
+  REQUIRE(Matrix<double>(layers[0].forward(x).output()) == expected);
+  for_each_param(layers[0], [](auto& p) { p.value().setZero(); });
+  REQUIRE(max_abs(Matrix<double>(layers[0].forward(x).output()) - x * w0) < 1e-12);
+}

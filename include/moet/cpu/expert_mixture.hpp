@@ -32,18 +32,14 @@ class ExpertMixture {
   using Options = MixtureOptions<S>;
   using Scalar = T;
 
-  struct Context {
+  struct Context : RoutedContext<T> {
     Index tokens = 0, d_out = 0;
     Matrix<T> z;  // (tokens, d_out + E) = [y | logits]
-    Routing<T> routing;
-    TokenGroups groups;                            // top-k only
-    std::vector<Matrix<T>> inputs;                 // top-k only: each expert's gathered rows of x
+    TokenGroups groups;                               // top-k only
+    std::vector<Matrix<T>> inputs;                    // top-k only: each expert's gathered rows of x
     std::vector<typename Instance::Context> experts;  // (E)
 
     ConstMatrixView<T> output() const { return column_block<T>(z.data(), tokens, z.cols(), 0, d_out); }
-    double aux_loss() const { return routing.aux_loss(); }
-    const AuxLosses& aux() const { return routing.aux; }
-    const std::vector<double>& expert_usage() const { return routing.usage; }
   };
 
   static std::string name() { return Spec::name(); }

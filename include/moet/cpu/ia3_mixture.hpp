@@ -37,16 +37,13 @@ class Ia3Mixture {
   using Options = MixtureOptions<IA3>;
   using Scalar = T;
 
-  struct Context {
+  /// routing rows: tokens * heads (self-routed) or tokens (external router input).
+  struct Context : RoutedContext<T> {
     Index tokens = 0;
     bool external_router_input = false;
     Matrix<T> y;  // (tokens, width)
-    Routing<T> routing;  // rows: tokens * heads (self-routed) or tokens (external router input)
 
     const Matrix<T>& output() const { return y; }
-    double aux_loss() const { return routing.aux_loss(); }
-    const AuxLosses& aux() const { return routing.aux; }
-    const std::vector<double>& expert_usage() const { return routing.usage; }
   };
 
   static std::string name() { return Spec::name(); }

@@ -40,22 +40,16 @@ class LoraMixture {
   using Options = MixtureOptions<LoRA<R>>;
   using Scalar = T;
 
-  struct Context {
+  struct Context : RoutedContext<T> {
     Index tokens = 0;
     bool grouped = false;
     Matrix<T> z;      // dense: (tokens, d_out + E + E*R) = [y | logits | U]; grouped: (tokens, d_out + E)
     Matrix<T> mixed;  // dense: V (tokens, E*R); grouped: U of each slot (tokens*K, R), group order
-    Routing<T> routing;
     TokenGroups groups;  // grouped only
     Index d_out = 0;
 
     /// The layer output y: (tokens, d_out).
     ConstMatrixView<T> output() const { return column_block<T>(z.data(), tokens, z.cols(), 0, d_out); }
-    /// Weighted auxiliary loss (already included in backward's gradients).
-    double aux_loss() const { return routing.aux_loss(); }
-    const AuxLosses& aux() const { return routing.aux; }
-    /// Share of routing slots each expert received in this pass.
-    const std::vector<double>& expert_usage() const { return routing.usage; }
   };
 
   static std::string name() { return Spec::name(); }
@@ -154,19 +148,27 @@ class LoraMixture {
     }
     auto d_logits = d_right.leftCols(E);
     Math::backward(c.routing, d_gates, d_logits);
-    // The remaining GEMMs are skinny (E*R or E + E*R wide) and scale poorly across threads, so
-    // they run side by side, one thread each (BLAS calls inside a parallel region stay serial).
+    // The remaining three GEMMs are skinny (E*R or E + E*R wide) and scale poorly across threads,
+    // so they run side by side, one thread each (BLAS calls inside a parallel region stay
+    // serial); dB goes alone when it outweighs the other two (wide d_out).
     Matrix<T> dx(N, I);
+    auto finish_dx = [&] {
+      dx = dx_dv.leftCols(I);
+      dx.noalias() += d_right * base.right().transpose();
+    };
+    const bool up_grad_alone = ER * D >= 2 * I * (E + ER);
     MOET_OMP(omp parallel sections if (N * (I + D) * ER > (1 << 22)))
     {
       MOET_OMP(omp section)
       {
         detail::assign_grad(lora_up.grad(), c.mixed.transpose() * dy, mode);
-        dx = dx_dv.leftCols(I);
-        dx.noalias() += d_right * base.right().transpose();
+        if (!up_grad_alone) finish_dx();
       }
       MOET_OMP(omp section)
-      detail::assign_grad(base.trainable_grad(), x.transpose() * d_right, mode);
+      {
+        detail::assign_grad(base.trainable_grad(), x.transpose() * d_right, mode);
+        if (up_grad_alone) finish_dx();
+      }
     }
     return dx;
   }

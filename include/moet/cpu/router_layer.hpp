@@ -20,12 +20,8 @@ class RouterLayer {
  public:
   using Scalar = T;
 
-  struct Context {
-    Routing<T> routing;
-    const Matrix<T>& output() const { return routing.gates; }  // (tokens, E)
-    double aux_loss() const { return routing.aux_loss(); }
-    const AuxLosses& aux() const { return routing.aux; }
-    const std::vector<double>& expert_usage() const { return routing.usage; }
+  struct Context : RoutedContext<T> {
+    const Matrix<T>& output() const { return this->routing.gates; }  // (tokens, E)
   };
 
   static std::string name() { return Router<Policy>::name(); }
@@ -41,7 +37,9 @@ class RouterLayer {
   Context forward(In<T> x) const {
     detail::expect_cols(name(), "input x", x.rows(), x.cols(), d_in(), "tokens x d_in");
     const Matrix<T> logits = x * router_kernel.value();
-    return Context{Math::route(logits, options_)};
+    Context c;
+    c.routing = Math::route(logits, options_);
+    return c;
   }
 
   /// d_gates: (tokens, E). Returns dx.

@@ -43,6 +43,19 @@ struct Routing {
   double aux_loss() const { return options.load_balance_weight * aux.load_balance + options.z_loss_weight * aux.z_loss; }
 };
 
+/// The part of every routed layer's context that reports on routing.
+template <class T>
+struct RoutedContext {
+  Routing<T> routing;
+
+  /// Weighted auxiliary loss (its gradient is already part of backward).
+  double aux_loss() const { return routing.aux_loss(); }
+  /// The unweighted auxiliary losses.
+  const AuxLosses& aux() const { return routing.aux; }
+  /// Share of routing slots each expert received in this pass.
+  const std::vector<double>& expert_usage() const { return routing.usage; }
+};
+
 template <class Policy, class T>
 struct RouterMath {
   static constexpr int K = Policy::k;  // 0 for Soft
