@@ -18,6 +18,7 @@
 // Dispatch::automatic picks by the cost model in `prefers_grouped` (docs/design.md).
 #pragma once
 
+#include <algorithm>
 #include <optional>
 #include <string>
 
@@ -148,26 +149,28 @@ class LoraMixture {
     }
     auto d_logits = d_right.leftCols(E);
     Math::backward(c.routing, d_gates, d_logits);
-    // The remaining three GEMMs are skinny (E*R or E + E*R wide) and scale poorly across threads,
-    // so they run side by side, one thread each (BLAS calls inside a parallel region stay
-    // serial); dB goes alone when it outweighs the other two (wide d_out).
+    // The remaining GEMMs are skinny (E*R or E + E*R wide) and scale poorly across threads, so
+    // they run side by side, one thread each (BLAS calls inside a parallel region stay serial):
+    // dB on one, [dW_r | dA] on the other, and the rows of dx += [d_logits | dU] [W_r | A]^T
+    // split between them so that both carry the same number of multiply-adds.
     Matrix<T> dx(N, I);
-    auto finish_dx = [&] {
-      dx = dx_dv.leftCols(I);
-      dx.noalias() += d_right * base.right().transpose();
+    auto finish_dx = [&](Index first, Index rows) {
+      dx.middleRows(first, rows) = dx_dv.block(first, 0, rows, I);
+      dx.middleRows(first, rows).noalias() += d_right.middleRows(first, rows) * base.right().transpose();
     };
-    const bool up_grad_alone = ER * D >= 2 * I * (E + ER);
+    const double up_cost = double(ER) * double(D), right_cost = double(I) * double(E + ER);
+    const Index split = Index(double(N) * std::clamp((2 * right_cost - up_cost) / (2 * right_cost), 0.0, 1.0));
     MOET_OMP(omp parallel sections if (N * (I + D) * ER > (1 << 22)))
     {
       MOET_OMP(omp section)
       {
         detail::assign_grad(lora_up.grad(), c.mixed.transpose() * dy, mode);
-        if (!up_grad_alone) finish_dx();
+        finish_dx(0, split);
       }
       MOET_OMP(omp section)
       {
         detail::assign_grad(base.trainable_grad(), x.transpose() * d_right, mode);
-        if (up_grad_alone) finish_dx();
+        finish_dx(split, N - split);
       }
     }
     return dx;
