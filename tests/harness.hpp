@@ -1,7 +1,7 @@
 // The one generic layer harness. Any moet layer (or user layer) with
 //   ctx = layer.forward(inputs...)            ctx.output(), ctx.aux_loss()
 //   grads = layer.backward(ctx, inputs..., d_output, GradMode)
-// where grads is dx (one input) or a pair (two inputs), is checked by one call:
+// where grads is dx (one input), a pair or a tuple (several inputs), is checked by one call:
 //   auto report = moet::testing::check_gradients(layer, rng, x);
 //   REQUIRE(report.ok);
 // It randomises every trainable parameter (so a zero-initialised LoRA "B" hides nothing),
@@ -59,9 +59,12 @@ double dot(In<T> a, In<T> b) {
   return s;
 }
 
+/// Input gradients as a list: dx alone, a pair, or a tuple of them.
 template <class R>
 std::vector<Matrix<double>> as_list(R&& r) {
   if constexpr (requires { r.first; r.second; }) return {r.first, r.second};
+  else if constexpr (requires { std::tuple_size<std::remove_cvref_t<R>>::value; })
+    return std::apply([](auto&... g) { return std::vector<Matrix<double>>{Matrix<double>(g)...}; }, r);
   else return {Matrix<double>(r)};
 }
 
@@ -118,7 +121,7 @@ inline std::vector<Index> entries(Index size, Index max_entries) {
 
 }  // namespace detail
 
-/// inputs: one or two (tokens, width) matrices in double.
+/// inputs: the (tokens, width) matrices forward takes, in double.
 template <class Layer, class... Inputs>
 GradReport check_gradients(Layer& layer, Rng& rng, std::tuple<Inputs...> inputs, GradCheckOptions o = {}) {
   static_assert((std::is_same_v<Inputs, Matrix<double>> && ...), "the harness works in double");

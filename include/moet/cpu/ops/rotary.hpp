@@ -1,0 +1,73 @@
+// Rotary position embeddings (Llama; Hugging Face's rotate-half layout): for each head, with
+// x = [x1 | x2] split in halves and angle a_i = position * theta^(-2i / head_dim),
+//   y1 = x1 cos a - x2 sin a,   y2 = x2 cos a + x1 sin a.
+// A rotation: backward applies its transpose (the angle negated).
+#pragma once
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "../../core/error.hpp"
+#include "../../core/param.hpp"
+#include "../../core/util.hpp"
+
+namespace moet::cpu_impl {
+
+template <class T>
+class Rotary {
+ public:
+  using Scalar = T;
+  struct Context {
+    Matrix<T> y;
+    const Matrix<T>& output() const { return y; }
+    double aux_loss() const { return 0.0; }
+  };
+  static std::string name() { return "Rotary"; }
+
+  Rotary(Index heads, Index head_dim, double theta) : heads_(heads), head_dim_(head_dim), inv_freq_(std::size_t(head_dim / 2)) {
+    detail::expect_positive(name(), "heads", heads);
+    detail::expect_positive(name(), "head_dim", head_dim);
+    if (head_dim % 2) throw value_error(detail::concat(name(), ": head_dim must be even, got ", head_dim));
+    if (!(theta > 1) || !std::isfinite(theta)) throw value_error(detail::concat(name(), ": rope theta must be > 1, got ", theta));
+    for (Index i = 0; i < head_dim / 2; ++i) inv_freq_[i] = std::pow(theta, -2.0 * double(i) / double(head_dim));
+  }
+
+  /// x: (tokens, heads * head_dim); positions: one per token.
+  Context forward(In<T> x, const std::vector<Index>& positions) const {
+    Context c;
+    c.y.resize(x.rows(), x.cols());
+    rotate(x, positions, c.y, +1);
+    return c;
+  }
+  Matrix<T> backward(const Context&, In<T> x, const std::vector<Index>& positions, In<T> dy, GradMode) const {
+    Matrix<T> dx(dy.rows(), dy.cols());
+    rotate(dy, positions, dx, -1);
+    return dx;
+  }
+
+ private:
+  void rotate(In<T> x, const std::vector<Index>& positions, Matrix<T>& out, int sign) const {
+    detail::expect_cols(name(), "input", x.rows(), x.cols(), heads_ * head_dim_, "tokens x heads*head_dim");
+    if (Index(positions.size()) != x.rows())
+      throw shape_error(detail::concat(name(), ": ", x.rows(), " tokens but ", positions.size(), " positions"));
+    const Index half = head_dim_ / 2;
+    MOET_OMP(omp parallel for schedule(static) if (x.size() > 65536))
+    for (Index t = 0; t < x.rows(); ++t)
+      for (Index i = 0; i < half; ++i) {
+        const double angle = double(positions[t]) * inv_freq_[i];
+        const T cs = T(std::cos(angle)), sn = T(sign * std::sin(angle));
+        for (Index h = 0; h < heads_; ++h) {
+          const Index a = h * head_dim_ + i, b = a + half;
+          const T x1 = x(t, a), x2 = x(t, b);
+          out(t, a) = x1 * cs - x2 * sn;
+          out(t, b) = x2 * cs + x1 * sn;
+        }
+      }
+  }
+
+  Index heads_, head_dim_;
+  std::vector<double> inv_freq_;
+};
+
+}  // namespace moet::cpu_impl

@@ -1,0 +1,104 @@
+// Gradient checks of the frozen-path transformer ops: norms, activations, loss, rotary,
+// causal attention with padding and grouped-query heads.
+#include <catch2/catch.hpp>
+
+#include <moet/cpu/ops/activations.hpp>
+#include <moet/cpu/ops/attention.hpp>
+#include <moet/cpu/ops/loss.hpp>
+#include <moet/cpu/ops/norms.hpp>
+#include <moet/cpu/ops/rotary.hpp>
+
+#include "harness.hpp"
+
+using namespace moet;
+using namespace moet::cpu_impl;
+using moet::testing::check_gradients;
+
+namespace {
+template <class Layer, class... Inputs>
+void require_gradients(Layer& layer, Rng& rng, Inputs... inputs) {
+  const auto report = check_gradients(layer, rng, std::make_tuple(std::move(inputs)...));
+  INFO(Layer::name() << ": " << report.summary());
+  REQUIRE(report.ok);
+  REQUIRE(report.checked > 10);
+}
+
+/// Rotary with its positions bound, so the harness sees a one-input layer.
+struct RotaryAt {
+  Rotary<double> rope;
+  std::vector<Index> positions;
+  static std::string name() { return "Rotary"; }
+  auto forward(In<double> x) const { return rope.forward(x, positions); }
+  Matrix<double> backward(const Rotary<double>::Context& c, In<double> x, In<double> dy, GradMode m) const {
+    return rope.backward(c, x, positions, dy, m);
+  }
+};
+}  // namespace
+
+TEST_CASE("LayerNorm and RMSNorm pass gradients to their input", "[grad][ops]") {
+  Rng rng(1);
+  LayerNorm<double> ln(rng.normal_matrix<double>(1, 6), rng.normal_matrix<double>(1, 6), 1e-5);
+  require_gradients(ln, rng, rng.normal_matrix<double>(5, 6));
+  RMSNorm<double> rms(rng.normal_matrix<double>(1, 6), 1e-6);
+  require_gradients(rms, rng, rng.normal_matrix<double>(5, 6));
+  REQUIRE(count_parameters(ln).total == 12);
+  REQUIRE(count_parameters(ln).trainable == 0);
+}
+
+TEST_CASE("GELU (tanh) and SwiGLU", "[grad][ops]") {
+  Rng rng(2);
+  GeluTanh<double> gelu;
+  require_gradients(gelu, rng, rng.normal_matrix<double>(4, 7, 0, 2));
+  SwiGLU<double> swiglu;
+  require_gradients(swiglu, rng, rng.normal_matrix<double>(4, 7, 0, 2), rng.normal_matrix<double>(4, 7));
+}
+
+TEST_CASE("Cross-entropy with an ignore label", "[grad][ops]") {
+  Rng rng(3);
+  CrossEntropy<double> loss({2, -100, 0, 4, -100, 1});
+  require_gradients(loss, rng, rng.normal_matrix<double>(6, 5, 0, 2));
+  // value: mean over the four counted tokens of lse - logit[label]
+  const Matrix<double> logits = rng.normal_matrix<double>(6, 5);
+  double expected = 0;
+  for (auto [t, label] : {std::pair{0, 2}, {2, 0}, {3, 4}, {5, 1}})
+    expected += std::log(logits.row(t).array().exp().sum()) - logits(t, label);
+  REQUIRE(loss.forward(logits).output()(0, 0) == Approx(expected / 4));
+  REQUIRE_THROWS_AS(CrossEntropy<double>({7}).forward(logits.topRows(1)), value_error);
+}
+
+TEST_CASE("Rotary embeddings", "[grad][ops]") {
+  Rng rng(4);
+  RotaryAt rope{Rotary<double>(2, 4, 10000.0), {0, 1, 5, 2, 9}};
+  require_gradients(rope, rng, rng.normal_matrix<double>(5, 8));
+  // position 0 is the identity; rotation keeps each pair's norm
+  const Matrix<double> x = rng.normal_matrix<double>(1, 8);
+  REQUIRE((rope.rope.forward(x, {0}).output() - x).cwiseAbs().maxCoeff() < 1e-15);
+  REQUIRE(rope.rope.forward(x, {7}).output().norm() == Approx(x.norm()));
+}
+
+TEST_CASE("Causal attention: multi-head, grouped-query, padding", "[grad][ops]") {
+  Rng rng(5);
+  {
+    CausalAttention<double> mha({.batch = 2, .seq = 4, .heads = 2, .kv_heads = 2, .head_dim = 3});
+    require_gradients(mha, rng, rng.normal_matrix<double>(8, 6), rng.normal_matrix<double>(8, 6), rng.normal_matrix<double>(8, 6));
+  }
+  {  // Llama-style GQA (4 query heads on 2 kv heads), left padding in sequence 0, right in 1
+    CausalAttention<double> gqa({.batch = 2, .seq = 4, .heads = 4, .kv_heads = 2, .head_dim = 2}, {0, 0, 1, 1, 1, 1, 1, 0});
+    require_gradients(gqa, rng, rng.normal_matrix<double>(8, 8), rng.normal_matrix<double>(8, 4), rng.normal_matrix<double>(8, 4));
+    // a padded query with no visible key outputs zero
+    const auto c = gqa.forward(rng.normal_matrix<double>(8, 8), rng.normal_matrix<double>(8, 4), rng.normal_matrix<double>(8, 4));
+    REQUIRE(c.output().row(0).isZero());
+    REQUIRE(c.output().row(1).isZero());
+  }
+  {  // causality: changing a later token does not change an earlier output
+    CausalAttention<double> att({.batch = 1, .seq = 5, .heads = 1, .kv_heads = 1, .head_dim = 4});
+    Matrix<double> q = rng.normal_matrix<double>(5, 4), k = rng.normal_matrix<double>(5, 4), v = rng.normal_matrix<double>(5, 4);
+    const Matrix<double> before = att.forward(q, k, v).output();
+    k.row(4).setRandom();
+    v.row(4).setRandom();
+    const Matrix<double> after = att.forward(q, k, v).output();
+    REQUIRE((before.topRows(4) - after.topRows(4)).cwiseAbs().maxCoeff() == 0.0);
+    REQUIRE((before.row(4) - after.row(4)).norm() > 1e-6);
+  }
+  REQUIRE_THROWS_WITH(CausalAttention<double>({.heads = 3, .kv_heads = 2}), Catch::Matchers::Contains("not a multiple of kv_heads"));
+}
