@@ -135,3 +135,17 @@ TEST_CASE("Moved layers keep working (parameter views follow their buffers)", "[
   for_each_param(layers[0], [](auto& p) { p.value().setZero(); });
   REQUIRE(max_abs(Matrix<double>(layers[0].forward(x).output()) - x * w0) < 1e-12);
 }
+
+TEST_CASE("The visitor finds frozen and trainable tensors of every layer kind", "[property]") {
+  Rng rng(9);
+  Mixture<Router<Soft>, Expert<LoRA<2>>, 3>::layer<float> lora(rng.normal_matrix<float>(6, 5), rng.normal_matrix<float>(1, 5), rng);
+  std::vector<std::string> frozen, trainable;
+  for_each_frozen(lora, [&](const auto& f) { frozen.push_back(f.name()); });
+  for_each_param(lora, [&](const auto& p) { trainable.push_back(p.name()); });
+  REQUIRE(frozen == std::vector<std::string>{"base_weight", "base_bias"});
+  REQUIRE(trainable == std::vector<std::string>{"router_kernel", "lora_down", "lora_up"});
+  const ParameterCount count = count_parameters(lora);
+  REQUIRE(count.trainable == 6 * 3 + 6 * 3 * 2 + 3 * 2 * 5);
+  REQUIRE(count.total == count.trainable + 6 * 5 + 5);
+  REQUIRE(parameter_report(lora) == "trainable params: 84 || all params: 119 || trainable%: 70.5882");
+}

@@ -1,11 +1,10 @@
 // Small shared helpers: the one runtime-to-compile-time dispatch helper (flash-attention's
-// BOOL_SWITCH, as a function), dependent_false for primary templates that must not be
-// instantiated, and the OpenMP pragma wrapper that compiles away without OpenMP.
+// BOOL_SWITCH, as a function), the OpenMP pragma wrapper that compiles away without OpenMP, and
+// the thread-count setter.
 #pragma once
 
 #include <string>
 #include <type_traits>
-#include <typeinfo>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -22,9 +21,6 @@ extern "C" void openblas_set_num_threads(int);
 
 namespace moet {
 
-template <class...>
-inline constexpr bool dependent_false = false;
-
 namespace detail {
 
 /// Calls f(std::true_type{}) or f(std::false_type{}), so a runtime flag becomes a template
@@ -33,13 +29,6 @@ template <class F>
 decltype(auto) bool_switch(bool condition, F&& f) {
   if (condition) return f(std::true_type{});
   return f(std::false_type{});
-}
-
-template <class T>
-constexpr const char* scalar_name() {
-  if constexpr (std::is_same_v<T, float>) return "float";
-  else if constexpr (std::is_same_v<T, double>) return "double";
-  else return typeid(T).name();
 }
 
 }  // namespace detail
