@@ -32,11 +32,12 @@ class Normalization {
   static std::string name() { return Centered ? "LayerNorm" : "RMSNorm"; }
 
   /// weight (and bias for LayerNorm): (1, d).
-  Normalization(In<T> weight, In<T> bias, double eps) : weight("weight", 1, weight.cols()), bias("bias", 1, bias.cols()), eps_(eps) {
+  Normalization(In<T> weight, In<T> bias, double eps)
+      : eps_(eps), weight("weight", 1, weight.cols()), bias("bias", 1, bias.cols()) {
     static_assert(Centered, "RMSNorm has no bias: use the one-argument constructor");
     init(weight, bias);
   }
-  Normalization(In<T> weight, double eps) : weight("weight", 1, weight.cols()), bias("bias", 0, 0), eps_(eps) {
+  Normalization(In<T> weight, double eps) : eps_(eps), weight("weight", 1, weight.cols()), bias("bias", 0, 0) {
     init(weight, weight.topRows(0));
   }
 
