@@ -4,6 +4,7 @@
 
 #include <moet/cpu/ops/activations.hpp>
 #include <moet/cpu/ops/attention.hpp>
+#include <moet/cpu/ops/lm_head_loss.hpp>
 #include <moet/cpu/ops/loss.hpp>
 #include <moet/cpu/ops/norms.hpp>
 #include <moet/cpu/ops/rotary.hpp>
@@ -101,4 +102,28 @@ TEST_CASE("Causal attention: multi-head, grouped-query, padding", "[grad][ops]")
     REQUIRE((before.row(4) - after.row(4)).norm() > 1e-6);
   }
   REQUIRE_THROWS_WITH(CausalAttention<double>({.heads = 3, .kv_heads = 2}), Catch::Matchers::Contains("not a multiple of kv_heads"));
+}
+
+TEST_CASE("Fused LM head + loss equals logits then cross-entropy, across chunks", "[grad][ops]") {
+  Rng rng(6);
+  const Index vocab = 11, d = 5;
+  const Matrix<double> w = rng.normal_matrix<double>(vocab, d);
+  LmHeadLoss<double> head(w);
+  head.set_labels({3, -100, 10, 0, 7, -100, 2});
+  require_gradients(head, rng, rng.normal_matrix<double>(7, d));
+
+  // 600 tokens span three chunks; compare with the unfused pair
+  std::vector<int> labels(600);
+  for (std::size_t t = 0; t < labels.size(); ++t) labels[t] = t % 7 == 0 ? -100 : int(rng.next() % vocab);
+  const Matrix<double> h = rng.normal_matrix<double>(600, d), dl = Matrix<double>::Constant(1, 1, 1.7);
+  head.set_labels(labels);
+  CrossEntropy<double> ce(labels);
+  const Matrix<double> logits = h * w.transpose();
+  const auto cf = head.forward(h);
+  const auto cu = ce.forward(logits);
+  REQUIRE(cf.output()(0, 0) == Approx(cu.output()(0, 0)).epsilon(1e-12));
+  const Matrix<double> dh_unfused = ce.backward(cu, logits, dl, overwrite) * w;
+  REQUIRE((head.backward(cf, h, dl, overwrite) - dh_unfused).cwiseAbs().maxCoeff() < 1e-12);
+  REQUIRE_THROWS_WITH(head.set_labels({11}), Catch::Matchers::Contains("label 11 of token 0 is outside the vocabulary [0, 11)"));
+  REQUIRE_THROWS_AS(head.forward(h.topRows(5)), shape_error);
 }
