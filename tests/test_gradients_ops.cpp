@@ -101,7 +101,19 @@ TEST_CASE("Causal attention: multi-head, grouped-query, padding", "[grad][ops]")
     REQUIRE((before.topRows(4) - after.topRows(4)).cwiseAbs().maxCoeff() == 0.0);
     REQUIRE((before.row(4) - after.row(4)).norm() > 1e-6);
   }
+  {  // queries against a longer key sequence (a KV cache): gradients, and equal to the full pass
+    CausalAttention<double> cached({.batch = 2, .seq = 2, .heads = 2, .kv_heads = 1, .head_dim = 3, .kv_seq = 5},
+                                   {1, 1, 1, 1, 1, 0, 1, 1, 1, 1});
+    require_gradients(cached, rng, rng.normal_matrix<double>(4, 6), rng.normal_matrix<double>(10, 3), rng.normal_matrix<double>(10, 3));
+    CausalAttention<double> full({.batch = 1, .seq = 5, .heads = 2, .kv_heads = 1, .head_dim = 3});
+    CausalAttention<double> last({.batch = 1, .seq = 1, .heads = 2, .kv_heads = 1, .head_dim = 3, .kv_seq = 5});
+    const Matrix<double> q = rng.normal_matrix<double>(5, 6), k = rng.normal_matrix<double>(5, 3), v = rng.normal_matrix<double>(5, 3);
+    const Matrix<double> y_full = full.forward(q, k, v).output();
+    const Matrix<double> y_last = last.forward(q.bottomRows(1), k, v).output();
+    REQUIRE((y_full.bottomRows(1) - y_last).cwiseAbs().maxCoeff() < 1e-14);
+  }
   REQUIRE_THROWS_WITH(CausalAttention<double>({.heads = 3, .kv_heads = 2}), Catch::Matchers::Contains("not a multiple of kv_heads"));
+  REQUIRE_THROWS_WITH(CausalAttention<double>({.seq = 3, .kv_seq = 2}), Catch::Matchers::Contains("kv_seq 2 is shorter than the 3"));
 }
 
 TEST_CASE("Fused LM head + loss equals logits then cross-entropy, across chunks", "[grad][ops]") {

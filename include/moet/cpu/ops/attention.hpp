@@ -1,7 +1,9 @@
 // Causal multi-head self-attention with grouped-query heads and key padding, forward and
-// backward (the frozen path between a model's projections). Layout: q (B*L, H*hd),
-// k and v (B*L, Hkv*hd), sequence b's tokens are rows [b L, (b+1) L); query head h reads kv head
-// h / (H / Hkv). Position i of a sequence attends to positions j <= i whose token is real.
+// backward (the frozen path between a model's projections). Layout: q (B*Lq, H*hd),
+// k and v (B*Lk, Hkv*hd), sequence b's rows are [b Lq, (b+1) Lq) and [b Lk, (b+1) Lk); query
+// head h reads kv head h / (H / Hkv). The queries are the last Lq of the Lk positions (Lq = Lk
+// in training; Lq = 1 when decoding against a KV cache), and query i attends to key positions
+// j <= (Lk - Lq) + i whose token is real.
 //
 // Only the output and the per-row log-sum-exp are kept; backward recomputes the probabilities
 // (flash-attention's scheme), with D_i = <dO_i, O_i>:
@@ -23,6 +25,7 @@ namespace moet::cpu_impl {
 
 struct AttentionShape {
   Index batch = 1, seq = 1, heads = 1, kv_heads = 1, head_dim = 1;
+  Index kv_seq = 0;  ///< key/value positions per sequence; 0 means seq
 };
 
 template <class T>
@@ -31,22 +34,26 @@ class CausalAttention {
   using Scalar = T;
   struct Context {
     Matrix<T> y;            // (B*L, H*hd)
-    Matrix<T> lse;          // (B*H, L); -inf for rows with no visible key
+    Matrix<T> lse;          // (B*H, Lq); -inf for rows with no visible key
     const Matrix<T>& output() const { return y; }
     double aux_loss() const { return 0.0; }
   };
   static std::string name() { return "CausalAttention"; }
 
-  /// valid: one flag per token (B*L), 1 for real tokens, 0 for padding; empty means all real.
+  /// valid: one flag per key position (B*Lk), 1 for real tokens, 0 for padding; empty: all real.
   CausalAttention(AttentionShape shape, std::vector<unsigned char> valid = {}) : s_(shape), valid_(std::move(valid)) {
+    if (s_.kv_seq == 0) s_.kv_seq = s_.seq;
     for (auto [what, v] : {std::pair{"batch", s_.batch}, {"seq", s_.seq}, {"heads", s_.heads}, {"kv_heads", s_.kv_heads},
-                           {"head_dim", s_.head_dim}})
+                           {"head_dim", s_.head_dim}, {"kv_seq", s_.kv_seq}})
       detail::expect_positive(name(), what, v);
     if (s_.heads % s_.kv_heads)
       throw value_error(detail::concat(name(), ": heads ", s_.heads, " is not a multiple of kv_heads ", s_.kv_heads));
-    if (valid_.empty()) valid_.assign(std::size_t(s_.batch * s_.seq), 1);
-    if (Index(valid_.size()) != s_.batch * s_.seq)
-      throw shape_error(detail::concat(name(), ": padding mask has ", valid_.size(), " flags, expected batch*seq = ", s_.batch * s_.seq));
+    if (s_.kv_seq < s_.seq)
+      throw value_error(detail::concat(name(), ": kv_seq ", s_.kv_seq, " is shorter than the ", s_.seq, " query positions"));
+    if (valid_.empty()) valid_.assign(std::size_t(s_.batch * s_.kv_seq), 1);
+    if (Index(valid_.size()) != s_.batch * s_.kv_seq)
+      throw shape_error(detail::concat(name(), ": padding mask has ", valid_.size(), " flags, expected batch*kv_seq = ",
+                                       s_.batch * s_.kv_seq));
   }
 
   Context forward(In<T> q, In<T> k, In<T> v) const {
@@ -54,12 +61,12 @@ class CausalAttention {
     Context c;
     c.y = Matrix<T>::Zero(q.rows(), q.cols());
     c.lse.resize(s_.batch * s_.heads, s_.seq);
-    const Index B = s_.batch, L = s_.seq, H = s_.heads, hd = s_.head_dim, group = H / s_.kv_heads;
-    MOET_OMP(omp parallel for schedule(dynamic) collapse(2) if (B * H * L * L * hd > 100000))
+    const Index B = s_.batch, L = s_.seq, K = s_.kv_seq, H = s_.heads, hd = s_.head_dim, group = H / s_.kv_heads;
+    MOET_OMP(omp parallel for schedule(dynamic) collapse(2) if (B * H * L * K * hd > 100000))
     for (Index b = 0; b < B; ++b)
       for (Index h = 0; h < H; ++h) {
-        const Matrix<T> p = probabilities<true>(q, k, b, h, c.lse.row(b * H + h));
-        c.y.block(b * L, h * hd, L, hd).noalias() = p * v.block(b * L, (h / group) * hd, L, hd);
+        const Matrix<T> p = probabilities<true>(q, k, b, h, c.lse.row(b * H + h));  // (L, K)
+        c.y.block(b * L, h * hd, L, hd).noalias() = p * v.block(b * K, (h / group) * hd, K, hd);
       }
     return c;
   }
@@ -68,58 +75,59 @@ class CausalAttention {
   std::tuple<Matrix<T>, Matrix<T>, Matrix<T>> backward(const Context& c, In<T> q, In<T> k, In<T> v, In<T> dy, GradMode) const {
     check(q, k, v);
     detail::expect_shape(name(), "output gradient dy", dy.rows(), dy.cols(), q.rows(), q.cols(), "the shape of q");
-    const Index B = s_.batch, L = s_.seq, H = s_.heads, hd = s_.head_dim, group = H / s_.kv_heads;
+    const Index B = s_.batch, L = s_.seq, K = s_.kv_seq, H = s_.heads, hd = s_.head_dim, group = H / s_.kv_heads;
     const T scale = T(1) / std::sqrt(T(hd));
     Matrix<T> dq(q.rows(), q.cols()), dk = Matrix<T>::Zero(k.rows(), k.cols()), dv = Matrix<T>::Zero(v.rows(), v.cols());
     // Heads of one kv group write the same dk, dv blocks: parallel over (sequence, kv head).
-    MOET_OMP(omp parallel for schedule(dynamic) collapse(2) if (B * H * L * L * hd > 100000))
+    MOET_OMP(omp parallel for schedule(dynamic) collapse(2) if (B * H * L * K * hd > 100000))
     for (Index b = 0; b < B; ++b)
       for (Index g = 0; g < s_.kv_heads; ++g)
         for (Index h = g * group; h < (g + 1) * group; ++h) {
           auto lse_row = c.lse.row(b * H + h);
-          const Matrix<T> p = probabilities<false>(q, k, b, h, lse_row);  // (L, L)
+          const Matrix<T> p = probabilities<false>(q, k, b, h, lse_row);  // (L, K)
           const auto d_out = dy.block(b * L, h * hd, L, hd);
           const auto out = c.y.block(b * L, h * hd, L, hd);
-          dv.block(b * L, g * hd, L, hd).noalias() += p.transpose() * d_out;
-          Matrix<T> ds = d_out * v.block(b * L, g * hd, L, hd).transpose();  // dP
+          dv.block(b * K, g * hd, K, hd).noalias() += p.transpose() * d_out;
+          Matrix<T> ds = d_out * v.block(b * K, g * hd, K, hd).transpose();  // dP (L, K)
           const Matrix<T> d = (d_out.cwiseProduct(out)).rowwise().sum();    // (L, 1)
-          ds = p.cwiseProduct(ds - d.replicate(1, L)) * scale;
-          dq.block(b * L, h * hd, L, hd).noalias() = ds * k.block(b * L, g * hd, L, hd);
-          dk.block(b * L, g * hd, L, hd).noalias() += ds.transpose() * q.block(b * L, h * hd, L, hd);
+          ds = p.cwiseProduct(ds - d.replicate(1, K)) * scale;
+          dq.block(b * L, h * hd, L, hd).noalias() = ds * k.block(b * K, g * hd, K, hd);
+          dk.block(b * K, g * hd, K, hd).noalias() += ds.transpose() * q.block(b * L, h * hd, L, hd);
         }
     return {std::move(dq), std::move(dk), std::move(dv)};
   }
 
  private:
   void check(In<T> q, In<T> k, In<T> v) const {
-    const Index rows = s_.batch * s_.seq;
+    const Index rows = s_.batch * s_.seq, kv_rows = s_.batch * s_.kv_seq;
     detail::expect_shape(name(), "q", q.rows(), q.cols(), rows, s_.heads * s_.head_dim, "batch*seq x heads*head_dim");
-    detail::expect_shape(name(), "k", k.rows(), k.cols(), rows, s_.kv_heads * s_.head_dim, "batch*seq x kv_heads*head_dim");
-    detail::expect_shape(name(), "v", v.rows(), v.cols(), rows, s_.kv_heads * s_.head_dim, "batch*seq x kv_heads*head_dim");
+    detail::expect_shape(name(), "k", k.rows(), k.cols(), kv_rows, s_.kv_heads * s_.head_dim, "batch*kv_seq x kv_heads*head_dim");
+    detail::expect_shape(name(), "v", v.rows(), v.cols(), kv_rows, s_.kv_heads * s_.head_dim, "batch*kv_seq x kv_heads*head_dim");
   }
 
-  /// Softmax of the masked, scaled scores of sequence b, head h: (L, L). Forward writes the
+  /// Softmax of the masked, scaled scores of sequence b, head h: (Lq, Lk). Forward writes the
   /// log-sum-exp of each row; backward reads it back.
   template <bool WriteLse, class LseRow>
   Matrix<T> probabilities(In<T> q, In<T> k, Index b, Index h, LseRow&& lse) const {
-    const Index L = s_.seq, hd = s_.head_dim, g = h / (s_.heads / s_.kv_heads);
+    const Index L = s_.seq, K = s_.kv_seq, hd = s_.head_dim, g = h / (s_.heads / s_.kv_heads);
     const T scale = T(1) / std::sqrt(T(hd));
-    Matrix<T> s = (q.block(b * L, h * hd, L, hd) * k.block(b * L, g * hd, L, hd).transpose()) * scale;
+    Matrix<T> s = (q.block(b * L, h * hd, L, hd) * k.block(b * K, g * hd, K, hd).transpose()) * scale;
     constexpr T minus_inf = -std::numeric_limits<T>::infinity();
     for (Index i = 0; i < L; ++i) {
+      const Index last_visible = K - L + i;
       T row_max = minus_inf;
-      for (Index j = 0; j < L; ++j) {
-        if (j > i || !valid_[b * L + j]) s(i, j) = minus_inf;
+      for (Index j = 0; j < K; ++j) {
+        if (j > last_visible || !valid_[b * K + j]) s(i, j) = minus_inf;
         row_max = std::max(row_max, s(i, j));
       }
       if constexpr (WriteLse) {
         T sum = 0;
         if (row_max != minus_inf)
-          for (Index j = 0; j < L; ++j) sum += std::exp(s(i, j) - row_max);
+          for (Index j = 0; j < K; ++j) sum += std::exp(s(i, j) - row_max);
         lse(i) = row_max == minus_inf ? minus_inf : row_max + std::log(sum);
       }
       const T l = lse(i);
-      for (Index j = 0; j < L; ++j) s(i, j) = l == minus_inf ? T(0) : std::exp(s(i, j) - l);
+      for (Index j = 0; j < K; ++j) s(i, j) = l == minus_inf ? T(0) : std::exp(s(i, j) - l);
     }
     return s;
   }
