@@ -4,6 +4,7 @@
 
 #include <moet/cpu/ops/activations.hpp>
 #include <moet/cpu/ops/attention.hpp>
+#include <moet/cpu/ops/embedding.hpp>
 #include <moet/cpu/ops/lm_head_loss.hpp>
 #include <moet/cpu/ops/loss.hpp>
 #include <moet/cpu/ops/norms.hpp>
@@ -138,4 +139,19 @@ TEST_CASE("Fused LM head + loss equals logits then cross-entropy, across chunks"
   REQUIRE((head.backward(cf, h, dl, overwrite) - dh_unfused).cwiseAbs().maxCoeff() < 1e-12);
   REQUIRE_THROWS_WITH(head.set_labels({11}), Catch::Matchers::Contains("label 11 of token 0 is outside the vocabulary [0, 11)"));
   REQUIRE_THROWS_AS(head.forward(h.topRows(5)), shape_error);
+}
+
+TEST_CASE("Frozen embedding lookup", "[ops]") {
+  Rng rng(7);
+  const Matrix<float> table = rng.normal_matrix<float>(6, 3);
+  Embedding<float> wte(table);
+  const Matrix<float> rows = wte.lookup({5, 0, 5});
+  REQUIRE(rows.row(0) == table.row(5));
+  REQUIRE(rows.row(1) == table.row(0));
+  REQUIRE(rows.row(2) == table.row(5));
+  REQUIRE(wte.lookup({}).rows() == 0);
+  REQUIRE(count_parameters(wte).total == 18);
+  REQUIRE(count_parameters(wte).trainable == 0);
+  REQUIRE_THROWS_WITH(wte.lookup({1, 6}), Catch::Matchers::Contains("id 6 at position 1 is outside [0, 6)"));
+  REQUIRE_THROWS_AS(wte.lookup({-1}), value_error);
 }
