@@ -135,7 +135,8 @@ class LoraMixture {
 
   Matrix<T> backward_dense(const Context& c, In<T> x, In<T> dy, GradMode mode) {
     const Index N = c.tokens, D = d_out(), I = d_in();
-    Matrix<T> dx_dv(N, I + ER);  // [dx0 | dV]
+    Matrix<T>& dx_dv = dx_dv_;  // [dx0 | dV] (N, d_in + E*R), a buffer kept between calls
+    dx_dv.resize(N, I + ER);
     dx_dv.noalias() = dy * base.stacked().transpose();
     Matrix<T> d_right(N, E + ER);  // [d_logits | dU]
     Matrix<T> d_gates(N, E);
@@ -236,6 +237,7 @@ class LoraMixture {
   Options options_;
   T scale_;
   std::vector<T> up_grad_;  // (E*R, d_out)
+  Matrix<T> dx_dv_;         // backward's largest temporary, kept so that steps do not fault its pages in again
 
  public:
   BOOST_HANA_DEFINE_STRUCT(LoraMixture,
