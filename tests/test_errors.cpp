@@ -98,6 +98,8 @@ TEST_CASE("Routers, frozen layers, custom-expert mixtures and AdamW reject bad i
   REQUIRE_MOET_THROWS((layer<Router<Soft>, float>(8, 0, rng)), value_error, Contains("number of experts E must be positive"));
   layer<Router<Soft>, float> router(8, 3, rng);
   REQUIRE_MOET_THROWS(router.forward(Matrix<float>(2, 7)), shape_error, Contains("Router<Soft>: input x has shape (2, 7)"));
+  REQUIRE_MOET_THROWS((layer<FrozenLinear, float>(Matrix<float>(0, 3))), value_error,
+                      Contains("FrozenLinear: weight must be non-empty, got shape (0, 3)"));
   layer<FrozenLinear, float> frozen(Matrix<float>::Ones(8, 3));
   REQUIRE_MOET_THROWS(frozen.forward(Matrix<float>(2, 3)), shape_error, Contains("FrozenLinear: input x has shape (2, 3), expected (*, 8)"));
 

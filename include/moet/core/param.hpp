@@ -10,6 +10,7 @@
 #include <utility>
 #include <vector>
 
+#include "error.hpp"
 #include "tensor.hpp"
 
 namespace moet {
@@ -95,6 +96,25 @@ class Frozen {
   std::string name_;
   std::vector<T> storage_;
   MatrixView<T> value_;
+};
+
+/// A frozen copy of `value`, checked to be non-empty; `layer` and `what` name it in errors.
+template <class T>
+Frozen<T> make_frozen(const std::string& layer, const char* what, In<T> value) {
+  if (value.rows() <= 0 || value.cols() <= 0)
+    throw value_error(layer + ": " + what + " must be non-empty, got shape (" + std::to_string(value.rows()) + ", " +
+                      std::to_string(value.cols()) + ")");
+  Frozen<T> f(what, value.rows(), value.cols());
+  f.mutable_value() = value;
+  return f;
+}
+
+/// The context of a layer whose backward needs nothing but its inputs: the output alone.
+template <class T>
+struct OutputContext {
+  Matrix<T> y;
+  const Matrix<T>& output() const { return y; }
+  double aux_loss() const { return 0.0; }
 };
 
 }  // namespace moet

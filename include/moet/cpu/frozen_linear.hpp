@@ -17,16 +17,12 @@ template <class T>
 class FrozenLinear {
  public:
   using Scalar = T;
-  struct Context {
-    Matrix<T> y;  // (tokens, d_out)
-    const Matrix<T>& output() const { return y; }
-    double aux_loss() const { return 0.0; }
-  };
+  using Context = OutputContext<T>;  // y: (tokens, d_out)
 
   static std::string name() { return "FrozenLinear"; }
 
-  explicit FrozenLinear(In<T> weight) : weight(make("weight", weight)), bias("bias", 0, 0) {}
-  FrozenLinear(In<T> w, In<T> b) : weight(make("weight", w)), bias(make("bias", b)) {
+  explicit FrozenLinear(In<T> weight) : weight(make_frozen(name(), "weight", weight)), bias("bias", 0, 0) {}
+  FrozenLinear(In<T> w, In<T> b) : weight(make_frozen(name(), "weight", w)), bias(make_frozen(name(), "bias", b)) {
     detail::expect_shape(name(), "bias", b.rows(), b.cols(), 1, w.cols(), "1 x d_out");
   }
 
@@ -44,15 +40,6 @@ class FrozenLinear {
   Matrix<T> backward(const Context& c, In<T> x, In<T> dy, GradMode) const {
     detail::expect_shape(name(), "output gradient dy", dy.rows(), dy.cols(), c.y.rows(), d_out(), "tokens x d_out");
     return dy * weight.value().transpose();
-  }
-
- private:
-  static Frozen<T> make(const char* what, In<T> value) {
-    detail::expect_positive(name(), "rows of the weight", value.rows());
-    detail::expect_positive(name(), "columns of the weight", value.cols());
-    Frozen<T> f(what, value.rows(), value.cols());
-    f.mutable_value() = value;
-    return f;
   }
 
  public:

@@ -17,11 +17,7 @@ namespace moet::cpu_impl {
 template <class T>
 struct GeluTanh {
   using Scalar = T;
-  struct Context {
-    Matrix<T> y;
-    const Matrix<T>& output() const { return y; }
-    double aux_loss() const { return 0.0; }
-  };
+  using Context = OutputContext<T>;
   static std::string name() { return "GeluTanh"; }
   static constexpr T k = T(0.7978845608028654);  // sqrt(2 / pi)
 
@@ -43,11 +39,7 @@ struct GeluTanh {
 template <class T>
 struct SwiGLU {
   using Scalar = T;
-  struct Context {
-    Matrix<T> y;
-    const Matrix<T>& output() const { return y; }
-    double aux_loss() const { return 0.0; }
-  };
+  using Context = OutputContext<T>;
   static std::string name() { return "SwiGLU"; }
   static T sigmoid(T a) { return T(1) / (T(1) + std::exp(-a)); }
 

@@ -21,11 +21,7 @@ class Embedding {
   static std::string name() { return "Embedding"; }
 
   /// table: (count, d), copied in.
-  explicit Embedding(In<T> table) : table("table", table.rows(), table.cols()) {
-    detail::expect_positive(name(), "number of rows", table.rows());
-    detail::expect_positive(name(), "width", table.cols());
-    this->table.mutable_value() = table;
-  }
+  explicit Embedding(In<T> table) : table(make_frozen(name(), "table", table)) {}
 
   Index count() const { return table.rows(); }
   Index width() const { return table.cols(); }

@@ -30,11 +30,7 @@ class LmHeadLoss {
   static std::string name() { return "LmHeadLoss"; }
 
   /// weight: (vocab, d), copied in.
-  explicit LmHeadLoss(In<T> weight) : weight("lm_head", weight.rows(), weight.cols()) {
-    detail::expect_positive(name(), "vocab", weight.rows());
-    detail::expect_positive(name(), "d_model", weight.cols());
-    this->weight.mutable_value() = weight;
-  }
+  explicit LmHeadLoss(In<T> weight) : weight(make_frozen(name(), "lm_head", weight)) {}
 
   Index vocab() const { return weight.rows(); }
   Index d_model() const { return weight.cols(); }

@@ -18,11 +18,7 @@ template <class T>
 class Rotary {
  public:
   using Scalar = T;
-  struct Context {
-    Matrix<T> y;
-    const Matrix<T>& output() const { return y; }
-    double aux_loss() const { return 0.0; }
-  };
+  using Context = OutputContext<T>;
   static std::string name() { return "Rotary"; }
 
   Rotary(Index heads, Index head_dim, double theta) : heads_(heads), head_dim_(head_dim), inv_freq_(std::size_t(head_dim / 2)) {
