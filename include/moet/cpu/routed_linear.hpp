@@ -64,7 +64,6 @@ class RoutedLinear {
   /// The columns right of W0 in the x rows: [W_r | extra] (d_in, E + extra).
   ConstMatrixView<T> right() const { return column_block<T>(weights_.data(), d_in_, cols_, d_out_, experts_ + extra_); }
   MatrixView<T> extra_value() { return column_block(weights_.data(), d_in_, cols_, d_out_ + experts_, extra_); }
-  ConstMatrixView<T> extra_value() const { return column_block<T>(weights_.data(), d_in_, cols_, d_out_ + experts_, extra_); }
   MatrixView<T> extra_grad() { return column_block(grads_.data(), d_in_, experts_ + extra_, experts_, extra_); }
   /// Gradients of [W_r | extra] (d_in, E + extra).
   MatrixView<T> trainable_grad() { return column_block(grads_.data(), d_in_, experts_ + extra_, 0, experts_ + extra_); }
