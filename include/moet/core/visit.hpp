@@ -1,12 +1,13 @@
 // Generic parameter visiting. Any object is walked recursively: a Param is reported as
 // trainable, a Frozen as frozen; a type declared with BOOST_HANA_DEFINE_STRUCT is walked member
-// by member; std::vector / std::array of such things element by element; anything else is
+// by member; std::vector / std::array of such things element by element, a std::optional when engaged; anything else is
 // ignored. So count, zero-grad, the optimizer step and the parameter report work on every
 // composed type, including user-defined experts, without any registration.
 #pragma once
 
 #include <array>
 #include <cstdio>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -39,6 +40,11 @@ struct is_sequence<std::vector<X, A>> : std::true_type {};
 template <class X, std::size_t N>
 struct is_sequence<std::array<X, N>> : std::true_type {};
 
+template <class X>
+struct is_optional : std::false_type {};
+template <class X>
+struct is_optional<std::optional<X>> : std::true_type {};
+
 template <class Object, class OnParam, class OnFrozen>
 void visit(Object& object, OnParam& on_param, OnFrozen& on_frozen) {
   using X = std::remove_const_t<Object>;
@@ -46,6 +52,8 @@ void visit(Object& object, OnParam& on_param, OnFrozen& on_frozen) {
     on_param(object);
   } else if constexpr (is_frozen<X>::value) {
     on_frozen(object);
+  } else if constexpr (is_optional<X>::value) {
+    if (object) visit(*object, on_param, on_frozen);
   } else if constexpr (is_sequence<X>::value) {
     for (auto& element : object) visit(element, on_param, on_frozen);
   } else if constexpr (boost::hana::Struct<X>::value) {

@@ -20,11 +20,40 @@
 
 namespace moet::cpu_impl {
 
+/// The fused head on any (vocab, d) weight (a model's tied embedding table included).
+template <class T, class W>
+typename CrossEntropy<T>::Context lm_head_loss_forward(const CrossEntropy<T>& loss, const W& weight, In<T> h,
+                                                       Index chunk = 256) {
+  auto c = loss.start(h.rows());
+  Matrix<T> logits;
+  for (Index t0 = 0; t0 < h.rows(); t0 += chunk) {
+    const Index n = std::min(chunk, h.rows() - t0);
+    logits.noalias() = h.middleRows(t0, n) * weight.transpose();  // (n, vocab)
+    loss.add_rows(logits, t0, c);
+  }
+  CrossEntropy<T>::finish(c);
+  return c;
+}
+
+template <class T, class W>
+Matrix<T> lm_head_loss_backward(const CrossEntropy<T>& loss, const W& weight, const typename CrossEntropy<T>::Context& c,
+                                In<T> h, In<T> d_loss, Index chunk = 256) {
+  const T scale = CrossEntropy<T>::loss_scale(c, d_loss);
+  Matrix<T> dh(h.rows(), weight.cols());
+  Matrix<T> d_logits;
+  for (Index t0 = 0; t0 < h.rows(); t0 += chunk) {
+    const Index n = std::min(chunk, h.rows() - t0);
+    d_logits.noalias() = h.middleRows(t0, n) * weight.transpose();
+    loss.gradient_rows(d_logits, t0, c, scale);
+    dh.middleRows(t0, n).noalias() = d_logits * weight;
+  }
+  return dh;
+}
+
 template <class T>
 class LmHeadLoss {
  public:
   using Scalar = T;
-  static constexpr Index chunk = 256;  // tokens whose logits are alive at once
   using Context = typename CrossEntropy<T>::Context;
 
   static std::string name() { return "LmHeadLoss"; }
@@ -44,30 +73,13 @@ class LmHeadLoss {
 
   Context forward(In<T> h) const {
     check(h);
-    Context c = loss_.start(h.rows());
-    Matrix<T> logits;
-    for (Index t0 = 0; t0 < h.rows(); t0 += chunk) {
-      const Index n = std::min(chunk, h.rows() - t0);
-      logits.noalias() = h.middleRows(t0, n) * weight.value().transpose();  // (n, vocab)
-      loss_.add_rows(logits, t0, c);
-    }
-    CrossEntropy<T>::finish(c);
-    return c;
+    return lm_head_loss_forward(loss_, weight.value(), h);
   }
 
   /// d_loss: (1, 1). Returns dh (tokens, d).
   Matrix<T> backward(const Context& c, In<T> h, In<T> d_loss, GradMode) const {
     check(h);
-    const T scale = CrossEntropy<T>::loss_scale(c, d_loss);
-    Matrix<T> dh(h.rows(), d_model());
-    Matrix<T> d_logits;
-    for (Index t0 = 0; t0 < h.rows(); t0 += chunk) {
-      const Index n = std::min(chunk, h.rows() - t0);
-      d_logits.noalias() = h.middleRows(t0, n) * weight.value().transpose();
-      loss_.gradient_rows(d_logits, t0, c, scale);
-      dh.middleRows(t0, n).noalias() = d_logits * weight.value();
-    }
-    return dh;
+    return lm_head_loss_backward(loss_, weight.value(), c, h, d_loss);
   }
 
  private:

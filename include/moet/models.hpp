@@ -1,0 +1,9 @@
+// moet with pretrained hosts: everything in moet.hpp plus decoder models (GPT-2, Llama), their
+// checkpoints (safetensors, config.json, adapter files) and generation.
+#pragma once
+
+#include "cpu/decoder.hpp"
+#include "io/config.hpp"
+#include "io/safetensors.hpp"
+#include "model.hpp"
+#include "moet.hpp"
