@@ -4,6 +4,7 @@
 
 #include "cpu/decoder.hpp"
 #include "io/config.hpp"
+#include "io/model_io.hpp"
 #include "io/safetensors.hpp"
 #include "model.hpp"
 #include "moet.hpp"

@@ -486,27 +486,38 @@ class DecoderModel {
       if (b.ids[t] < 0 || b.ids[t] >= config_.vocab)
         throw value_error(detail::concat(who, ": token id ", b.ids[t], " at position ", t, " is outside the vocabulary [0, ",
                                          config_.vocab, ")"));
-    batch_ = b;
-    if (batch_.mask.empty()) batch_.mask.assign(n, 1);
-    positions_.assign(n, 0);
+    for (std::size_t t = 0; t < b.mask.size(); ++t)
+      if (b.mask[t] > 1)
+        throw value_error(detail::concat(who, ": padding mask flag ", int(b.mask[t]), " at position ", t, " is not 0 or 1"));
+    TokenBatch next = b;
+    if (next.mask.empty()) next.mask.assign(n, 1);
+    std::vector<Index> positions(n, 0);
     for (Index s = 0; s < b.batch; ++s) {
       Index seen = 0;
       for (Index t = 0; t < b.seq; ++t) {
         const std::size_t i = std::size_t(s * b.seq + t);
-        positions_[i] = std::max<Index>(0, seen + batch_.mask[i] - 1);
-        seen += batch_.mask[i] ? 1 : 0;
+        positions[i] = std::max<Index>(0, seen + next.mask[i] - 1);
+        seen += next.mask[i] ? 1 : 0;
       }
       if (!llama && seen > config_.max_positions)
         throw value_error(detail::concat(who, ": sequence ", s, " has ", seen, " tokens, more than the ", config_.max_positions,
                                          " learned positions"));
     }
-    if (batch_.labels.empty()) batch_.labels = next_token_labels(batch_);
-    loss_ = CrossEntropy<T>(batch_.labels);
-    loss_.check(Index(n), config_.vocab);
-    inputs_ = BlockInputs<T>{{b.batch, b.seq, config_.heads, config_.kv_heads, config_.head_dim(), b.seq},
-                             &batch_.mask, &positions_, opt_ptr(rope_q_), opt_ptr(rope_k_)};
+    if (next.labels.empty()) next.labels = next_token_labels(next);
+    CrossEntropy<T> loss(next.labels);
+    loss.check(Index(n), config_.vocab);
+    // checked: commit
+    batch_ = std::move(next);
+    positions_ = std::move(positions);
+    loss_ = std::move(loss);
   }
   const TokenBatch& batch() const { return batch_; }
+
+  /// The current batch as the blocks see it (pointers into this model: made per pass).
+  BlockInputs<T> batch_inputs() const {
+    return {{batch_.batch, batch_.seq, config_.heads, config_.kv_heads, config_.head_dim(), batch_.seq},
+            &batch_.mask, &positions_, opt_ptr(rope_q_), opt_ptr(rope_k_)};
+  }
 
   /// Next-token labels: token t predicts token t+1; padding and the last token are ignored.
   static std::vector<int> next_token_labels(const TokenBatch& b) {
@@ -529,11 +540,12 @@ class DecoderModel {
     detail::expect_shape(name(), "embedded batch h0", h0.rows(), h0.cols(), Index(batch_.ids.size()), config_.d_model,
                          "tokens x d_model (call set_batch first)");
     Context c;
+    const BlockInputs<T> inputs = batch_inputs();
     const std::size_t L = blocks.size();
     c.outputs.resize(L);
     c.blocks.resize(L);
     for (std::size_t i = 0; i < L; ++i) {
-      auto ctx = blocks[i].forward(i ? In<T>(c.outputs[i - 1]) : h0, inputs_, c.outputs[i]);
+      auto ctx = blocks[i].forward(i ? In<T>(c.outputs[i - 1]) : h0, inputs, c.outputs[i]);
       c.aux += ctx.aux_loss();
       if (!options_.recompute) c.blocks[i].emplace(std::move(ctx));
     }
@@ -544,16 +556,17 @@ class DecoderModel {
 
   /// d_loss: (1, 1). Returns d h0; adds (or writes) the adapters' gradients.
   Matrix<T> backward(const Context& c, In<T> h0, In<T> d_loss, GradMode mode) {
+    const BlockInputs<T> inputs = batch_inputs();
     Matrix<T> dh = lm_head_loss_backward<T>(loss_, head_weight(), c.loss, c.final_norm.y, d_loss);
     dh = final_norm.backward(c.final_norm, c.outputs.back(), dh, mode);
     for (std::size_t i = blocks.size(); i-- > 0;) {
       In<T> x = i ? In<T>(c.outputs[i - 1]) : h0;
       if (c.blocks[i]) {
-        dh = blocks[i].backward(*c.blocks[i], x, dh, inputs_, mode);
+        dh = blocks[i].backward(*c.blocks[i], x, dh, inputs, mode);
       } else {  // recompute this block's activations
         Matrix<T> out;
-        const auto ctx = blocks[i].forward(x, inputs_, out);
-        dh = blocks[i].backward(ctx, x, dh, inputs_, mode);
+        const auto ctx = blocks[i].forward(x, inputs, out);
+        dh = blocks[i].backward(ctx, x, dh, inputs, mode);
       }
     }
     return dh;
@@ -603,9 +616,10 @@ class DecoderModel {
     TokenBatch unlabeled = b;
     unlabeled.labels.assign(b.ids.size(), CrossEntropy<T>::default_ignore);
     set_batch(unlabeled);
+    const BlockInputs<T> inputs = batch_inputs();
     Matrix<T> h = embed(), out;
     for (const auto& block : blocks) {
-      block.forward(h, inputs_, out);
+      block.forward(h, inputs, out);
       h.swap(out);
     }
     return final_norm.forward(h).y * head_weight().transpose();
@@ -832,7 +846,6 @@ class DecoderModel {
   TokenBatch batch_;
   std::vector<Index> positions_;
   CrossEntropy<T> loss_;
-  BlockInputs<T> inputs_;
   Matrix<T> h0_;
 
  public:
