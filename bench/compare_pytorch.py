@@ -1,16 +1,24 @@
 #!/usr/bin/python3
 """PyTorch side of the moet benchmark comparison.
 
-Runs the same cases as the Google Benchmark program ``moet_bench_layers`` in
-PyTorch eager mode with autograd (one forward + backward = one training step,
-float32, T = 1024 tokens, 2 intra-op threads) and prints one table:
+Two suites of cases, selected with ``--cases layers|model|all`` (or a regex):
 
-    case | moet ms | PyTorch ms | speed-up (PyTorch / moet)
+* layers: the same cases as the Google Benchmark program ``moet_bench_layers``
+  in PyTorch eager mode with autograd (one forward + backward = one training
+  step, float32, T = 1024 tokens, 2 intra-op threads), one table:
 
-moet's numbers come from running the moet benchmark binary with JSON output
-and taking the median aggregate of its repetitions.
+      case | moet ms | PyTorch ms | speed-up (PyTorch / moet)
 
-Conventions shared with the C++ benchmark (keep them in sync):
+* model: whole training steps of a small GPT-2-shaped model, the cases of
+  ``moet_bench_model`` (``train_step/gpt2_small/{frozen,mov10,molora10}``):
+  forward, cross-entropy, backward, gradient clipping and AdamW; the table adds
+  tokens/s, and the adapter variants' cost over the frozen floor is printed.
+  See "Model cases" below for the exact model.
+
+moet's numbers come from running the moet benchmark binaries with JSON output
+and taking the median aggregate of their repetitions.
+
+Conventions shared with the C++ layer benchmark (keep them in sync):
   * inputs are reused between iterations, parameter gradients accumulate
     (never zeroed), the frozen base weight W0 has requires_grad=False, but
     x requires grad so dx is computed as well;
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -54,6 +63,7 @@ _USER_ENV = dict(os.environ)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402  (must come after the environment tweak above)
+import torch.nn.functional as F  # noqa: E402
 
 T = 1024              # tokens per step, same as the C++ benchmark
 NUM_THREADS = 2       # intra-op threads, same as the C++ benchmark
@@ -62,6 +72,7 @@ WARMUP_ITERS = 2      # untimed iterations before each style is measured
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MOET_BENCH = REPO_ROOT / "build" / "bench" / "moet_bench_layers"
+DEFAULT_MOET_BENCH_MODEL = REPO_ROOT / "build" / "bench" / "moet_bench_model"
 
 
 # --------------------------------------------------------------------------

@@ -1,0 +1,112 @@
+// moet_bench_model: one training step of a GPT-2-shaped model per iteration (6 layers, d_model
+// 512, 8 heads, d_ff 2048, vocab 8192, batch 4 x 256 tokens, float, two threads): forward, loss,
+// backward, gradient clipping and AdamW on the trainable parameters.
+//   train_step/gpt2_small/frozen     no adapters: backward runs to the embeddings (the floor)
+//   train_step/gpt2_small/mov10      MoV, E = 10, on keys, values and ffn_hidden
+//   train_step/gpt2_small/molora10   MoLoRA, E = 10, R = 4, on q, k, v, o, ffn_up, ffn_down
+// Adapter cases run the floor's step and their own back to back in every iteration and report
+// the ratio (vs_floor). act_MiB is the heap that forward leaves alive for backward; the
+// *_recompute cases keep only each block's input and recompute the block in backward.
+#include <benchmark/benchmark.h>
+
+#include <malloc.h>
+
+#include <string>
+#include <vector>
+
+#include <moet/models.hpp>
+
+#include "ratio_reporter.hpp"
+
+namespace {
+
+using namespace moet;
+using namespace moet::slot;
+
+constexpr Index batch_size = 4, seq = 256;
+
+io::ModelConfig gpt2_small() {
+  io::ModelConfig c;
+  c.architecture = io::Architecture::gpt2;
+  c.vocab = 8192, c.d_model = 512, c.layers = 6, c.heads = 8, c.kv_heads = 8, c.d_ff = 2048, c.max_positions = seq;
+  return c;
+}
+
+TokenBatch random_batch(Rng& rng, Index vocab) {
+  TokenBatch b{batch_size, seq, {}, {}, {}};
+  for (Index i = 0; i < batch_size * seq; ++i) b.ids.push_back(int(rng.uniform() * double(vocab)));
+  return b;
+}
+
+double heap_bytes() {
+  const struct mallinfo2 m = mallinfo2();
+  return double(m.uordblks + m.hblkhd);
+}
+
+template <class Spec>
+struct Trainer {
+  Rng rng{7};
+  typename Spec::template model<float> model;
+  AdamW<float> optimizer{{.lr = 1e-3}};
+  TokenBatch batch;
+  double activation_bytes = 0;
+
+  explicit Trainer(bool recompute) : model(gpt2_small(), rng, {.recompute = recompute}), batch(random_batch(rng, 8192)) {
+    // Trained adapters: no zero-initialised factor, no identity scaling.
+    for_each_param(model, [&](Param<float>& p) { rng.fill_normal(p.value(), p.name() == "ia3_scales" ? 1.0 : 0.0, 0.02); });
+  }
+  void step() {
+    const double before = heap_bytes();
+    const auto c = model.forward(batch);
+    activation_bytes = heap_bytes() - before;
+    model.backward(c, overwrite);
+    double sq = 0;
+    for_each_param(model, [&](Param<float>& p) { sq += double(p.grad().squaredNorm()); });
+    if (sq > 1.0)
+      for_each_param(model, [&](Param<float>& p) { p.grad() *= float(1.0 / std::sqrt(sq)); });
+    optimizer.step(model);
+    benchmark::ClobberMemory();
+  }
+};
+
+using Frozen6 = Decoder<GPT2>;
+using Mov10 = Decoder<GPT2, Slots<at<keys, MoV<10>>, at<values, MoV<10>>, at<ffn_hidden, MoV<10>>>>;
+using Molora10 = Decoder<GPT2, Slots<at<q, MoLoRA<10, 4>>, at<k, MoLoRA<10, 4>>, at<v, MoLoRA<10, 4>>, at<o, MoLoRA<10, 4>>,
+                                     at<ffn_up, MoLoRA<10, 4>>, at<ffn_down, MoLoRA<10, 4>>>>;
+
+void frozen(benchmark::State& state) {
+  Trainer<Frozen6> floor(false);
+  for (auto _ : state) floor.step();
+  state.SetItemsProcessed(state.iterations() * batch_size * seq);
+  state.counters["act_MiB"] = floor.activation_bytes / (1 << 20);
+}
+
+template <class Spec>
+void adapted(benchmark::State& state, bool recompute) {
+  Trainer<Frozen6> floor(false);
+  Trainer<Spec> trainer(recompute);
+  bench::timed_against_floor(state, [&] { floor.step(); }, [&] { trainer.step(); }, double(batch_size * seq));
+  state.counters["act_MiB"] = trainer.activation_bytes / (1 << 20);
+  state.counters["trainable_%"] = count_parameters(trainer.model).trainable_percent();
+}
+
+template <class F>
+benchmark::internal::Benchmark* add(const std::string& name, F f) {
+  return benchmark::RegisterBenchmark(name.c_str(), f)->Unit(benchmark::kMillisecond)->Iterations(2);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  moet::bench::restart_with_passive_omp(argv);
+  moet::set_num_threads(2);
+  // A step takes seconds: 3 repetitions of 2 steps each, interleaved, medians reported.
+  std::vector<std::string> defaults{"--benchmark_repetitions=3", "--benchmark_enable_random_interleaving=true",
+                                    "--benchmark_report_aggregates_only=true"};
+  auto args = moet::bench::with_defaults(argc, argv, defaults);
+  add("train_step/gpt2_small/frozen", frozen)->UseRealTime();
+  add("train_step/gpt2_small/mov10", [](auto& s) { adapted<Mov10>(s, false); })->UseManualTime();
+  add("train_step/gpt2_small/molora10", [](auto& s) { adapted<Molora10>(s, false); })->UseManualTime();
+  add("train_step/gpt2_small/molora10_recompute", [](auto& s) { adapted<Molora10>(s, true); })->UseManualTime();
+  return moet::bench::run_with_ratios(args, {{"train_step/gpt2_small/mov10", 1.15}, {"train_step/gpt2_small/molora10", 1.35}});
+}
