@@ -65,7 +65,7 @@ benchmark::internal::Benchmark* add(const std::string& name, F f) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  moet::bench::restart_with_passive_omp(argv);
+  moet::prefer_passive_openmp(argv);
   moet::set_num_threads(2);
   // Medians of 5 repetitions, interleaved in random order so that a slow spell of a shared
   // machine does not land on one case only.

@@ -98,7 +98,7 @@ benchmark::internal::Benchmark* add(const std::string& name, F f) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  moet::bench::restart_with_passive_omp(argv);
+  moet::prefer_passive_openmp(argv);
   moet::set_num_threads(2);
   // A step takes seconds: 3 repetitions of 2 steps each, interleaved, medians reported.
   std::vector<std::string> defaults{"--benchmark_repetitions=3", "--benchmark_enable_random_interleaving=true",

@@ -84,16 +84,6 @@ void timed_against_floor(benchmark::State& state, Floor floor_step, Step step, d
   state.SetItemsProcessed(std::int64_t(double(state.iterations()) * items_per_step));
 }
 
-/// Idle OpenMP threads spin by default and steal the cores OpenBLAS is about to use; libgomp
-/// reads OMP_WAIT_POLICY once at start-up, so set it and start again (compare_pytorch.py does
-/// the same for PyTorch). An explicit setting of the caller's is kept.
-inline void restart_with_passive_omp(char** argv) {
-  if (!std::getenv("OMP_WAIT_POLICY")) {
-    setenv("OMP_WAIT_POLICY", "PASSIVE", 1);
-    execv("/proc/self/exe", argv);
-  }
-}
-
 /// argv with `defaults` inserted first, so flags given on the command line come later and win.
 inline std::vector<char*> with_defaults(int argc, char** argv, std::vector<std::string>& defaults) {
   std::vector<char*> args{argv[0]};

@@ -19,6 +19,11 @@ extern "C" void openblas_set_num_threads(int);
 
 #include <Eigen/Core>
 
+#include <cstdlib>
+#if defined(__linux__)
+#include <unistd.h>
+#endif
+
 namespace moet {
 
 namespace detail {
@@ -41,6 +46,21 @@ inline void set_num_threads(int threads) {
   Eigen::setNbThreads(threads);
 #ifdef MOET_USE_OPENBLAS
   openblas_set_num_threads(threads);
+#endif
+}
+
+/// Idle OpenMP threads spin by default and steal the cores OpenBLAS (and the next parallel
+/// region) are about to use, which can make small models several times slower. libgomp reads
+/// OMP_WAIT_POLICY once at start-up, so this sets it to PASSIVE and restarts the program with
+/// the same arguments (Linux); a policy the caller set is kept. Call it first thing in main.
+inline void prefer_passive_openmp(char** argv) {
+#if defined(_OPENMP) && defined(__linux__)
+  if (!std::getenv("OMP_WAIT_POLICY")) {
+    setenv("OMP_WAIT_POLICY", "PASSIVE", 1);
+    execv("/proc/self/exe", argv);  // returns only on failure: carry on as we are
+  }
+#else
+  (void)argv;
 #endif
 }
 

@@ -166,6 +166,16 @@ class LinearSlot {
     return plain->backward(*c.plain, x, dy, mode);
   }
 
+  /// Folds a plain LoRA (a one-expert mixture) into the frozen weight; false for other slots.
+  bool merge_into_base(Rng& rng) {
+    if constexpr (can_adapt && requires(Mix& m, Rng& r) { m.merge_into_base(r); })
+      if (mixed) {
+        mixed->merge_into_base(rng);
+        return true;
+      }
+    return false;
+  }
+
   /// The frozen W0 (d_in, d_out) and bias (1, d_out; empty without bias), for checkpoints.
   Frozen<T>& weight() {
     if constexpr (can_adapt)
@@ -759,6 +769,17 @@ class DecoderModel {
       add(t + "ln_f.bias", {&final_norm.bias}, false, true);
     }
     return out;
+  }
+
+  /// Folds every plain-LoRA slot (LoRAAdapter<R>) into the frozen weights and restarts it
+  /// (ReLoRA): the model's function is unchanged; returns how many slots were merged. Start a
+  /// new optimizer afterwards, its moments belong to the old factors.
+  int merge_lora_into_base(Rng& rng) {
+    int merged = 0;
+    for (auto& b : blocks)
+      merged += b.q.merge_into_base(rng) + b.k.merge_into_base(rng) + b.v.merge_into_base(rng) + b.o_proj.merge_into_base(rng) +
+                b.up.merge_into_base(rng) + b.gate.merge_into_base(rng) + b.down.merge_into_base(rng);
+    return merged;
   }
 
   /// Every trainable tensor with a stable name: "layers.<i>.<slot>.<parameter>".

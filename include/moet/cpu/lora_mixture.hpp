@@ -103,6 +103,17 @@ class LoraMixture {
     return c.grouped ? backward_grouped(c, x, dy, mode) : backward_dense(c, x, dy, mode);
   }
 
+  /// A one-expert LoRA (E = 1, so its gate is always 1) folded into the frozen weight,
+  /// W0 += scale A B, and restarted (A drawn again, B zero): the layer's function is unchanged.
+  /// Repeated, this trains the base itself at low rank (ReLoRA).
+  void merge_into_base(Rng& rng)
+    requires(E == 1 && K == 0)  // only then is the update the same for every input
+  {
+    base.base_weight.mutable_value().noalias() += scale_ * (lora_down.value() * lora_up.value());
+    LoRA<R>::init_down(lora_down.value(), options_.expert, rng);
+    lora_up.value().setZero();
+  }
+
  private:
   struct Bias {};  // tags the delegated-to constructor
   LoraMixture(Bias, In<T> weight, std::optional<In<T>> bias, Rng& rng, const Options& options)

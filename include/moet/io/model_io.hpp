@@ -19,6 +19,8 @@
 
 #include "../core/error.hpp"
 #include "../core/param.hpp"
+#include "../core/random.hpp"
+#include "../model.hpp"
 #include "config.hpp"
 #include "safetensors.hpp"
 

@@ -11,6 +11,7 @@
 // A query row with no visible key (a padded position before the first real token) outputs 0.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <string>
@@ -113,21 +114,25 @@ class CausalAttention {
     const T scale = T(1) / std::sqrt(T(hd));
     Matrix<T> s = (q.block(b * L, h * hd, L, hd) * k.block(b * K, g * hd, K, hd).transpose()) * scale;
     constexpr T minus_inf = -std::numeric_limits<T>::infinity();
+    const unsigned char* valid = valid_.data() + b * K;
+    const bool padded = std::find(valid, valid + K, 0) != valid + K;
     for (Index i = 0; i < L; ++i) {
-      const Index last_visible = K - L + i;
-      T row_max = minus_inf;
-      for (Index j = 0; j < K; ++j) {
-        if (j > last_visible || !valid_[b * K + j]) s(i, j) = minus_inf;
-        row_max = std::max(row_max, s(i, j));
-      }
+      const Index visible = K - L + i + 1;  // keys [0, visible) are not in the future
+      auto row = s.row(i).head(visible).array();
+      if (padded)
+        for (Index j = 0; j < visible; ++j)
+          if (!valid[j]) row(j) = minus_inf;
       if constexpr (WriteLse) {
-        T sum = 0;
-        if (row_max != minus_inf)
-          for (Index j = 0; j < K; ++j) sum += std::exp(s(i, j) - row_max);
-        lse(i) = row_max == minus_inf ? minus_inf : row_max + std::log(sum);
+        const T m = row.maxCoeff();
+        lse(i) = m == minus_inf ? minus_inf : m + std::log((row - m).exp().sum());
       }
       const T l = lse(i);
-      for (Index j = 0; j < K; ++j) s(i, j) = l == minus_inf ? T(0) : std::exp(s(i, j) - l);
+      if (l == minus_inf) row.setZero();
+      else row = (row - l).exp();  // vectorised; masked entries are set to exactly 0 below
+      if (padded)
+        for (Index j = 0; j < visible; ++j)
+          if (!valid[j]) row(j) = T(0);
+      s.row(i).tail(K - visible).setZero();
     }
     return s;
   }
