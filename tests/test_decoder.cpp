@@ -212,3 +212,17 @@ TEST_CASE("Bad batches are rejected with a clear message and change nothing", "[
   REQUIRE_THROWS_WITH(Misplaced::model<float>(tiny_gpt2(), rng), Catch::Contains("slot q is placed on layer 2 but the model has 2 layers"));
   REQUIRE_THROWS_WITH(Decoder<Llama>::model<float>(tiny_gpt2(), rng), Catch::Contains("describes a gpt2 model, expected llama"));
 }
+
+TEST_CASE("The LM head gradient formed in forward equals the one recomputed in backward", "[model]") {
+  Rng rng(9);
+  LlamaAll::model<double> model(tiny_llama(), rng, double_options(), 0.3);
+  model.set_batch(padded_batch(13));
+  const Matrix<double> h0 = rng.normal_matrix<double>(10, 8), d_loss = Matrix<double>::Constant(1, 1, 0.7);
+  const auto fused = model.forward(h0);
+  const auto plain = model.forward(h0, false);
+  REQUIRE(fused.d_final.size() > 0);
+  REQUIRE(plain.d_final.size() == 0);
+  REQUIRE(fused.output() == plain.output());
+  const Matrix<double> a = model.backward(fused, h0, d_loss, overwrite), b = model.backward(plain, h0, d_loss, overwrite);
+  REQUIRE(a.isApprox(b, 1e-12));
+}

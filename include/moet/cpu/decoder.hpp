@@ -445,6 +445,7 @@ class DecoderModel {
     std::vector<std::optional<typename BlockType::Context>> blocks;  // empty under recomputation
     typename Norm::Context final_norm;
     typename CrossEntropy<T>::Context loss;
+    Matrix<T> d_final;  // d(loss)/d(final norm output) for d(loss) = 1, formed with the loss
     double aux = 0;
 
     const Matrix<T>& output() const { return loss.loss; }  // (1, 1)
@@ -545,8 +546,10 @@ class DecoderModel {
 
   // --- training passes -------------------------------------------------------------------------
 
-  /// Forward from the embedded batch h0 to the mean token loss (set_batch first).
-  Context forward(In<T> h0) const {
+  /// Forward from the embedded batch h0 to the mean token loss (set_batch first). Unless
+  /// for_backward is false, the LM head's gradient is formed in the same pass (see
+  /// lm_head_loss_forward).
+  Context forward(In<T> h0, bool for_backward = true) const {
     detail::expect_shape(name(), "embedded batch h0", h0.rows(), h0.cols(), Index(batch_.ids.size()), config_.d_model,
                          "tokens x d_model (call set_batch first)");
     Context c;
@@ -560,14 +563,20 @@ class DecoderModel {
       if (!options_.recompute) c.blocks[i].emplace(std::move(ctx));
     }
     c.final_norm = final_norm.forward(c.outputs.back());
-    c.loss = lm_head_loss_forward<T>(loss_, head_weight(), c.final_norm.y);
+    c.loss = lm_head_loss_forward<T>(loss_, head_weight(), c.final_norm.y, for_backward ? &c.d_final : nullptr);
     return c;
   }
 
   /// d_loss: (1, 1). Returns d h0; adds (or writes) the adapters' gradients.
   Matrix<T> backward(const Context& c, In<T> h0, In<T> d_loss, GradMode mode) {
     const BlockInputs<T> inputs = batch_inputs();
-    Matrix<T> dh = lm_head_loss_backward<T>(loss_, head_weight(), c.loss, c.final_norm.y, d_loss);
+    Matrix<T> dh;
+    if (c.d_final.size()) {
+      detail::expect_shape(name(), "loss gradient", d_loss.rows(), d_loss.cols(), 1, 1, "1 x 1");
+      dh = d_loss(0, 0) * c.d_final;
+    } else {
+      dh = lm_head_loss_backward<T>(loss_, head_weight(), c.loss, c.final_norm.y, d_loss);
+    }
     dh = final_norm.backward(c.final_norm, c.outputs.back(), dh, mode);
     for (std::size_t i = blocks.size(); i-- > 0;) {
       In<T> x = i ? In<T>(c.outputs[i - 1]) : h0;
@@ -614,7 +623,8 @@ class DecoderModel {
   double loss(const TokenBatch& b) {
     const bool saved = options_.recompute;
     options_.recompute = true;  // keep nothing but block outputs
-    const double l = double(forward(b).loss.loss(0, 0));
+    set_batch(b);
+    const double l = double(forward(embed(), false).loss.loss(0, 0));
     options_.recompute = saved;
     return l;
   }

@@ -20,16 +20,25 @@
 
 namespace moet::cpu_impl {
 
-/// The fused head on any (vocab, d) weight (a model's tied embedding table included).
+/// The fused head on any (vocab, d) weight (a model's tied embedding table included). With
+/// `dh`, the gradient d(loss)/dh for d(loss) = 1 is formed in the same pass from each chunk's
+/// logits while they are alive (training: backward then only scales it, and no logits are
+/// computed twice); the (tokens, d) dh is all that is kept.
 template <class T, class W>
 typename CrossEntropy<T>::Context lm_head_loss_forward(const CrossEntropy<T>& loss, const W& weight, In<T> h,
-                                                       Index chunk = 256) {
+                                                       Matrix<T>* dh = nullptr, Index chunk = 256) {
   auto c = loss.start(h.rows());
+  const Index counted = loss.labelled();
+  if (dh) dh->resize(h.rows(), weight.cols());
   Matrix<T> logits;
   for (Index t0 = 0; t0 < h.rows(); t0 += chunk) {
     const Index n = std::min(chunk, h.rows() - t0);
     logits.noalias() = h.middleRows(t0, n) * weight.transpose();  // (n, vocab)
     loss.add_rows(logits, t0, c);
+    if (dh) {
+      loss.gradient_rows(logits, t0, c, counted ? T(1) / T(counted) : T(0));
+      dh->middleRows(t0, n).noalias() = logits * weight;
+    }
   }
   CrossEntropy<T>::finish(c);
   return c;

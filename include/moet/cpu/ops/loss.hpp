@@ -4,6 +4,7 @@
 // softmax from the saved log-sum-exp instead of keeping a (tokens, vocab) probability matrix.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -34,6 +35,8 @@ class CrossEntropy {
       : labels_(std::move(labels)), ignore_(ignore_label) {}
 
   const std::vector<int>& labels() const { return labels_; }
+  /// Tokens whose label counts (is not ignore_label).
+  Index labelled() const { return Index(labels_.size()) - Index(std::count(labels_.begin(), labels_.end(), ignore_)); }
 
   Context forward(In<T> logits) const {
     check(logits.rows(), logits.cols());
