@@ -96,7 +96,7 @@ void finetune(const char* name, const std::filesystem::path& base, const std::ve
 
 int main(int, char** argv) {
   moet::prefer_passive_openmp(argv);
-  moet::set_num_threads(1);
+  moet::set_num_threads(1);  // a model this small runs faster on one thread than on two
   const std::filesystem::path base = std::filesystem::temp_directory_path() / "moet_example_base";
 
   // 1. Pretraining (ReLoRA: full-rank-ish training of the base through merged plain LoRAs).
@@ -128,7 +128,7 @@ int main(int, char** argv) {
   using MoVModel = Decoder<GPT2, Slots<at<keys, MoV<10>>, at<values, MoV<10>>, at<ffn_hidden, MoV<10>>>>;
   using MoLoRAModel = Decoder<GPT2, Slots<at<q, MoLoRA<10, 4>>, at<k, MoLoRA<10, 4>>, at<v, MoLoRA<10, 4>>, at<o, MoLoRA<10, 4>>,
                                           at<ffn_up, MoLoRA<10, 4>>, at<ffn_down, MoLoRA<10, 4>>>>;
-  finetune<MoVModel>("MoV (E=10)", base, tests, 1e-2);
+  finetune<MoVModel>("MoV (E=10)", base, tests, 3e-2);
   finetune<MoLoRAModel>("MoLoRA (E=10, R=4)", base, tests, 3e-3);
   std::filesystem::remove_all(base);
   return 0;
