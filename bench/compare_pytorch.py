@@ -9,6 +9,10 @@ Two suites of cases, selected with ``--cases layers|model|all`` (or a regex):
 
       case | moet ms | PyTorch ms | speed-up (PyTorch / moet)
 
+  The suite includes one CALM composition layer (``calm_xattn/...``, see
+  build_calm_xattn); for the cases with a GEMM FLOP count the table is
+  followed by each side's GFLOP/s.
+
 * model: whole training steps of a small GPT-2-shaped model, the cases of
   ``moet_bench_model`` (``train_step/gpt2_small/{frozen,mov10,molora10}``):
   forward, cross-entropy, backward, gradient clipping and AdamW; the table adds
@@ -23,7 +27,10 @@ Conventions shared with the C++ layer benchmark (keep them in sync):
     (never zeroed), the frozen base weight W0 has requires_grad=False, but
     x requires grad so dx is computed as well;
   * the upstream gradient dy is a fixed random tensor, the step is
-    ``y.backward(dy)`` and nothing else (no optimizer).
+    ``y.backward(dy)`` and nothing else (no optimizer);
+  * exception: the CALM cross-attention case trains all its weights, has two
+    inputs (anchor and augmenting states, both requiring grad) and sets every
+    gradient to None before each step instead of accumulating.
 
 Each mixture case is implemented in more than one reasonable eager style and
 the fastest one is reported, so PyTorch is not penalised for one particular
@@ -94,9 +101,15 @@ class Style:
 # a case starts from identical values) and returns {style_name: Style}.
 CASES: dict[str, Callable[[], dict[str, Style]]] = {}
 
+# name -> GEMM FLOPs of one step (forward + backward), for the cases that have a count.
+CASE_FLOPS: dict[str, float] = {}
 
-def register(name: str, builder: Callable[..., dict[str, Style]], *args) -> None:
+
+def register(name: str, builder: Callable[..., dict[str, Style]], *args,
+             flops: float | None = None) -> None:
     CASES[name] = lambda: builder(*args)
+    if flops is not None:
+        CASE_FLOPS[name] = flops
 
 
 def _randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
@@ -226,6 +239,90 @@ def build_mov(width: int, n_exp: int) -> dict[str, Style]:
     return {"matmul": Style(_make_step(forward, dy), h)}
 
 
+# --- CALM composition layer (cross-attention from the anchor to the augmenting model) --
+
+def build_calm_xattn(batch: int, len_b: int, len_a: int, d_b: int, d_a: int,
+                     heads: int) -> dict[str, Style]:
+    """One CALM composition layer (Bansal et al. 2024), tokens as rows:
+
+        p = a Wp + bp;  q = h Wq;  k = p Wk;  v = p Wv      (heads of d_b / heads)
+        y = h + softmax(q k^T / sqrt(head_dim) + cross-causal mask) v Wo
+
+    h is the anchor's (batch*len_b, d_b) stream, a the augmenting model's
+    (batch*len_a, d_a) states; anchor position t attends augmenting positions
+    <= t.  Everything is trained (Wp, bp, Wq, Wk, Wv, Wo, all normal std 0.02:
+    Wo is not zero, so no style can skip work), h and a require grad (moet
+    computes da as well), and every gradient is set to None before each step.
+    """
+    torch.manual_seed(0)
+    head_dim = d_b // heads
+    h0 = _randn(batch * len_b, d_b)
+    a0 = _randn(batch * len_a, d_a)
+    wp0 = _randn(d_a, d_b, scale=0.02)
+    bp0 = _randn(d_b, scale=0.02)
+    wq0, wk0, wv0, wo0 = (_randn(d_b, d_b, scale=0.02) for _ in range(4))
+    dy = _randn(batch * len_b, d_b)
+    allowed = torch.ones(len_b, len_a, dtype=torch.bool).tril()   # [t, s]: s <= t
+    additive = torch.zeros(len_b, len_a, dtype=DTYPE).masked_fill(~allowed, float("-inf"))
+    additive = additive.unsqueeze(0)                             # (1, len_b, len_a)
+    scale = 1 / math.sqrt(head_dim)
+
+    def calm_style(attend: Callable[..., torch.Tensor]) -> Style:
+        """A step of the layer whose attention is ``attend(q, k, v)`` on (rows, d_b) tensors."""
+        h, a = _leaf(h0), _leaf(a0)
+        wp, bp, wq, wk, wv, wo = (_leaf(t) for t in (wp0, bp0, wq0, wk0, wv0, wo0))
+        leaves = (h, a, wp, bp, wq, wk, wv, wo)
+
+        def step() -> torch.Tensor:
+            for t in leaves:
+                t.grad = None
+            p = torch.addmm(bp, a, wp)
+            y = h + attend(h @ wq, p @ wk, p @ wv) @ wo
+            y.backward(dy)
+            return y
+        return Style(step, h)
+
+    # (a) eager: 4-d heads, matmul, boolean mask filled with -inf, softmax, matmul.
+    def eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        def split(t: torch.Tensor, length: int) -> torch.Tensor:   # -> (batch, heads, length, hd)
+            return t.view(batch, length, heads, head_dim).transpose(1, 2)
+
+        scores = torch.matmul(split(q, len_b), split(k, len_a).transpose(-2, -1)) * scale
+        probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+        o = torch.matmul(probs, split(v, len_a))                   # (batch, heads, len_b, hd)
+        return o.transpose(1, 2).reshape(batch * len_b, d_b)
+
+    # (b) additive mask: heads flattened to (batch*heads, length, hd), and one
+    # baddbmm adds the precomputed 0 / -inf mask and applies 1/sqrt(hd).
+    def additive_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        def split(t: torch.Tensor, length: int) -> torch.Tensor:   # -> (batch*heads, length, hd)
+            return t.view(batch, length, heads, head_dim).transpose(1, 2).reshape(
+                batch * heads, length, head_dim)
+
+        scores = torch.baddbmm(additive, split(q, len_b), split(k, len_a).transpose(1, 2),
+                               alpha=scale)
+        o = torch.bmm(torch.softmax(scores, dim=-1), split(v, len_a))
+        return o.view(batch, heads, len_b, head_dim).transpose(1, 2).reshape(batch * len_b, d_b)
+
+    return {"eager": calm_style(eager), "additive_mask": calm_style(additive_mask)}
+
+
+def calm_xattn_flops(batch: int, len_b: int, len_a: int, d_b: int, d_a: int, heads: int) -> float:
+    """GEMM FLOPs of one forward + backward of build_calm_xattn's layer.
+
+    Forward: the projections p, q, k, v, o and the two attention products
+    (q k^T and P v, counted dense: the causal mask's zeros are not subtracted).
+    Backward: two GEMMs per projection (input and weight gradient) and four
+    attention products (dV, dP, dQ, dK).  Flash-style recomputation of the
+    scores in the backward pass (another 2*B*H*L_B*L_A*hd, which moet does) is
+    not counted.
+    """
+    n_b, n_a, head_dim = batch * len_b, batch * len_a, d_b // heads
+    linear = 2 * n_a * d_a * d_b + 2 * n_b * d_b * d_b + 2 * 2 * n_a * d_b * d_b + 2 * n_b * d_b * d_b
+    attention = 2 * batch * heads * len_b * len_a * head_dim   # one of the L_B x L_A x hd products
+    return float(linear + 2 * attention + 2 * linear + 4 * attention)
+
+
 register("frozen_linear/1024/1024", build_frozen_linear, 1024, 1024)
 register("frozen_linear/1024/4096", build_frozen_linear, 1024, 4096)
 register("molora_soft/1024/1024/10/4", build_molora, 1024, 1024, 10, 4, False)
@@ -233,6 +330,8 @@ register("molora_soft/1024/4096/15/4", build_molora, 1024, 4096, 15, 4, False)
 register("molora_top2/1024/1024/10/4", build_molora, 1024, 1024, 10, 4, True)
 register("mov_soft/2816/30", build_mov, 2816, 30)
 register("mov_soft/1024/10", build_mov, 1024, 10)
+register("calm_xattn/4/256/256/1024/512/16", build_calm_xattn, 4, 256, 256, 1024, 512, 16,
+         flops=calm_xattn_flops(4, 256, 256, 1024, 512, 16))
 
 
 # --------------------------------------------------------------------------
@@ -850,6 +949,17 @@ def winners_footnote(names: list[str], torch_res: dict) -> str:
             + ", ".join(f"{n}: {s}" for n, s in multi)) if multi else ""
 
 
+def flops_note(name: str, moet_ms: float | None, torch_ms: float) -> str:
+    """One line: the case's GEMM FLOPs per step and the rate each side reaches."""
+    flops = CASE_FLOPS[name]
+
+    def rate(ms: float | None) -> str:
+        return f"{flops / (ms * 1e-3) / 1e9:.1f} GFLOP/s" if ms else "n/a"
+
+    return (f"  {name}: {flops / 1e9:.2f} GFLOP per step; "
+            f"PyTorch {rate(torch_ms)}, moet {rate(moet_ms)}")
+
+
 def print_table(names: list[str], moet: dict[str, float], torch_res: dict, markdown: bool) -> None:
     """The layer cases' table."""
     cols = ["case", "moet ms", "PyTorch ms", "speed-up"]
@@ -870,6 +980,14 @@ def print_table(names: list[str], moet: dict[str, float], torch_res: dict, markd
         print()
         print(footnote)
     print("speed-up = PyTorch ms / moet ms (> 1 means moet is faster)")
+    flop_notes = [flops_note(name, moet.get(name), torch_res[name][0])
+                  for name in names if name in CASE_FLOPS]
+    if flop_notes:
+        print()
+        print("GEMM FLOPs of one step (forward + backward; attention counted dense, without the "
+              "backward's recomputation of the scores):")
+        for note in flop_notes:
+            print(note)
 
 
 def print_model_table(names: list[str], moet: dict[str, float], torch_res: dict, shape: GPT2Shape,

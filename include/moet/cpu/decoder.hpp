@@ -429,6 +429,52 @@ class Block {
                            (Lin<slot::ffn_down>, down));
 };
 
+/// Greedy when temperature is 0; else softmax(logits / temperature) cut to the top-p nucleus.
+template <class T>
+int sample_token(const RowVector<T>& logits, const SamplingOptions& s, Rng& rng) {
+  Index best = 0;
+  logits.maxCoeff(&best);
+  if (s.temperature == 0) return int(best);
+  const Index V = logits.size();
+  std::vector<double> p(static_cast<std::size_t>(V));
+  const double m = double(logits(best));
+  double sum = 0;
+  for (Index i = 0; i < V; ++i) sum += p[std::size_t(i)] = std::exp((double(logits(i)) - m) / s.temperature);
+  std::vector<Index> order(static_cast<std::size_t>(V));
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(), [&](Index a, Index b) { return p[std::size_t(a)] > p[std::size_t(b)]; });
+  double kept = 0;
+  std::size_t n = 0;
+  while (n < order.size() && kept < s.top_p * sum) kept += p[std::size_t(order[n++])];
+  double u = rng.uniform() * kept;
+  for (std::size_t i = 0; i < n; ++i) {
+    u -= p[std::size_t(order[i])];
+    if (u < 0) return int(order[i]);
+  }
+  return int(order[n - 1]);
+}
+
+
+/// The decoding loop shared by models: step(ids) feeds ids after what came before and returns
+/// their logits; the last row picks the next token.
+template <class T, class Step>
+std::vector<int> sample_loop(const std::string& who, const std::vector<int>& prompt, const SamplingOptions& s, Step&& step) {
+  if (prompt.empty()) throw value_error(who + ": generate needs a non-empty prompt");
+  if (!(s.temperature >= 0) || !(s.top_p > 0 && s.top_p <= 1))
+    throw value_error(detail::concat(who, ": sampling needs temperature >= 0 and 0 < top_p <= 1, got temperature=",
+                                     s.temperature, " top_p=", s.top_p));
+  Rng rng(s.seed);
+  Matrix<T> logits = step(prompt);
+  std::vector<int> out;
+  for (int i = 0; i < s.max_new_tokens; ++i) {
+    const int next = sample_token<T>(logits.row(logits.rows() - 1), s, rng);
+    out.push_back(next);
+    if (next == s.eos || i + 1 == s.max_new_tokens) break;
+    logits = step(std::vector<int>{next});
+  }
+  return out;
+}
+
 /// The whole decoder: embeddings, blocks, final norm and the fused LM head + loss.
 template <class Spec, class T>
 class DecoderModel {
@@ -654,6 +700,13 @@ class DecoderModel {
 
   /// Feeds `ids` (one sequence) after the cached positions; returns their logits (ids.size(), vocab).
   Matrix<T> decode(KvCache<T>& cache, const std::vector<int>& ids) const {
+    return head_logits(decode_hidden(cache, ids, [](Index, Matrix<T>&) {}));
+  }
+
+  /// decode without the head: the last block's output for `ids`. after_block(i, h) is called
+  /// after block i and may change h (a composition hooks in here).
+  template <class Hook>
+  Matrix<T> decode_hidden(KvCache<T>& cache, const std::vector<int>& ids, Hook&& after_block) const {
     const Index n = Index(ids.size());
     detail::expect_positive(name(), "tokens to decode", n);
     if (Index(cache.k.size()) != Index(blocks.size()))
@@ -673,52 +726,22 @@ class DecoderModel {
     for (std::size_t i = 0; i < blocks.size(); ++i) {
       blocks[i].forward(h, in, out, &cache, Index(i));
       h.swap(out);
+      after_block(Index(i), h);
     }
     cache.length = K;
-    return final_norm.forward(h).y * head_weight().transpose();
+    return h;
   }
+
+  /// Logits of final hidden states h (before the final norm): (rows, vocab).
+  Matrix<T> head_logits(In<T> h) const { return final_norm.forward(h).y * head_weight().transpose(); }
+
+  /// The loss of the current batch (its labels).
+  const CrossEntropy<T>& loss_function() const { return loss_; }
 
   /// Continues `prompt` by up to max_new_tokens tokens with a KV cache; returns the new tokens.
   std::vector<int> generate(const std::vector<int>& prompt, const SamplingOptions& s) const {
-    if (prompt.empty()) throw value_error(name() + ": generate needs a non-empty prompt");
-    if (!(s.temperature >= 0) || !(s.top_p > 0 && s.top_p <= 1))
-      throw value_error(detail::concat(name(), ": sampling needs temperature >= 0 and 0 < top_p <= 1, got temperature=",
-                                       s.temperature, " top_p=", s.top_p));
-    Rng rng(s.seed);
     KvCache<T> cache = start_cache();
-    Matrix<T> logits = decode(cache, prompt);
-    std::vector<int> out;
-    for (int step = 0; step < s.max_new_tokens; ++step) {
-      const int next = sample(logits.row(logits.rows() - 1), s, rng);
-      out.push_back(next);
-      if (next == s.eos || step + 1 == s.max_new_tokens) break;
-      logits = decode(cache, {next});
-    }
-    return out;
-  }
-
-  /// Greedy when temperature is 0; else softmax(logits / temperature) cut to the top-p nucleus.
-  static int sample(const RowVector<T>& logits, const SamplingOptions& s, Rng& rng) {
-    Index best = 0;
-    logits.maxCoeff(&best);
-    if (s.temperature == 0) return int(best);
-    const Index V = logits.size();
-    std::vector<double> p(static_cast<std::size_t>(V));
-    const double m = double(logits(best));
-    double sum = 0;
-    for (Index i = 0; i < V; ++i) sum += p[std::size_t(i)] = std::exp((double(logits(i)) - m) / s.temperature);
-    std::vector<Index> order(static_cast<std::size_t>(V));
-    std::iota(order.begin(), order.end(), 0);
-    std::sort(order.begin(), order.end(), [&](Index a, Index b) { return p[std::size_t(a)] > p[std::size_t(b)]; });
-    double kept = 0;
-    std::size_t n = 0;
-    while (n < order.size() && kept < s.top_p * sum) kept += p[std::size_t(order[n++])];
-    double u = rng.uniform() * kept;
-    for (std::size_t i = 0; i < n; ++i) {
-      u -= p[std::size_t(order[i])];
-      if (u < 0) return int(order[i]);
-    }
-    return int(order[n - 1]);
+    return sample_loop<T>(name(), prompt, s, [&](const std::vector<int>& ids) { return decode(cache, ids); });
   }
 
   // --- checkpoints -----------------------------------------------------------------------------

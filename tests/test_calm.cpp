@@ -1,0 +1,134 @@
+// CALM: the composition layer and a whole composed pair of 2-layer decoders pass the gradient
+// harness in double; a fresh composition is exactly the anchor; training changes nothing but the
+// composition layers; cached decoding equals full forwards; bad pairs and batches are rejected.
+#include <catch2/catch.hpp>
+
+#include <moet/models.hpp>
+
+#include "harness.hpp"
+
+using namespace moet;
+using Catch::Matchers::Contains;
+
+namespace {
+
+io::ModelConfig llama_config(Index layers) {
+  io::ModelConfig c;
+  c.architecture = io::Architecture::llama;
+  c.vocab = 13, c.d_model = 8, c.layers = layers, c.heads = 2, c.kv_heads = 1, c.d_ff = 12, c.max_positions = 32;
+  c.rope_theta = 1000.0, c.tied_embeddings = false;
+  return c;
+}
+io::ModelConfig gpt2_config(Index layers) {
+  io::ModelConfig c;
+  c.architecture = io::Architecture::gpt2;
+  c.vocab = 13, c.d_model = 6, c.layers = layers, c.heads = 2, c.kv_heads = 2, c.d_ff = 10, c.max_positions = 16;
+  return c;
+}
+
+/// Two sequences of 5: the first left-padded by 1, the second right-padded by 2.
+TokenBatch batch() {
+  TokenBatch b{2, 5, {}, {0, 1, 1, 1, 1, 1, 1, 1, 0, 0}, {}};
+  for (int i = 0; i < 10; ++i) b.ids.push_back((5 * i + 2) % 13);
+  return b;
+}
+
+using Pair = Compose<Decoder<Llama>, Decoder<GPT2>, CrossAttention<>, Every<1>>;
+
+}  // namespace
+
+TEST_CASE("The composition layer passes the gradient check (cross-causal, padded augmenting keys)", "[grad][calm]") {
+  Rng rng(1);
+  cpu_impl::CompositionLayer<double> layer(8, 6, 2, rng, 0.3);
+  layer.set_geometry(2, 5, 5, {1, 1, 0, 1, 1, 1, 1, 1, 1, 0});
+  const auto report = testing::check_gradients(
+      layer, rng, std::make_tuple(rng.normal_matrix<double>(10, 8), rng.normal_matrix<double>(10, 6)));
+  INFO(report.summary());
+  REQUIRE(report.ok);
+  REQUIRE(report.checked > 300);
+}
+
+TEST_CASE("A composed pair of 2-layer models passes the gradient check", "[grad][calm]") {
+  Rng rng(2);
+  Pair::model<double> pair(llama_config(2), gpt2_config(2), rng, {.init_stddev = 0.3});
+  REQUIRE(pair.pairs() == std::vector<std::pair<Index, Index>>{{0, 0}, {1, 1}});
+  pair.set_batch(batch());
+  testing::GradCheckOptions o;
+  o.max_entries_per_tensor = 30;
+  const auto report = testing::check_gradients(
+      pair, rng, std::make_tuple(rng.normal_matrix<double>(10, 8), rng.normal_matrix<double>(20, 6)), o);
+  INFO(report.summary());
+  REQUIRE(report.ok);
+  REQUIRE(report.checked > 300);
+}
+
+TEST_CASE("A fresh composition is exactly the anchor; training touches only the composition", "[calm]") {
+  Rng rng(3);
+  using Every2 = Compose<Decoder<Llama>, Decoder<GPT2>, CrossAttention<4>, Every<2>>;
+  Every2::model<float> pair(llama_config(4), gpt2_config(2), rng);
+  REQUIRE(pair.pairs() == std::vector<std::pair<Index, Index>>{{0, 1}, {1, 3}});
+  REQUIRE(pair.composition[0].heads() == 4);
+  const TokenBatch b = batch();
+  REQUIRE(pair.logits(b) == pair.anchor.logits(b));  // W_O = 0
+
+  std::vector<Matrix<float>> frozen_before;
+  for_each_frozen(pair, [&](const auto& f) { frozen_before.emplace_back(f.value()); });
+  AdamW<float> optimizer({.lr = 1e-2});
+  double first = 0, last = 0;
+  for (int step = 0; step < 20; ++step) {
+    const auto r = pair.train_step(b, optimizer);
+    (step == 0 ? first : last) = r.loss;
+  }
+  REQUIRE(last < first);  // it learns
+  std::size_t i = 0;
+  for_each_frozen(pair, [&](const auto& f) { REQUIRE(Matrix<float>(f.value()) == frozen_before[i++]); });
+  REQUIRE(i == frozen_before.size());
+  REQUIRE(pair.logits(b) != pair.anchor.logits(b));
+  // m_A keeps no gradient buffers and no context: its parameters are all frozen.
+  REQUIRE(count_parameters(pair.augment).trainable == 0);
+  REQUIRE(count_parameters(pair).trainable == count_parameters(pair.composition).trainable);
+}
+
+TEST_CASE("Composed decoding with both KV caches equals full forwards", "[calm][generate]") {
+  Rng rng(4);
+  Pair::model<double> pair(llama_config(2), gpt2_config(2), rng, {.init_stddev = 0.3});
+  for_each_param(pair, [&](auto& p) { rng.fill_normal(p.value(), 0.0, 0.3); });
+  const std::vector<int> tokens{1, 4, 2, 7, 3, 0};
+  const Matrix<double> expected = pair.logits(TokenBatch{1, 6, tokens, {}, {}});
+  auto cache = pair.start_cache();
+  Matrix<double> got(6, 13);
+  got.topRows(3) = pair.decode(cache, {1, 4, 2});
+  for (int t = 3; t < 6; ++t) got.row(t) = pair.decode(cache, {tokens[std::size_t(t)]});
+  INFO("max difference " << (got - expected).cwiseAbs().maxCoeff());
+  REQUIRE(got.isApprox(expected, 1e-12));
+  const auto out = pair.generate({1, 4}, {.max_new_tokens = 3});
+  REQUIRE(out.size() == 3);
+}
+
+TEST_CASE("Bad compositions and batches are rejected with a clear message", "[calm][errors]") {
+  Rng rng(5);
+  using Every3 = Compose<Decoder<Llama>, Decoder<GPT2>, CrossAttention<>, Every<3>>;
+  REQUIRE_THROWS_WITH(Every3::model<float>(llama_config(4), gpt2_config(2), rng),
+                      Contains("Every<3> needs the anchor's layer count to be a multiple of 3, got 4 layers"));
+  using Every1 = Compose<Decoder<Llama>, Decoder<GPT2>, CrossAttention<>, Every<1>>;
+  REQUIRE_THROWS_WITH(Every1::model<float>(llama_config(4), gpt2_config(3), rng),
+                      Contains("4 composition layers need the augmenting model's layer count to be a multiple of 4, got 3"));
+  using Listed = Compose<Decoder<Llama>, Decoder<GPT2>, CrossAttention<>, FromOptions>;
+  REQUIRE_THROWS_WITH(Listed::model<float>(llama_config(2), gpt2_config(2), rng, {.pairs = {{0, 1}, {2, 1}}}),
+                      Contains("composition pair (2, 1) names a layer that does not exist"));
+  REQUIRE_THROWS_AS(Listed::model<float>(llama_config(2), gpt2_config(2), rng, {.pairs = {}}), value_error);
+
+  Listed::model<float> pair(llama_config(2), gpt2_config(2), rng, {.pairs = {{1, 0}}});
+  TokenBatch shorter = batch();
+  shorter.seq = 4, shorter.batch = 2;
+  shorter.ids.resize(8), shorter.mask.resize(8);
+  REQUIRE_THROWS_AS(pair.set_batch(ComposedBatch{batch(), shorter}), shape_error);
+  REQUIRE_THROWS_WITH(pair.set_batch(ComposedBatch{batch(), shorter}),
+                      Contains("the augmenting model's batch is 2 x 4 tokens but the anchor's is 2 x 5"));
+  REQUIRE_THROWS_WITH(pair.decode(*std::make_unique<ComposedCache<float>>(pair.start_cache()), {1, 2}, {1}),
+                      Contains("1 augmenting ids for 2 anchor ids"));
+  // Different vocabularies: each model reads its own ids.
+  TokenBatch other = batch();
+  for (int& id : other.ids) id = (id + 3) % 13;
+  REQUIRE_NOTHROW(pair.loss(ComposedBatch{batch(), other}));
+}
