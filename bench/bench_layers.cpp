@@ -8,7 +8,10 @@
 #include <string>
 #include <vector>
 
-#include <moet/moet.hpp>
+#include <algorithm>
+#include <chrono>
+
+#include <moet/models.hpp>
 
 #include "ratio_reporter.hpp"
 
@@ -57,6 +60,55 @@ void ia3_mixture(benchmark::State& state, Index width) {
   bench::timed_against_floor(state, [&] { step(floor, x, dy); }, [&] { step(mix, h, dy); }, tokens);
 }
 
+/// The machine's float GEMM rate in this run: the best of five (1024 x 1024) x (1024 x 1024) products.
+double gemm_gflops() {
+  Rng rng(5);
+  const Matrix<float> a = rng.normal_matrix<float>(1024, 1024), b = rng.normal_matrix<float>(1024, 1024);
+  Matrix<float> c(1024, 1024);
+  double best = 1e30;
+  for (int i = 0; i < 6; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    c.noalias() = a * b;
+    benchmark::DoNotOptimize(c.data());
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (i > 0) best = std::min(best, s);
+  }
+  return 2.0 * 1024 * 1024 * 1024 / best / 1e9;
+}
+
+/// One CALM composition layer (projection + causal cross-attention + W_O), forward + backward.
+/// vs_gemm: the step's time over the time its GEMM FLOPs take at this run's GEMM rate (FLOPs
+/// counted as compare_pytorch.py counts them: dense attention, backward's recomputed scores not
+/// counted).
+void calm_xattn(benchmark::State& state, Index B, Index LB, Index LA, Index DB, Index DA, Index H) {
+  Rng rng(4);
+  cpu_impl::CompositionLayer<float> layer(DB, DA, H, rng, 0.02);
+  for_each_param(layer, [&](Param<float>& p) { rng.fill_normal(p.value(), 0.0, 0.02); });  // W_O trained, not zero
+  layer.set_geometry(B, LB, LA);
+  const Matrix<float> h = rng.normal_matrix<float>(B * LB, DB), a = rng.normal_matrix<float>(B * LA, DA),
+                      dy = rng.normal_matrix<float>(B * LB, DB);
+  const double rate = gemm_gflops();
+  double total = 0;
+  for (auto _ : state) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const auto c = layer.forward(h, a);
+    auto [dh, da] = layer.backward(c, h, a, dy, accumulate);
+    benchmark::DoNotOptimize(dh.data());
+    benchmark::DoNotOptimize(da.data());
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    state.SetIterationTime(s);
+    total += s;
+  }
+  const double NB = double(B * LB), NA = double(B * LA), hd = double(DB / H);
+  const double linear = 2 * NA * DA * DB + 2 * NB * DB * DB + 4 * NA * DB * DB + 2 * NB * DB * DB;
+  const double attention = 4.0 * B * H * LB * LA * hd;
+  const double flops = 3 * linear + attention + 2 * attention;  // forward, then backward: 2x linear, 2x attention
+  state.counters["gemm_GFLOPs"] = rate;
+  state.counters["GFLOPs"] = flops / (total / double(state.iterations())) / 1e9;
+  state.counters["vs_gemm"] = (total / double(state.iterations())) / (flops / (rate * 1e9));
+  state.SetItemsProcessed(state.iterations() * B * LB);
+}
+
 template <class F>
 benchmark::internal::Benchmark* add(const std::string& name, F f) {
   return benchmark::RegisterBenchmark(name.c_str(), f)->Unit(benchmark::kMillisecond)->MinTime(0.5);
@@ -88,6 +140,7 @@ int main(int argc, char** argv) {
   // (E = 10: dense is chosen; E = 64: grouped is chosen).
   add("dispatch/top2_grouped/1024/1024/10/4", [](auto& s) { lora_mixture<Top2LoRA10>(s, 1024, 1024, Dispatch::grouped); })->UseManualTime();
   add("dispatch/top2_dense/1024/1024/64/8", [](auto& s) { lora_mixture<Top2LoRA64>(s, 1024, 1024, Dispatch::dense); })->UseManualTime();
+  add("calm_xattn/4/256/256/1024/512/16", [](auto& s) { calm_xattn(s, 4, 256, 256, 1024, 512, 16); })->UseManualTime();
   add("dispatch/top2_grouped/1024/1024/64/8", [](auto& s) { lora_mixture<Top2LoRA64>(s, 1024, 1024, Dispatch::grouped); })->UseManualTime();
 
   return moet::bench::run_with_ratios(args, {{"molora_soft/1024/1024/10/4", 1.20},
