@@ -1,6 +1,6 @@
 // CALM's key-value arithmetic, in miniature (Bansal et al. 2024, section 4.1).
 //
-// 50 keys (one symbol each, K0..K49), each mapped to a digit. Three tasks over one vocabulary:
+// 200 keys (one symbol each, K0..K199), each mapped to a digit. Three tasks over one vocabulary:
 //   KV-SUBS   "K1+K2-K3" -> "3+7-2"  each key's value, written right after the key:
 //                                    "K1 3 + K2 7 - K3 2" (m_A is trained on it)
 //   NUM-MATH  "3+7-2="   -> "8"      arithmetic (m_B is trained on it)
@@ -11,7 +11,8 @@
 // at the key's own position, where the composition can read it. The 20 % of keys the composition
 // trains on carry each digit once, so every value is seen; the other 80 % are held out.
 // m_A (GPT-2 shape) and m_B (Llama shape) are trained from scratch and frozen; the composition
-// (cross-attention from each of m_B's layers to the same layer of m_A) is trained on KV-MATH over only 20 %
+// (cross-attention layers; by default m_B's layers 0 and 1 read m_A's last layer, where each
+// key's value is decided: --pairs i:j,... chooses others) is trained on KV-MATH over only 20 %
 // of the keys and evaluated on expressions over the other 80 %. Exact match of the greedy answer.
 //
 //   moet_example_calm_kv_arithmetic [--quick] [--seed N] [--loss-csv FILE]
@@ -32,7 +33,8 @@ using namespace moet::slot;
 namespace {
 
 // --- the character vocabulary ------------------------------------------------------------------
-constexpr int plus = 10, minus = 11, equals = 12, first_key = 13, key_count = 50, bos = 63, eos = 64, pad = 65, vocab = 66;
+constexpr int plus = 10, minus = 11, equals = 12, first_key = 13, key_count = 200, bos = first_key + key_count, eos = bos + 1,
+              pad = bos + 2, vocab = bos + 3;
 constexpr Index seq = 16;
 
 struct Task {
@@ -141,7 +143,19 @@ struct Settings {
   int pretrain_steps = 3000, compose_steps = 1500, batch = 64, eval = 300;
   double lr = 3e-3;
   std::string loss_csv, bases;  // bases: keep the trained m_A, m_B there and reuse them if present
+  std::vector<std::pair<Index, Index>> pairs{{3, 0}, {3, 1}};  // (m_A layer, m_B layer)
 };
+
+std::vector<std::pair<Index, Index>> parse_pairs(const std::string& text) {  // "3:0,3:1"
+  std::vector<std::pair<Index, Index>> out;
+  std::size_t at = 0;
+  while (at < text.size()) {
+    const std::size_t colon = text.find(':', at), comma = text.find(',', at);
+    out.emplace_back(std::stol(text.substr(at, colon - at)), std::stol(text.substr(colon + 1, comma - colon - 1)));
+    at = comma == std::string::npos ? text.size() : comma + 1;
+  }
+  return out;
+}
 
 /// Trains a model's linear layers from scratch through plain LoRAs merged into the base every
 /// 300 steps (ReLoRA), with a frozen unit-scale embedding; saves it as a checkpoint.
@@ -185,8 +199,9 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--bases") && i + 1 < argc) s.bases = argv[++i];
     else if (!std::strcmp(argv[i], "--lr") && i + 1 < argc) s.lr = std::stod(argv[++i]);
     else if (!std::strcmp(argv[i], "--steps") && i + 1 < argc) s.compose_steps = std::stoi(argv[++i]);
+    else if (!std::strcmp(argv[i], "--pairs") && i + 1 < argc) s.pairs = parse_pairs(argv[++i]);
     else {
-      std::fprintf(stderr, "usage: %s [--quick] [--seed N] [--loss-csv FILE] [--bases DIR] [--lr X] [--steps N]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--quick] [--seed N] [--loss-csv FILE] [--bases DIR] [--lr X] [--steps N] [--pairs i:j,...]\n", argv[0]);
       return 2;
     }
   }
@@ -212,12 +227,13 @@ int main(int argc, char** argv) {
     std::printf("== reusing m_A and m_B from %s\n", root.string().c_str());
   }
 
-  using Composed = Compose<Decoder<Llama>, Decoder<GPT2>, CrossAttention<>, Every<1>>;
+  using Composed = Compose<Decoder<Llama>, Decoder<GPT2>, CrossAttention<>, FromOptions>;
   Rng compose_rng(s.seed + 7);
   auto m_b = load_pretrained<Decoder<Llama>, float>(root / "m_B", compose_rng);
   auto m_a = load_pretrained<Decoder<GPT2>, float>(root / "m_A", compose_rng);
   Composed::model<float> calm(load_pretrained<Decoder<Llama>, float>(root / "m_B", compose_rng),
-                              load_pretrained<Decoder<GPT2>, float>(root / "m_A", compose_rng), compose_rng);
+                              load_pretrained<Decoder<GPT2>, float>(root / "m_A", compose_rng), compose_rng,
+                              {.pairs = s.pairs});
   std::printf("== composing: %s; pairs (m_A layer, m_B layer):", parameter_report(calm).c_str());
   for (auto [i, j] : calm.pairs()) std::printf(" (%lld, %lld)", (long long)i, (long long)j);
   std::printf("\n");
