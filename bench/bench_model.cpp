@@ -60,10 +60,7 @@ struct Trainer {
     const auto c = model.forward(batch);
     activation_bytes = heap_bytes() - before;
     model.backward(c, overwrite);
-    double sq = 0;
-    for_each_param(model, [&](Param<float>& p) { sq += double(p.grad().squaredNorm()); });
-    if (sq > 1.0)
-      for_each_param(model, [&](Param<float>& p) { p.grad() *= float(1.0 / std::sqrt(sq)); });
+    clip_grad_norm(model, 1.0);
     optimizer.step(model);
     benchmark::ClobberMemory();
   }

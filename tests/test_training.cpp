@@ -85,3 +85,21 @@ TEST_CASE("MoLoRA fits cluster-specific corrections that a single LoRA of equal 
   REQUIRE(lora < 0.8 * base);       // the single LoRA learns something
   REQUIRE(molora < 0.25 * lora);   // and the mixture learns far more
 }
+
+TEST_CASE("Gradient clipping scales every gradient by the global norm", "[training]") {
+  moet::Rng rng(3);
+  moet::Mixture<moet::Router<moet::Soft>, moet::Expert<moet::LoRA<2>>, 3>::layer<double> mix(
+      rng.normal_matrix<double>(4, 5), rng, {});
+  double sq = 0;
+  moet::for_each_param(mix, [&](auto& p) {
+    rng.fill_normal(p.grad(), 0.0, 1.0);
+    sq += p.grad().squaredNorm();
+  });
+  const auto measured = moet::clip_grad_norm(mix, 0.0);  // measure only
+  REQUIRE(measured.norm == Approx(std::sqrt(sq)).epsilon(1e-12));
+  REQUIRE_FALSE(measured.clipped);
+  const auto clipped = moet::clip_grad_norm(mix, 0.5);
+  REQUIRE(clipped.clipped);
+  REQUIRE(moet::clip_grad_norm(mix, 0.0).norm == Approx(0.5).epsilon(1e-5));
+  REQUIRE_FALSE(moet::clip_grad_norm(mix, 10.0).clipped);
+}

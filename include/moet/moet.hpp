@@ -13,4 +13,5 @@
 #include "expert.hpp"
 #include "mixture.hpp"
 #include "optim/adamw.hpp"
+#include "optim/clip.hpp"
 #include "router.hpp"

@@ -251,14 +251,9 @@ class ComposedModel {
     backward(c, GradMode::overwrite);
     TrainStepResult r;
     r.loss = double(c.loss.loss(0, 0));
-    double sq = 0;
-    for_each_param(composition, [&](Param<T>& p) { sq += double(p.grad().squaredNorm()); });
-    r.grad_norm = std::sqrt(sq);
-    if (max_grad_norm > 0 && r.grad_norm > max_grad_norm) {
-      const T scale = T(max_grad_norm / (r.grad_norm + 1e-6));
-      for_each_param(composition, [&](Param<T>& p) { p.grad() *= scale; });
-      r.clipped = true;
-    }
+    const ClipResult clip = clip_grad_norm(composition, max_grad_norm);
+    r.grad_norm = clip.norm;
+    r.clipped = clip.clipped;
     optimizer.step(composition);
     return r;
   }

@@ -34,6 +34,7 @@
 #include "../io/config.hpp"
 #include "../model.hpp"
 #include "../optim/adamw.hpp"
+#include "../optim/clip.hpp"
 #include "layers.hpp"
 #include "ops/activations.hpp"
 #include "ops/attention.hpp"
@@ -653,14 +654,9 @@ class DecoderModel {
     TrainStepResult r;
     r.loss = double(c.loss.loss(0, 0));
     r.aux_loss = c.aux;
-    double sq = 0;
-    for_each_param(*this, [&](Param<T>& p) { sq += double(p.grad().squaredNorm()); });
-    r.grad_norm = std::sqrt(sq);
-    if (max_grad_norm > 0 && r.grad_norm > max_grad_norm) {
-      const T scale = T(max_grad_norm / (r.grad_norm + 1e-6));
-      for_each_param(*this, [&](Param<T>& p) { p.grad() *= scale; });
-      r.clipped = true;
-    }
+    const ClipResult clip = clip_grad_norm(*this, max_grad_norm);
+    r.grad_norm = clip.norm;
+    r.clipped = clip.clipped;
     optimizer.step(*this);
     return r;
   }

@@ -1,0 +1,33 @@
+// Gradient clipping by global norm (as torch.nn.utils.clip_grad_norm_): every trainable gradient
+// of `model` is scaled by max_norm / (norm + 1e-6) when the norm of all of them together exceeds
+// max_norm.
+#pragma once
+
+#include <cmath>
+
+#include "../core/param.hpp"
+#include "../core/visit.hpp"
+
+namespace moet {
+
+struct ClipResult {
+  double norm = 0;  ///< the global norm before clipping
+  bool clipped = false;
+};
+
+/// max_norm <= 0: only measures.
+template <class Model>
+ClipResult clip_grad_norm(Model& model, double max_norm) {
+  ClipResult r;
+  double sq = 0;
+  for_each_param(model, [&](auto& p) { sq += double(p.grad().squaredNorm()); });
+  r.norm = std::sqrt(sq);
+  if (max_norm > 0 && r.norm > max_norm) {
+    const double scale = max_norm / (r.norm + 1e-6);
+    for_each_param(model, [&](auto& p) { p.grad() *= static_cast<typename std::remove_reference_t<decltype(p)>::Scalar>(scale); });
+    r.clipped = true;
+  }
+  return r;
+}
+
+}  // namespace moet
