@@ -126,8 +126,8 @@ class CompositionLayer {
     detail::expect_cols(name(), "augmenting states a", a.rows(), a.cols(), d_augment(), "tokens x augmenting width");
     Matrix<T> p = a * proj.value();
     p.rowwise() += proj_bias.value().row(0);
-    append(k_cache, p * wk.value());
-    append(v_cache, p * wv.value());
+    append_rows<T>(k_cache, p * wk.value());
+    append_rows<T>(v_cache, p * wv.value());
     const CausalAttention<T> attention(AttentionShape{1, h.rows(), heads_, heads_, d_anchor() / heads_, k_cache.rows()});
     Matrix<T> y = h;
     y.noalias() += attention.forward(h * wq.value(), k_cache, v_cache).y * wo.value();
@@ -139,12 +139,6 @@ class CompositionLayer {
     if (!attention_) throw value_error(name() + ": call set_geometry(batch, anchor_seq, augment_seq) first");
     detail::expect_cols(name(), "anchor states h", h.rows(), h.cols(), d_anchor(), "tokens x anchor width");
     detail::expect_cols(name(), "augmenting states a", a.rows(), a.cols(), d_augment(), "tokens x augmenting width");
-  }
-  static void append(Matrix<T>& cache, const Matrix<T>& rows) {
-    Matrix<T> grown(cache.rows() + rows.rows(), rows.cols());
-    grown.topRows(cache.rows()) = cache;
-    grown.bottomRows(rows.rows()) = rows;
-    cache.swap(grown);
   }
 
   Index heads_;

@@ -258,6 +258,15 @@ struct BlockInputs {
 };
 
 /// A decoding cache: the rotated, scaled keys and values of every position so far (batch 1).
+/// Appends rows to a decoding cache (keys or values of the positions so far).
+template <class T>
+void append_rows(Matrix<T>& cache, In<T> rows) {
+  Matrix<T> grown(cache.rows() + rows.rows(), rows.cols());
+  grown.topRows(cache.rows()) = cache;
+  grown.bottomRows(rows.rows()) = rows;
+  cache.swap(grown);
+}
+
 template <class T>
 struct KvCache {
   std::vector<Matrix<T>> k, v;  // per layer (length, kv_heads * head_dim)
@@ -275,6 +284,13 @@ class Block {
 
  public:
   using Norm = std::conditional_t<llama, RMSNorm<T>, LayerNorm<T>>;
+
+  /// A frozen norm of width d_model at its initial values (weight one, bias zero).
+  static Norm make_norm(const io::ModelConfig& c) {
+    const RowVector<T> ones = RowVector<T>::Ones(c.d_model);
+    if constexpr (llama) return Norm(ones, c.norm_eps);
+    else return Norm(ones, RowVector<T>::Zero(c.d_model), c.norm_eps);
+  }
 
   struct Context {
     typename Norm::Context n1, n2;
@@ -339,8 +355,8 @@ class Block {
     }
     const CausalAttention<T> attention(in.shape, *in.valid);
     if (cache) {
-      append(cache->k[std::size_t(layer)], k_in(c));
-      append(cache->v[std::size_t(layer)], v_in(c));
+      append_rows<T>(cache->k[std::size_t(layer)], k_in(c));
+      append_rows<T>(cache->v[std::size_t(layer)], v_in(c));
       c.attn = attention.forward(q_in(c), cache->k[std::size_t(layer)], cache->v[std::size_t(layer)]);
     } else {
       c.attn = attention.forward(q_in(c), k_in(c), v_in(c));
@@ -402,11 +418,6 @@ class Block {
   }
 
  private:
-  static Norm make_norm(const io::ModelConfig& c) {
-    const RowVector<T> ones = RowVector<T>::Ones(c.d_model);
-    if constexpr (llama) return Norm(ones, c.norm_eps);
-    else return Norm(ones, RowVector<T>::Zero(c.d_model), c.norm_eps);
-  }
   static In<T> q_in(const Context& c) {
     if constexpr (llama) return c.q_rot;
     else return c.q.output();
@@ -416,12 +427,6 @@ class Block {
     else return Scale<slot::keys>::output(c.keys, c.k.output());
   }
   static In<T> v_in(const Context& c) { return Scale<slot::values>::output(c.values, c.v.output()); }
-  static void append(Matrix<T>& cache, In<T> rows) {
-    Matrix<T> grown(cache.rows() + rows.rows(), rows.cols());
-    grown.topRows(cache.rows()) = cache;
-    grown.bottomRows(rows.rows()) = rows;
-    cache.swap(grown);
-  }
 
  public:
   BOOST_HANA_DEFINE_STRUCT(Block, (Norm, norm1), (Lin<slot::q>, q), (Lin<slot::k>, k), (Lin<slot::v>, v),
@@ -506,7 +511,7 @@ class DecoderModel {
       : config_(checked(config)),
         options_(options),
         wte(rng.normal_matrix<T>(config.vocab, config.d_model, 0.0, init_stddev)),
-        final_norm(make_final_norm(config)) {
+        final_norm(BlockType::make_norm(config)) {
     if constexpr (llama) {
       rope_q_.emplace(config.heads, config.head_dim(), config.rope_theta);
       rope_k_.emplace(config.kv_heads, config.head_dim(), config.rope_theta);
@@ -877,11 +882,6 @@ class DecoderModel {
 
   static const Rotary<T>* opt_ptr(const std::optional<Rotary<T>>& r) { return r ? &*r : nullptr; }
 
-  static Norm make_final_norm(const io::ModelConfig& c) {
-    const RowVector<T> ones = RowVector<T>::Ones(c.d_model);
-    if constexpr (llama) return Norm(ones, c.norm_eps);
-    else return Norm(ones, RowVector<T>::Zero(c.d_model), c.norm_eps);
-  }
 
   Matrix<T> embed(const std::vector<int>& ids, const std::vector<Index>& positions) const {
     Matrix<T> h = wte.lookup(ids);
