@@ -48,9 +48,43 @@ TEST_CASE("The composition layer passes the gradient check (cross-causal, padded
   REQUIRE(report.checked > 300);
 }
 
+TEST_CASE("The composition layer with rotary positions passes the gradient check", "[grad][calm]") {
+  Rng rng(11);
+  cpu_impl::CompositionLayer<double> layer(8, 6, 2, rng, 0.3, 10.0);
+  REQUIRE(layer.rotary());
+  // The anchor's first sequence left-padded (its positions start late), the augmenting one not.
+  layer.set_geometry(2, 5, 5, {1, 1, 0, 1, 1, 1, 1, 1, 1, 0}, {0, 0, 1, 2, 3, 0, 1, 2, 3, 4}, {0, 1, 2, 2, 3, 0, 1, 2, 3, 4});
+  const auto report = testing::check_gradients(
+      layer, rng, std::make_tuple(rng.normal_matrix<double>(10, 8), rng.normal_matrix<double>(10, 6)));
+  INFO(report.summary());
+  REQUIRE(report.ok);
+  REQUIRE(report.checked > 300);
+}
+
+TEST_CASE("Rotary cross-attention scores depend on the distance between positions only", "[calm]") {
+  Rng rng(12);
+  cpu_impl::CompositionLayer<double> plain(8, 6, 2, rng, 0.5);
+  Rng same(12);
+  cpu_impl::CompositionLayer<double> rotary(8, 6, 2, same, 0.5, 10.0);
+  for (auto* l : {&plain, &rotary}) l->wo.value() = Rng(13).normal_matrix<double>(8, 8);
+  const Matrix<double> h = rng.normal_matrix<double>(4, 8), a = rng.normal_matrix<double>(4, 6);
+  auto output = [&](cpu_impl::CompositionLayer<double>& l, Index shift) {
+    std::vector<Index> pos{shift, shift + 1, shift + 2, shift + 3};
+    l.set_geometry(1, 4, 4, {}, pos, pos);
+    return l.forward(h, a).y;
+  };
+  plain.set_geometry(1, 4, 4);
+  const Matrix<double> without = plain.forward(h, a).y, with = output(rotary, 0);
+  REQUIRE((with - without).cwiseAbs().maxCoeff() > 1e-3);                    // the positions matter
+  REQUIRE((output(rotary, 7) - with).cwiseAbs().maxCoeff() < 1e-12);        // a common shift does not
+  REQUIRE(with.topRows(1).isApprox(without.topRows(1), 1e-12));             // position 0 reads only position 0: distance 0
+}
+
 TEST_CASE("A composed pair of 2-layer models passes the gradient check", "[grad][calm]") {
+  const double theta = GENERATE(0.0, 10.0);
+  INFO("rotary_theta " << theta);
   Rng rng(2);
-  Pair::model<double> pair(llama_config(2), gpt2_config(2), rng, {.init_stddev = 0.3});
+  Pair::model<double> pair(llama_config(2), gpt2_config(2), rng, {.init_stddev = 0.3, .rotary_theta = theta});
   REQUIRE(pair.pairs() == std::vector<std::pair<Index, Index>>{{0, 0}, {1, 1}});
   pair.set_batch(batch());
   testing::GradCheckOptions o;
@@ -90,8 +124,10 @@ TEST_CASE("A fresh composition is exactly the anchor; training touches only the 
 }
 
 TEST_CASE("Composed decoding with both KV caches equals full forwards", "[calm][generate]") {
+  const double theta = GENERATE(0.0, 10.0);
+  INFO("rotary_theta " << theta);
   Rng rng(4);
-  Pair::model<double> pair(llama_config(2), gpt2_config(2), rng, {.init_stddev = 0.3});
+  Pair::model<double> pair(llama_config(2), gpt2_config(2), rng, {.init_stddev = 0.3, .rotary_theta = theta});
   for_each_param(pair, [&](auto& p) { rng.fill_normal(p.value(), 0.0, 0.3); });
   const std::vector<int> tokens{1, 4, 2, 7, 3, 0};
   const Matrix<double> expected = pair.logits(TokenBatch{1, 6, tokens, {}, {}});
@@ -103,6 +139,18 @@ TEST_CASE("Composed decoding with both KV caches equals full forwards", "[calm][
   REQUIRE(got.isApprox(expected, 1e-12));
   const auto out = pair.generate({1, 4}, {.max_new_tokens = 3});
   REQUIRE(out.size() == 3);
+  // Two vocabularies: the augmenting model reads its own prompt and a mapping of each new token.
+  REQUIRE(pair.generate({1, 4}, {1, 4}, {.max_new_tokens = 3}, [](int id) { return id; }) == out);
+  auto shifted = [](int id) { return (id + 5) % 13; };
+  const auto mapped = pair.generate({1, 4}, {6, 9}, {.max_new_tokens = 3}, shifted);
+  auto manual = pair.start_cache();
+  Matrix<double> logits = pair.decode(manual, {1, 4}, {6, 9});
+  for (std::size_t t = 0; t < 3; ++t) {
+    Index next;
+    logits.row(logits.rows() - 1).maxCoeff(&next);
+    REQUIRE(mapped[t] == int(next));
+    logits = pair.decode(manual, {int(next)}, {shifted(int(next))});
+  }
 }
 
 TEST_CASE("Bad compositions and batches are rejected with a clear message", "[calm][errors]") {
@@ -117,6 +165,16 @@ TEST_CASE("Bad compositions and batches are rejected with a clear message", "[ca
   REQUIRE_THROWS_WITH(Listed::model<float>(llama_config(2), gpt2_config(2), rng, {.pairs = {{0, 1}, {2, 1}}}),
                       Contains("composition pair (2, 1) names a layer that does not exist"));
   REQUIRE_THROWS_AS(Listed::model<float>(llama_config(2), gpt2_config(2), rng, {.pairs = {}}), value_error);
+  REQUIRE_THROWS_WITH(Listed::model<float>(llama_config(2), gpt2_config(2), rng, {.pairs = {{0, 0}}, .rotary_theta = -1}),
+                      Contains("rope theta must be > 1, got -1"));
+  using EightHeads = Compose<Decoder<Llama>, Decoder<GPT2>, CrossAttention<8>, FromOptions>;
+  const ComposeOptions odd_heads{.pairs = {{0, 0}}, .rotary_theta = 100};
+  REQUIRE_THROWS_WITH(EightHeads::model<float>(llama_config(2), gpt2_config(2), rng, odd_heads),
+                      Contains("head_dim must be even, got 1"));
+  {
+    cpu_impl::CompositionLayer<float> layer(8, 6, 2, rng, 0.1, 100.0);
+    REQUIRE_THROWS_WITH(layer.set_geometry(1, 3, 3, {}, {0, 1}, {}), Contains("2 anchor positions for 1 x 3 tokens"));
+  }
 
   Listed::model<float> pair(llama_config(2), gpt2_config(2), rng, {.pairs = {{1, 0}}});
   TokenBatch shorter = batch();

@@ -40,6 +40,11 @@ struct FromOptions {};
 struct ComposeOptions {
   std::vector<std::pair<Index, Index>> pairs;  ///< (augment layer i, anchor layer j); used with FromOptions
   double init_stddev = 0.02;                   ///< projections and W_q, W_k, W_v; W_O starts at zero
+  /// Rotary positions in the cross-attention (0: none, the paper's plain attention). Queries are
+  /// rotated by the anchor's positions and keys by the augmenting model's, so a score depends on
+  /// their distance: an anchor with rotary embeddings keeps no absolute position in its stream,
+  /// and without this anchor position t cannot tell augmenting position t from earlier ones.
+  double rotary_theta = 0.0;
 };
 
 namespace detail {

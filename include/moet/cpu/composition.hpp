@@ -3,6 +3,7 @@
 // Composition layer, anchor states h (N_B, D_B), augmenting states a (N_A, D_A):
 //   p = a W_p + b_p                       (D_A -> D_B)
 //   q = h W_q,  k = p W_k,  v = p W_v     (heads of the anchor's head size)
+//   [q, k = rotary(q, anchor positions), rotary(k, augmenting positions)]   only with rotary_theta > 0
 //   o = softmax(q k^T / sqrt(hd) + mask) v   anchor position t reads augmenting positions <= t
 //   y = h + o W_O                         W_O starts at zero: the pair starts exactly as the anchor
 // Attention keeps only the log-sum-exp and recomputes probabilities in backward (flash style).
@@ -10,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <optional>
 #include <string>
 #include <utility>
@@ -24,6 +26,7 @@
 #include "../core/visit.hpp"
 #include "decoder.hpp"
 #include "ops/attention.hpp"
+#include "ops/rotary.hpp"
 
 namespace moet {
 
@@ -49,7 +52,7 @@ class CompositionLayer {
  public:
   using Scalar = T;
   struct Context {
-    Matrix<T> p, q, k, v;  // projected augmenting states and the attention inputs
+    Matrix<T> p, q, k, v;  // projected augmenting states and the attention inputs (q, k rotated)
     typename CausalAttention<T>::Context attn;
     Matrix<T> y;  // (N_B, D_B)
     const Matrix<T>& output() const { return y; }
@@ -58,7 +61,8 @@ class CompositionLayer {
 
   static std::string name() { return "CompositionLayer"; }
 
-  CompositionLayer(Index d_anchor, Index d_augment, Index heads, Rng& rng, double init_stddev)
+  /// rotary_theta > 0: rotary positions in the attention (see ComposeOptions::rotary_theta).
+  CompositionLayer(Index d_anchor, Index d_augment, Index heads, Rng& rng, double init_stddev, double rotary_theta = 0.0)
       : heads_(heads),
         proj("proj", d_augment, d_anchor),
         proj_bias("proj_bias", 1, d_anchor),
@@ -71,6 +75,7 @@ class CompositionLayer {
     detail::expect_positive(name(), "heads", heads);
     if (d_anchor % heads)
       throw value_error(detail::concat(name(), ": anchor width ", d_anchor, " is not a multiple of ", heads, " heads"));
+    if (rotary_theta != 0.0) rope_.emplace(heads, d_anchor / heads, rotary_theta);
     for (auto* m : {&proj, &wq, &wk, &wv}) rng.fill_normal(m->value(), 0.0, init_stddev);
     // wo and proj_bias stay zero: the composed model starts as the anchor alone.
   }
@@ -79,11 +84,16 @@ class CompositionLayer {
   Index d_anchor() const { return wq.rows(); }
   Index d_augment() const { return proj.rows(); }
   Index heads() const { return heads_; }
+  bool rotary() const { return rope_.has_value(); }
 
   /// The batch: B sequences of L_B anchor and L_A augmenting positions; valid: the augmenting
-  /// model's padding flags (B * L_A; empty: all real).
-  void set_geometry(Index batch, Index anchor_seq, Index augment_seq, std::vector<unsigned char> valid = {}) {
+  /// model's padding flags (B * L_A; empty: all real). With rotary positions, each model's
+  /// position of every token (B * L_B and B * L_A; empty: 0, 1, ... in each sequence).
+  void set_geometry(Index batch, Index anchor_seq, Index augment_seq, std::vector<unsigned char> valid = {},
+                    std::vector<Index> anchor_positions = {}, std::vector<Index> augment_positions = {}) {
     attention_.emplace(AttentionShape{batch, anchor_seq, heads_, heads_, d_anchor() / heads_, augment_seq}, std::move(valid));
+    anchor_positions_ = positions_or_default(std::move(anchor_positions), batch, anchor_seq, "anchor");
+    augment_positions_ = positions_or_default(std::move(augment_positions), batch, augment_seq, "augmenting");
   }
 
   Context forward(In<T> h, In<T> a) const {
@@ -94,6 +104,10 @@ class CompositionLayer {
     c.q.noalias() = h * wq.value();
     c.k.noalias() = c.p * wk.value();
     c.v.noalias() = c.p * wv.value();
+    if (rope_) {
+      c.q = rope_->forward(c.q, anchor_positions_).y;
+      c.k = rope_->forward(c.k, augment_positions_).y;
+    }
     c.attn = attention_->forward(c.q, c.k, c.v);
     c.y = h;
     c.y.noalias() += c.attn.y * wo.value();
@@ -107,6 +121,10 @@ class CompositionLayer {
     detail::assign_grad(wo.grad(), c.attn.y.transpose() * dy, mode);
     const Matrix<T> d_o = dy * wo.value().transpose();
     auto [dq, dk, dv] = attention_->backward(c.attn, c.q, c.k, c.v, d_o, mode);
+    if (rope_) {  // a rotation: its backward needs no input
+      dq = rope_->backward({}, c.q, anchor_positions_, dq, mode);
+      dk = rope_->backward({}, c.k, augment_positions_, dk, mode);
+    }
     detail::assign_grad(wq.grad(), h.transpose() * dq, mode);
     detail::assign_grad(wk.grad(), c.p.transpose() * dk, mode);
     detail::assign_grad(wv.grad(), c.p.transpose() * dv, mode);
@@ -121,16 +139,23 @@ class CompositionLayer {
 
   /// Decoding (one sequence): appends the new augmenting positions' keys and values to the
   /// caches and returns h + cross-attention of the new anchor positions over all of them.
-  Matrix<T> forward_cached(In<T> h, In<T> a, Matrix<T>& k_cache, Matrix<T>& v_cache) const {
+  /// anchor_start: the anchor's position of h's first row (the augmenting positions continue
+  /// the cache: k_cache.rows(), ...).
+  Matrix<T> forward_cached(In<T> h, In<T> a, Matrix<T>& k_cache, Matrix<T>& v_cache, Index anchor_start = 0) const {
     detail::expect_cols(name(), "anchor states h", h.rows(), h.cols(), d_anchor(), "tokens x anchor width");
     detail::expect_cols(name(), "augmenting states a", a.rows(), a.cols(), d_augment(), "tokens x augmenting width");
     Matrix<T> p = a * proj.value();
     p.rowwise() += proj_bias.value().row(0);
-    append_rows<T>(k_cache, p * wk.value());
+    Matrix<T> k = p * wk.value(), q = h * wq.value();
+    if (rope_) {
+      k = rope_->forward(k, iota_positions(k_cache.rows(), a.rows())).y;
+      q = rope_->forward(q, iota_positions(anchor_start, h.rows())).y;
+    }
+    append_rows<T>(k_cache, k);
     append_rows<T>(v_cache, p * wv.value());
     const CausalAttention<T> attention(AttentionShape{1, h.rows(), heads_, heads_, d_anchor() / heads_, k_cache.rows()});
     Matrix<T> y = h;
-    y.noalias() += attention.forward(h * wq.value(), k_cache, v_cache).y * wo.value();
+    y.noalias() += attention.forward(q, k_cache, v_cache).y * wo.value();
     return y;
   }
 
@@ -141,8 +166,28 @@ class CompositionLayer {
     detail::expect_cols(name(), "augmenting states a", a.rows(), a.cols(), d_augment(), "tokens x augmenting width");
   }
 
+  static std::vector<Index> iota_positions(Index start, Index n) {
+    std::vector<Index> p{};
+    p.resize(std::size_t(n));
+    std::iota(p.begin(), p.end(), start);
+    return p;
+  }
+  std::vector<Index> positions_or_default(std::vector<Index> positions, Index batch, Index seq, const char* model) const {
+    if (!rope_) return {};
+    if (positions.empty()) {
+      positions.resize(std::size_t(batch * seq));
+      for (Index i = 0; i < batch * seq; ++i) positions[std::size_t(i)] = i % seq;
+    }
+    if (Index(positions.size()) != batch * seq)
+      throw shape_error(detail::concat(name(), ": ", positions.size(), " ", model, " positions for ", batch, " x ", seq,
+                                       " tokens"));
+    return positions;
+  }
+
   Index heads_;
   std::optional<CausalAttention<T>> attention_;
+  std::optional<Rotary<T>> rope_;
+  std::vector<Index> anchor_positions_, augment_positions_;
 
  public:
   BOOST_HANA_DEFINE_STRUCT(CompositionLayer, (Param<T>, proj), (Param<T>, proj_bias), (Param<T>, wq), (Param<T>, wk),
@@ -183,7 +228,8 @@ class ComposedModel {
     pairs_ = make_pairs(options);
     const Index heads = Spec::cross_attention::heads ? Spec::cross_attention::heads : anchor.config().heads;
     for (std::size_t k = 0; k < pairs_.size(); ++k)
-      composition.emplace_back(anchor.config().d_model, augment.config().d_model, heads, rng, options.init_stddev);
+      composition.emplace_back(anchor.config().d_model, augment.config().d_model, heads, rng, options.init_stddev,
+                               options.rotary_theta);
   }
   ComposedModel(ComposedModel&&) noexcept = default;
 
@@ -204,7 +250,8 @@ class ComposedModel {
     augment.set_batch(aug_unlabelled);  // checked first: a bad batch leaves the anchor's as it was
     anchor.set_batch(b.anchor);
     const auto& mask = augment.batch().mask;
-    for (auto& layer : composition) layer.set_geometry(b.anchor.batch, b.anchor.seq, aug.seq, mask);
+    for (auto& layer : composition)
+      layer.set_geometry(b.anchor.batch, b.anchor.seq, aug.seq, mask, anchor.positions(), augment.positions());
   }
   void set_batch(const TokenBatch& b) { set_batch(ComposedBatch{b, {}}); }
 
@@ -287,9 +334,10 @@ class ComposedModel {
       for (std::size_t k = 0; k < pairs_.size(); ++k)
         if (pairs_[k].first == i) states[k] = h;
     });
+    const Index anchor_start = cache.anchor.length;
     const Matrix<T> top = anchor.decode_hidden(cache.anchor, ids, [&](Index j, Matrix<T>& h) {
       for (std::size_t k = 0; k < pairs_.size(); ++k)
-        if (pairs_[k].second == j) h = composition[k].forward_cached(h, states[k], cache.k[k], cache.v[k]);
+        if (pairs_[k].second == j) h = composition[k].forward_cached(h, states[k], cache.k[k], cache.v[k], anchor_start);
     });
     return anchor.head_logits(top);
   }
@@ -297,6 +345,21 @@ class ComposedModel {
   std::vector<int> generate(const std::vector<int>& prompt, const SamplingOptions& s) const {
     ComposedCache<T> cache = start_cache();
     return sample_loop<T>(name(), prompt, s, [&](const std::vector<int>& ids) { return decode(cache, ids); });
+  }
+
+  /// Different vocabularies: each model reads its own prompt (the same length), and each token
+  /// the anchor emits is fed to the augmenting model as to_augment(token).
+  template <class ToAugment>
+  std::vector<int> generate(const std::vector<int>& prompt, const std::vector<int>& augment_prompt, const SamplingOptions& s,
+                            ToAugment&& to_augment) const {
+    ComposedCache<T> cache = start_cache();
+    bool first = true;
+    return sample_loop<T>(name(), prompt, s, [&](const std::vector<int>& ids) {
+      if (std::exchange(first, false)) return decode(cache, ids, augment_prompt);
+      std::vector<int> aug(ids.size());
+      std::transform(ids.begin(), ids.end(), aug.begin(), [&](int id) { return int(to_augment(id)); });
+      return decode(cache, ids, aug);
+    });
   }
 
  private:

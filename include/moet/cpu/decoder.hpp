@@ -575,6 +575,8 @@ class DecoderModel {
     loss_ = std::move(loss);
   }
   const TokenBatch& batch() const { return batch_; }
+  /// Each token's position in its sequence (padding skipped), as the embeddings and rotary see it.
+  const std::vector<Index>& positions() const { return positions_; }
 
   /// The current batch as the blocks see it (pointers into this model: made per pass).
   BlockInputs<T> batch_inputs() const {
