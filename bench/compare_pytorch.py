@@ -13,6 +13,11 @@ Two suites of cases, selected with ``--cases layers|model|all`` (or a regex):
   build_calm_xattn); for the cases with a GEMM FLOP count the table is
   followed by each side's GFLOP/s.
 
+* cuda (``--device cuda``): the cases of ``moet_bench_cuda`` on the GPU, bf16,
+  T = 8192 tokens (frozen linear, soft and top-2 MoLoRA, soft MoV), the same
+  eager styles as the layer suite, timed with the device synchronised around
+  every step.
+
 * model: whole training steps of a small GPT-2-shaped model, the cases of
   ``moet_bench_model`` (``train_step/gpt2_small/{frozen,mov10,molora10}``):
   forward, cross-entropy, backward, gradient clipping and AdamW; the table adds
@@ -75,11 +80,13 @@ import torch.nn.functional as F  # noqa: E402
 T = 1024              # tokens per step, same as the C++ benchmark
 NUM_THREADS = 2       # intra-op threads, same as the C++ benchmark
 DTYPE = torch.float32
+DEVICE = "cpu"        # --device cuda switches T, DTYPE and DEVICE to the GPU suite's
 WARMUP_ITERS = 2      # untimed iterations before each style is measured
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MOET_BENCH = REPO_ROOT / "build" / "bench" / "moet_bench_layers"
 DEFAULT_MOET_BENCH_MODEL = REPO_ROOT / "build" / "bench" / "moet_bench_model"
+DEFAULT_MOET_BENCH_CUDA = REPO_ROOT / "build" / "bench" / "moet_bench_cuda"
 
 
 # --------------------------------------------------------------------------
@@ -113,7 +120,7 @@ def register(name: str, builder: Callable[..., dict[str, Style]], *args,
 
 
 def _randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
-    return torch.randn(*shape, dtype=DTYPE) * scale
+    return torch.randn(*shape, dtype=DTYPE, device=DEVICE) * scale
 
 
 def _leaf(t: torch.Tensor, requires_grad: bool = True) -> torch.Tensor:
@@ -322,6 +329,14 @@ def calm_xattn_flops(batch: int, len_b: int, len_a: int, d_b: int, d_a: int, hea
     attention = 2 * batch * heads * len_b * len_a * head_dim   # one of the L_B x L_A x hd products
     return float(linear + 2 * attention + 2 * linear + 4 * attention)
 
+
+# The GPU suite (--device cuda): moet_bench_cuda's cases, built with T = 8192 and bf16.
+CUDA_CASES: dict[str, Callable[[], dict[str, Style]]] = {
+    "frozen_linear/8192/4096/4096": lambda: build_frozen_linear(4096, 4096),
+    "molora_soft/8192/4096/4096/8/16": lambda: build_molora(4096, 4096, 8, 16, False),
+    "molora_top2/8192/4096/4096/64/16": lambda: build_molora(4096, 4096, 64, 16, True),
+    "mov_soft/8192/11008/30": lambda: build_mov(11008, 30),
+}
 
 register("frozen_linear/1024/1024", build_frozen_linear, 1024, 1024)
 register("frozen_linear/1024/4096", build_frozen_linear, 1024, 4096)
@@ -715,14 +730,18 @@ FLOOR_CASE = "train_step/gpt2_small/frozen"
 
 def time_step(step: Callable[[], torch.Tensor], repeats: int, iters: int) -> float:
     """Median (over ``repeats``) of per-iteration medians over ``iters`` steps, in ms."""
+    on_gpu = DEVICE != "cpu"
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     for _ in range(WARMUP_ITERS):
         step()
     medians = []
     for _ in range(repeats):
         samples = []
         for _ in range(iters):
+            sync()
             t0 = time.perf_counter()
             step()
+            sync()
             samples.append(time.perf_counter() - t0)
         medians.append(statistics.median(samples))
     return statistics.median(medians) * 1e3
@@ -739,7 +758,7 @@ def check_styles(name: str, styles: dict[str, Style]) -> None:
             continue
         for what, got, want in (("y", y, ref[0]), ("dx", dx, ref[1])):
             err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
-            status = "ok" if err < 1e-4 else "MISMATCH"
+            status = "ok" if err < (1e-4 if DTYPE == torch.float32 else 3e-2) else "MISMATCH"
             print(f"check {name}: {what} {sname} vs {ref_name}: rel err {err:.2e} {status}",
                   file=sys.stderr)
 
@@ -792,7 +811,7 @@ def check_model_styles(name: str, styles: dict[str, ModelStyle]) -> None:
             if want is None:
                 continue
             err = abs(got[what] - want) / max(abs(want), 1e-30)
-            status = "ok" if err < 1e-4 else "MISMATCH"
+            status = "ok" if err < (1e-4 if DTYPE == torch.float32 else 3e-2) else "MISMATCH"
             print(f"check {name}: {what} {sname} vs {ref_name}: rel err {err:.2e} {status}",
                   file=sys.stderr)
 
@@ -914,8 +933,12 @@ def blas_summary() -> str:
     return f"{info} ({', '.join(sorted(libs))})" if libs else info
 
 
-def header(what: str = f"T={T} float32 fwd+bwd") -> str:
+def header(what: str | None = None) -> str:
     """One line describing the software, threads and ``what`` was timed."""
+    if what is None:
+        what = f"T={T} {str(DTYPE).removeprefix('torch.')} fwd+bwd"
+        if DEVICE != "cpu":
+            what += f" on {torch.cuda.get_device_name()}"
     env = [f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
                                      "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
            if k in os.environ]
@@ -1054,6 +1077,8 @@ def main() -> int:
                     help="moet benchmark binary of the layer cases (default: %(default)s)")
     ap.add_argument("--moet-bench-model", type=Path, default=DEFAULT_MOET_BENCH_MODEL,
                     help="moet benchmark binary of the model cases (default: %(default)s)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cuda: the GPU suite (moet_bench_cuda's cases, bf16, T=8192)")
     ap.add_argument("--cases", default="all",
                     help="'layers', 'model', 'all' (default) or a regex selecting cases (re.search)")
     ap.add_argument("--repeats", type=int, default=5,
@@ -1073,6 +1098,15 @@ def main() -> int:
     # Debugging aid: the model cases at a tiny size, PyTorch only.
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.device == "cuda":
+        global T, DTYPE, DEVICE, CASES, MODEL_CASES
+        if not torch.cuda.is_available():
+            print("--device cuda: torch sees no CUDA device", file=sys.stderr)
+            return 2
+        T, DTYPE, DEVICE = 8192, torch.bfloat16, "cuda"
+        CASES, MODEL_CASES = CUDA_CASES, {}
+        if args.moet_bench == DEFAULT_MOET_BENCH:
+            args.moet_bench = DEFAULT_MOET_BENCH_CUDA
 
     if args.list:
         print("\n".join([*CASES, *MODEL_CASES]))

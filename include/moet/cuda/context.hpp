@@ -1,0 +1,100 @@
+// CudaContext: what every CUDA layer runs on. It owns one non-blocking stream, one cuBLASLt
+// handle, the 32 MiB cuBLASLt workspace Hopper's kernels want, and the cache of cuBLASLt
+// matmul plans (descriptors + the heuristic's algorithm), queried once per shape (matmul.hpp).
+// Layers keep a pointer to their context: it must outlive them and everything they return.
+#pragma once
+
+#include <cublasLt.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "buffer.hpp"
+#include "error.hpp"
+#include "matmul_cache.hpp"
+
+namespace moet {
+
+/// Why no CUDA device can be used here (no driver, no device), or nothing when one can.
+inline std::optional<std::string> cuda_unavailable_reason() {
+  int count = 0;
+  const cudaError_t status = cudaGetDeviceCount(&count);
+  if (status != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky-free error so later calls start clean
+    return detail::concat("cudaGetDeviceCount failed: ", cudaGetErrorName(status), " (", cudaGetErrorString(status), ")");
+  }
+  if (count == 0) return std::string("cudaGetDeviceCount reports no CUDA device");
+  return std::nullopt;
+}
+
+class CudaContext {
+ public:
+  static constexpr std::size_t workspace_bytes = std::size_t(32) << 20;
+
+  /// Uses device `device`; throws moet::cuda_error naming the failing call (cudaGetDeviceCount
+  /// when there is no driver or no device).
+  explicit CudaContext(int device = 0) : device_(device) {
+    int count = 0;
+    MOET_CUDA_CHECK(cudaGetDeviceCount(&count));
+    if (device < 0 || device >= count)
+      throw cuda_error(detail::concat("CudaContext: device ", device, " requested, but cudaGetDeviceCount reports ", count,
+                                      " device(s)"),
+                       int(cudaErrorInvalidDevice));
+    try {
+      MOET_CUDA_CHECK(cudaSetDevice(device));
+      MOET_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+      MOET_CUBLAS_CHECK(cublasLtCreate(&lt_));
+      MOET_CUDA_CHECK(cudaMalloc(&workspace_, workspace_bytes));
+      // Keep freed stream-ordered memory in the pool: steps re-allocate the same sizes.
+      cudaMemPool_t pool;
+      MOET_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, device));
+      std::uint64_t threshold = UINT64_MAX;
+      MOET_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold));
+      cudaDeviceProp prop{};
+      MOET_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+      name_ = prop.name;
+      sm_count_ = prop.multiProcessorCount;
+    } catch (...) {
+      release();
+      throw;
+    }
+  }
+  CudaContext(const CudaContext&) = delete;
+  CudaContext& operator=(const CudaContext&) = delete;
+  ~CudaContext() { release(); }
+
+  int device() const { return device_; }
+  const std::string& device_name() const { return name_; }
+  int sm_count() const { return sm_count_; }
+  cudaStream_t stream() const { return stream_; }
+  cublasLtHandle_t lt() const { return lt_; }
+  void* workspace() const { return workspace_; }
+  cuda_impl::MatmulCache& matmuls() { return cache_; }
+
+  /// Waits for everything queued on the stream; reports a fault of an earlier kernel.
+  void synchronize() const { MOET_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+
+ private:
+  void release() noexcept {
+    cache_.clear();
+    if (stream_) cudaStreamSynchronize(stream_);
+    if (workspace_) cudaFree(workspace_);
+    if (lt_) cublasLtDestroy(lt_);
+    if (stream_) cudaStreamDestroy(stream_);
+    workspace_ = nullptr;
+    lt_ = nullptr;
+    stream_ = nullptr;
+  }
+
+  int device_ = 0;
+  int sm_count_ = 0;
+  std::string name_;
+  cudaStream_t stream_ = nullptr;
+  cublasLtHandle_t lt_ = nullptr;
+  void* workspace_ = nullptr;
+  cuda_impl::MatmulCache cache_;
+};
+
+}  // namespace moet

@@ -1,0 +1,84 @@
+// A frozen linear layer on the GPU, y = x W0 + b: one cuBLASLt GEMM with the bias in its
+// epilogue; backward returns dx = dy W0^T. The floor the CUDA adapters are measured against.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include <boost/hana/define_struct.hpp>
+
+#include "../core/error.hpp"
+#include "../core/tensor.hpp"
+#include "context.hpp"
+#include "matmul.hpp"
+#include "param.hpp"
+
+namespace moet::cuda_impl {
+
+template <class T>
+class FrozenLinear {
+ public:
+  using Scalar = T;
+  using OutputScalar = T;
+
+  struct Context {
+    DeviceMatrix<T> y;  // (tokens, d_out)
+    DeviceView<const T> output() const { return y.view(); }
+    double aux_loss() const { return 0.0; }
+  };
+
+  static std::string name() { return "FrozenLinear"; }
+
+  /// weight: the host (d_in, d_out) W0, converted to T.
+  template <class Derived>
+  FrozenLinear(CudaContext& ctx, const Eigen::MatrixBase<Derived>& weight) : FrozenLinear(ctx, Matrix<double>(weight.template cast<double>()), nullptr) {}
+  /// bias: the host (1, d_out) b.
+  template <class Derived, class DerivedBias>
+  FrozenLinear(CudaContext& ctx, const Eigen::MatrixBase<Derived>& weight, const Eigen::MatrixBase<DerivedBias>& bias)
+      : FrozenLinear(ctx, Matrix<double>(weight.template cast<double>()), std::make_unique<Matrix<double>>(bias.template cast<double>())) {}
+
+  FrozenLinear(FrozenLinear&&) noexcept = default;
+
+  Index d_in() const { return weight.rows(); }
+  Index d_out() const { return weight.cols(); }
+
+  Context forward(DeviceView<const T> x) const {
+    detail::expect_cols(name(), "input x", x.rows, x.cols, d_in(), "tokens x d_in");
+    Context c{DeviceMatrix<T>(x.rows, d_out(), ctx_->stream())};
+    gemm<T, T>(*ctx_, Op::N, x, Op::N, weight.value(), c.y.view(), 1.f, 0.f, bias.size() ? bias.value().data : nullptr);
+    return c;
+  }
+
+  DeviceMatrix<T> backward(const Context& c, DeviceView<const T> x, DeviceView<const T> dy, GradMode) const {
+    detail::expect_shape(name(), "output gradient dy", dy.rows, dy.cols, c.y.rows(), d_out(), "tokens x d_out");
+    DeviceMatrix<T> dx(dy.rows, d_in(), ctx_->stream());
+    gemm<T, T>(*ctx_, Op::N, dy, Op::T, weight.value(), dx.view(), 1.f, 0.f);
+    return dx;
+  }
+
+ private:
+  FrozenLinear(CudaContext& ctx, const Matrix<double>& w, std::unique_ptr<Matrix<double>> b)
+      : ctx_(&ctx),
+        weight_(validated(w).rows(), w.cols(), ctx.stream()),
+        bias_(b ? 1 : 0, b ? w.cols() : 0, ctx.stream()),
+        weight("weight", weight_.view()),
+        bias("bias", bias_.view()) {
+    if (b) detail::expect_shape(name(), "bias", b->rows(), b->cols(), 1, w.cols(), "1 x d_out");
+    upload(weight_.view(), w.data(), w.cols(), ctx.stream());
+    if (b) upload(bias_.view(), b->data(), b->cols(), ctx.stream());
+  }
+
+  static const Matrix<double>& validated(const Matrix<double>& w) {
+    if (w.rows() <= 0 || w.cols() <= 0)
+      throw value_error(detail::concat(name(), ": weight must be non-empty, got shape ", detail::shape_string(w.rows(), w.cols())));
+    return w;
+  }
+
+  CudaContext* ctx_;
+  DeviceMatrix<T> weight_, bias_;
+
+ public:
+  BOOST_HANA_DEFINE_STRUCT(FrozenLinear, (DeviceFrozen<T>, weight), (DeviceFrozen<T>, bias));
+};
+
+}  // namespace moet::cuda_impl

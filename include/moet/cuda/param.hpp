@@ -1,0 +1,117 @@
+// Parameters of the CUDA layers. A DeviceParam<T> is a trainable device matrix of the storage
+// type T with a float32 gradient of the same shape (gradients are accumulated by cuBLASLt in
+// float32 with beta = 1, whatever T is); a DeviceFrozen<T> is a pretrained device matrix. Both
+// are views into a layer's fused buffers, named as on the CPU (router_kernel, lora_down, ...),
+// and layers declare them with BOOST_HANA_DEFINE_STRUCT so that for_each_device_param walks any
+// layer, in the CPU layer's order.
+#pragma once
+
+#include <boost/hana/accessors.hpp>
+#include <boost/hana/concept/struct.hpp>
+#include <boost/hana/define_struct.hpp>
+#include <boost/hana/for_each.hpp>
+#include <boost/hana/second.hpp>
+
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "../core/param.hpp"
+#include "buffer.hpp"
+
+namespace moet {
+
+template <class T>
+class DeviceParam {
+ public:
+  using Scalar = T;
+  DeviceParam(std::string name, DeviceView<T> value, DeviceView<float> grad) : name_(std::move(name)), value_(value), grad_(grad) {}
+
+  const std::string& name() const { return name_; }
+  DeviceView<T> value() const { return value_; }
+  DeviceView<float> grad() const { return grad_; }
+  std::ptrdiff_t rows() const { return value_.rows; }
+  std::ptrdiff_t cols() const { return value_.cols; }
+  std::ptrdiff_t size() const { return value_.rows * value_.cols; }
+
+ private:
+  std::string name_;
+  DeviceView<T> value_;
+  DeviceView<float> grad_;
+};
+
+template <class T>
+class DeviceFrozen {
+ public:
+  using Scalar = T;
+  DeviceFrozen(std::string name, DeviceView<T> value) : name_(std::move(name)), value_(value) {}
+
+  const std::string& name() const { return name_; }
+  DeviceView<const T> value() const { return value_; }
+  /// Writable for loading pretrained weights; training never writes here.
+  DeviceView<T> mutable_value() const { return value_; }
+  std::ptrdiff_t rows() const { return value_.rows; }
+  std::ptrdiff_t cols() const { return value_.cols; }
+  std::ptrdiff_t size() const { return value_.rows * value_.cols; }
+
+ private:
+  std::string name_;
+  DeviceView<T> value_;
+};
+
+namespace cuda_impl {
+
+template <class X>
+struct is_device_param : std::false_type {};
+template <class T>
+struct is_device_param<DeviceParam<T>> : std::true_type {};
+template <class X>
+struct is_device_frozen : std::false_type {};
+template <class T>
+struct is_device_frozen<DeviceFrozen<T>> : std::true_type {};
+
+template <class Object, class OnParam, class OnFrozen>
+void visit_device(Object& object, OnParam& on_param, OnFrozen& on_frozen) {
+  using X = std::remove_const_t<Object>;
+  if constexpr (is_device_param<X>::value) on_param(object);
+  else if constexpr (is_device_frozen<X>::value) on_frozen(object);
+  else if constexpr (boost::hana::Struct<X>::value)
+    boost::hana::for_each(boost::hana::accessors<X>(),
+                          [&](auto accessor) { visit_device(boost::hana::second(accessor)(object), on_param, on_frozen); });
+}
+
+/// Row-major host values (rows * cols) into a device view, converted to T.
+template <class T>
+void upload_values(DeviceView<T> dst, const std::vector<double>& values, cudaStream_t stream) {
+  upload(dst, values.data(), dst.cols, stream);
+}
+
+}  // namespace cuda_impl
+
+/// Calls f(DeviceParam&) for every trainable parameter of a CUDA layer, in declaration order
+/// (the order of the CPU layer's for_each_param).
+template <class Layer, class F>
+void for_each_device_param(Layer& layer, F&& f) {
+  auto ignore = [](auto&) {};
+  cuda_impl::visit_device(layer, f, ignore);
+}
+
+template <class Layer, class F>
+void for_each_device_frozen(Layer& layer, F&& f) {
+  auto ignore = [](auto&) {};
+  cuda_impl::visit_device(layer, ignore, f);
+}
+
+/// Zeroes every parameter gradient of a CUDA layer (asynchronously, on `stream`).
+template <class Layer>
+void zero_device_grad(Layer& layer, cudaStream_t stream) {
+  for_each_device_param(layer, [&](auto& p) {
+    const DeviceView<float> g = p.grad();
+    if (g.rows * g.cols > 0)
+      MOET_CUDA_CHECK(cudaMemset2DAsync(g.data, std::size_t(g.ld) * sizeof(float), 0, std::size_t(g.cols) * sizeof(float),
+                                        std::size_t(g.rows), stream));
+  });
+}
+
+}  // namespace moet

@@ -1,0 +1,105 @@
+// Routing state of the CUDA layers: the device buffers a router's forward leaves for its
+// backward (float32 probabilities, gates, top-k ids, log-sum-exp) and the routing statistics from
+// which the auxiliary losses are formed. As on the CPU, nothing else is kept. Reading the
+// auxiliary losses or the usage copies 2E + 1 numbers to the host (and so waits for the stream).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "../core/error.hpp"
+#include "../router.hpp"
+#include "buffer.hpp"
+#include "kernels.hpp"
+
+namespace moet::cuda_impl {
+
+struct DeviceRouting {
+  RouterOptions options;
+  std::int64_t rows = 0;
+  int experts = 0, k = 0;
+  bool renorm = true;
+  DeviceMatrix<float> probs;     // (rows, E)
+  DeviceMatrix<float> gates;     // (rows, E)
+  DeviceMatrix<int> selected;    // (rows, K)
+  DeviceMatrix<float> lse;       // (rows, 1)
+  DeviceMatrix<double> stats;    // (1, 2E + 1): slots per expert, probability sums, sum of lse^2
+  cudaStream_t stream = nullptr;
+
+  template <class Policy>
+  static DeviceRouting start(std::int64_t rows, int experts, const RouterOptions& options, cudaStream_t stream) {
+    DeviceRouting r;
+    r.options = options;
+    r.rows = rows;
+    r.experts = experts;
+    r.k = Policy::k;
+    r.renorm = Policy::renorm == Renorm::on;
+    r.stream = stream;
+    r.probs = DeviceMatrix<float>(rows, experts, stream);
+    r.gates = DeviceMatrix<float>(rows, experts, stream);
+    r.selected = DeviceMatrix<int>(rows, Policy::k, stream);
+    r.lse = DeviceMatrix<float>(rows, 1, stream);
+    r.stats = DeviceMatrix<double>::zeros(1, 2 * experts + 1, stream);
+    return r;
+  }
+
+  RoutingState state() const {
+    RoutingState s;
+    s.rows = rows;
+    s.experts = experts;
+    s.k = k;
+    s.renorm = renorm;
+    s.probs = const_cast<float*>(probs.data());
+    s.gates = const_cast<float*>(gates.data());
+    s.selected = const_cast<int*>(selected.data());
+    s.lse = const_cast<float*>(lse.data());
+    s.stats = const_cast<double*>(stats.data());
+    s.load_balance_weight = options.load_balance_weight;
+    s.z_loss_weight = options.z_loss_weight;
+    return s;
+  }
+
+  /// Share of routing slots each expert received (f_i).
+  std::vector<double> usage() const {
+    const std::vector<double> s = download(stats.view(), stream);
+    std::vector<double> u(static_cast<std::size_t>(experts), 0.0);
+    const double slots = double(rows) * (k > 0 ? k : 1);
+    if (rows > 0)
+      for (int e = 0; e < experts; ++e) u[e] = s[e] / slots;
+    return u;
+  }
+
+  /// The unweighted auxiliary losses, as cpu_impl::RouterMath::finish forms them.
+  AuxLosses aux() const {
+    AuxLosses a;
+    if (rows == 0) return a;
+    const std::vector<double> s = download(stats.view(), stream);
+    const double slots = double(rows) * (k > 0 ? k : 1);
+    for (int e = 0; e < experts; ++e) a.load_balance += double(experts) * (s[e] / slots) * s[experts + e] / double(rows);
+    a.z_loss = s[2 * experts] / double(rows);
+    return a;
+  }
+
+  double aux_loss() const {
+    if (options.load_balance_weight == 0.0 && options.z_loss_weight == 0.0) return 0.0;
+    const AuxLosses a = aux();
+    return options.load_balance_weight * a.load_balance + options.z_loss_weight * a.z_loss;
+  }
+};
+
+/// The part of every routed CUDA layer's context that reports on routing.
+struct RoutedContext {
+  DeviceRouting routing;
+  double aux_loss() const { return routing.aux_loss(); }
+  AuxLosses aux() const { return routing.aux(); }
+  std::vector<double> expert_usage() const { return routing.usage(); }
+};
+
+template <int E, class Policy>
+constexpr void check_routing_limits() {
+  static_assert(E <= max_experts, "the CUDA backend routes at most 256 experts per mixture");
+  static_assert(Policy::k <= max_top_k, "the CUDA backend's top-k routing keeps at most 8 experts per token");
+}
+
+}  // namespace moet::cuda_impl

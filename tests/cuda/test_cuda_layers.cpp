@@ -1,0 +1,161 @@
+// Every CUDA layer against the CPU layer of the same spec in double, on the same random inputs
+// and parameters: output, routing, input gradients and every parameter gradient, in float, bf16
+// and fp16 (cuda_harness.hpp). Needs a GPU; skipped (exit 77) without one.
+#include <catch2/catch.hpp>
+
+#include "cuda_harness.hpp"
+
+using namespace moet;
+using moet::testing::compare_with_cpu;
+
+namespace {
+
+CudaContext& context() {
+  static CudaContext ctx;
+  return ctx;
+}
+
+/// One input of (tokens, width) normal values.
+auto one_input(Index tokens, Index width) {
+  return [=](Rng& rng) { return std::make_tuple(rng.normal_matrix<double>(tokens, width)); };
+}
+
+RouterOptions reference_router(RouterOptions o) {
+  o.fp32_softmax = false;  // the reference is double end to end
+  return o;
+}
+
+template <class Spec, class T>
+void check_lora(Index d_in, Index d_out, bool bias, RouterOptions router = {}, Index tokens = 16) {
+  Rng rng(11);
+  const Matrix<double> w = moet::testing::detail::rounded<T>(rng.normal_matrix<double>(d_in, d_out, 0.0, 0.5));
+  const Matrix<double> b = moet::testing::detail::rounded<T>(rng.normal_matrix<double>(1, d_out));
+  typename Spec::template layer<double> cpu =
+      bias ? typename Spec::template layer<double>(w, b, rng, {.expert = {.alpha = 3.0}, .router = reference_router(router),
+                                                              .dispatch = Dispatch::dense})
+           : typename Spec::template layer<double>(w, rng, {.expert = {.alpha = 3.0}, .router = reference_router(router),
+                                                           .dispatch = Dispatch::dense});
+  typename Spec::template layer<T, cuda> gpu = bias ? typename Spec::template layer<T, cuda>(context(), w, b, rng, {.expert = {.alpha = 3.0}, .router = router})
+                                                    : typename Spec::template layer<T, cuda>(context(), w, rng, {.expert = {.alpha = 3.0}, .router = router});
+  const auto report = compare_with_cpu<T>(cpu, gpu, context(), rng, one_input(tokens, d_in));
+  INFO(Spec::name() << " " << cuda_impl::type_name<T>() << " d_in " << d_in << " d_out " << d_out << "\n" << report.summary());
+  CHECK(report.ok);
+}
+
+template <class Spec, class T>
+void check_ia3(Index width, IA3::Options expert, RouterOptions router = {}, Index tokens = 16) {
+  Rng rng(12);
+  typename Spec::template layer<double> cpu(width, rng, {.expert = expert, .router = reference_router(router)});
+  typename Spec::template layer<T, cuda> gpu(context(), width, rng, {.expert = expert, .router = router});
+  moet::testing::CompareReport report;
+  if (expert.router_width > 0) {
+    report = compare_with_cpu<T>(cpu, gpu, context(), rng, [&](Rng& r) {
+      return std::make_tuple(r.normal_matrix<double>(tokens, width), r.normal_matrix<double>(tokens, expert.router_width));
+    });
+  } else {
+    report = compare_with_cpu<T>(cpu, gpu, context(), rng, one_input(tokens, width));
+  }
+  INFO(Spec::name() << " " << cuda_impl::type_name<T>() << " width " << width << " heads " << expert.heads << "\n" << report.summary());
+  CHECK(report.ok);
+}
+
+template <class Policy, class T>
+void check_router(Index d_in, Index experts, RouterOptions options = {}) {
+  Rng rng(13);
+  layer<Router<Policy>, double> cpu(d_in, experts, rng, reference_router(options));
+  layer<Router<Policy>, T, cuda> gpu(context(), d_in, experts, rng, options);
+  const auto report = compare_with_cpu<T>(cpu, gpu, context(), rng, one_input(16, d_in));
+  INFO(Router<Policy>::name() << " " << cuda_impl::type_name<T>() << "\n" << report.summary());
+  CHECK(report.ok);
+}
+
+template <class T>
+void check_frozen(Index d_in, Index d_out) {
+  Rng rng(14);
+  const Matrix<double> w = moet::testing::detail::rounded<T>(rng.normal_matrix<double>(d_in, d_out, 0.0, 0.5));
+  const Matrix<double> b = moet::testing::detail::rounded<T>(rng.normal_matrix<double>(1, d_out));
+  layer<FrozenLinear, double> cpu(w, b);
+  layer<FrozenLinear, T, cuda> gpu(context(), w, b);
+  const auto report = compare_with_cpu<T>(cpu, gpu, context(), rng, one_input(16, d_in));
+  INFO("FrozenLinear " << cuda_impl::type_name<T>() << "\n" << report.summary());
+  CHECK(report.ok);
+}
+
+const RouterOptions with_aux{.load_balance_weight = 0.3, .z_loss_weight = 0.05};
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("CUDA frozen linear matches the CPU", "[cuda]", float, bf16, fp16) {
+  check_frozen<TestType>(24, 40);
+  check_frozen<TestType>(19, 13);  // odd sizes: unaligned rows for cuBLASLt
+}
+
+TEMPLATE_TEST_CASE("CUDA routers match the CPU", "[cuda]", float, bf16) {
+  check_router<Soft, TestType>(24, 6, with_aux);
+  check_router<TopK<2>, TestType>(24, 8, with_aux);
+  check_router<TopK<3, Renorm::off>, TestType>(20, 7, {.z_loss_weight = 0.1});
+  check_router<TopK<2>, TestType>(16, 70, with_aux);  // two experts per lane
+}
+
+TEMPLATE_TEST_CASE("CUDA MoLoRA matches the CPU", "[cuda]", float, bf16, fp16) {
+  check_lora<Mixture<Router<Soft>, Expert<LoRA<2>>, 4>, TestType>(24, 32, true, with_aux);
+  check_lora<Mixture<Router<TopK<2>>, Expert<LoRA<4>>, 8>, TestType>(32, 24, false, with_aux);
+  check_lora<Mixture<Router<TopK<3, Renorm::off>>, Expert<LoRA<3>>, 6>, TestType>(20, 20, true);
+  check_lora<Mixture<Router<TopK<2>>, Expert<LoRA<2>>, 40>, TestType>(16, 24, false, with_aux);  // E > 32
+  check_lora<Mixture<Router<Soft>, Expert<LoRA<1>>, 1>, TestType>(12, 9, true);                   // one expert
+}
+
+TEMPLATE_TEST_CASE("CUDA MoV matches the CPU", "[cuda]", float, bf16, fp16) {
+  using SoftMoV = Mixture<Router<Soft>, Expert<IA3>, 5>;
+  using Top2MoV = Mixture<Router<TopK<2>>, Expert<IA3>, 6>;
+  using Top2Off = Mixture<Router<TopK<2, Renorm::off>>, Expert<IA3>, 4>;
+  check_ia3<SoftMoV, TestType>(24, {.init_stddev = 0.1}, with_aux);
+  check_ia3<Top2MoV, TestType>(32, {.heads = 4, .init_stddev = 0.1}, with_aux);  // per-head routing
+  check_ia3<Top2Off, TestType>(16, {.heads = 2, .router_width = 12, .init_stddev = 0.1});  // external router input
+  check_ia3<Mixture<Router<Soft>, Expert<IA3>, 20>, TestType>(300, {.init_stddev = 0.1});   // > 256 columns, E > 16
+}
+
+TEST_CASE("CUDA MoLoRA starts from the same parameters as the CPU for the same seed", "[cuda]") {
+  using Spec = Mixture<Router<TopK<2>>, Expert<LoRA<4>>, 8>;
+  Rng w_rng(3);
+  const Matrix<float> w = w_rng.normal_matrix<float>(16, 24);
+  Rng cpu_rng(5), gpu_rng(5);
+  Spec::layer<float> cpu(w, cpu_rng);
+  Spec::layer<float, cuda> gpu(context(), w, gpu_rng);
+  std::vector<Matrix<double>> cpu_values;
+  for_each_param(cpu, [&](auto& p) { cpu_values.emplace_back(p.value().template cast<double>()); });
+  std::size_t i = 0;
+  for_each_device_param(gpu, [&](auto& p) {
+    REQUIRE(i < cpu_values.size());
+    CHECK(moet::testing::detail::download_matrix<float>(p.value(), context().stream()) == cpu_values[i]);
+    ++i;
+  });
+  CHECK(i == cpu_values.size());
+}
+
+TEST_CASE("cuBLASLt heuristics are queried once per problem", "[cuda]") {
+  using Spec = Mixture<Router<Soft>, Expert<LoRA<4>>, 4>;
+  Rng rng(6);
+  Spec::layer<bf16, cuda> gpu(context(), Matrix<float>::Random(64, 64), rng);
+  DeviceMatrix<bf16> x = moet::testing::detail::upload_matrix<bf16>(rng.normal_matrix<double>(32, 64), context().stream());
+  auto step = [&] {
+    const auto c = gpu.forward(x);
+    gpu.backward(c, x, c.output(), accumulate);
+  };
+  step();
+  const auto queries = context().matmuls().heuristic_queries();
+  for (int i = 0; i < 3; ++i) step();
+  context().synchronize();
+  CHECK(context().matmuls().heuristic_queries() == queries);
+}
+
+TEST_CASE("CUDA layers reject wrong shapes with the CPU's messages", "[cuda]") {
+  using Spec = Mixture<Router<TopK<2>>, Expert<LoRA<4>>, 8>;
+  Rng rng(7);
+  Spec::layer<float, cuda> gpu(context(), Matrix<float>::Random(16, 24), rng);
+  DeviceMatrix<float> x(4, 15, context().stream());
+  CHECK_THROWS_AS(gpu.forward(x), shape_error);
+  CHECK_THROWS_WITH(gpu.forward(x), Catch::Contains("input x has shape (4, 15), expected (*, 16)"));
+  CHECK_THROWS_AS((Spec::layer<float, cuda>(context(), Matrix<float>::Random(16, 24), rng, {.dispatch = Dispatch::grouped})),
+                  value_error);
+}
