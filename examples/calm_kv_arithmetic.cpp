@@ -34,8 +34,10 @@ namespace {
 
 // --- the character vocabulary ------------------------------------------------------------------
 constexpr int plus = 10, minus = 11, equals = 12, first_key = 13, key_count = 200, bos = first_key + key_count, eos = bos + 1,
-              pad = bos + 2, vocab = bos + 3;
+              pad = bos + 2, unknown = bos + 3, vocab = bos + 4;
 constexpr Index seq = 16;
+
+bool is_key(int id) { return id >= first_key && id < first_key + key_count; }
 
 struct Task {
   std::vector<int> prompt, answer;  // answer ends with eos
@@ -107,24 +109,59 @@ TokenBatch make_batch(const std::vector<Task>& tasks) {
       b.ids.push_back(real ? ids[std::size_t(i)] : pad);
       b.mask.push_back(real);
       bool predicts_answer = i + 1 >= Index(t.prompt.size()) && i + 1 < Index(ids.size());
-      if (predicts_answer && t.interleaved) predicts_answer = ids[std::size_t(i)] >= first_key && ids[std::size_t(i)] < first_key + key_count;
+      if (predicts_answer && t.interleaved) predicts_answer = is_key(ids[std::size_t(i)]);
       b.labels.push_back(predicts_answer ? ids[std::size_t(i + 1)] : -100);
     }
   }
   return b;
 }
 
-/// Exact match: the greedy answer; for KV-SUBS, the three values predicted after their keys.
+/// m_B's tokenizer knows no keys: it reads every key as the one symbol `unknown` (a symbol it
+/// never saw in training), so a key's identity reaches it only through the composition.
+/// --same-ids turns this off: m_B then reads the keys' own (never trained) ids.
+bool anchor_reads_unknown = true;
+std::vector<int> anchor_view(std::vector<int> ids) {
+  if (anchor_reads_unknown)
+    for (int& id : ids) id = is_key(id) ? unknown : id;
+  return ids;
+}
+TokenBatch anchor_view(TokenBatch b) {
+  b.ids = anchor_view(std::move(b.ids));
+  return b;
+}
+
 template <class Model>
-double accuracy(Model& model, const std::vector<Task>& tasks) {
+constexpr bool composed = requires(Model& m) { m.pairs(); };
+
+/// What each model reads: m_A the ids, m_B its view of them, the composed pair both.
+template <class Model>
+std::vector<int> answer(const Model& model, const std::vector<int>& prompt, int max_new_tokens, bool raw_ids) {
+  const SamplingOptions greedy{.max_new_tokens = max_new_tokens, .eos = eos};
+  if constexpr (composed<Model>)
+    return model.generate(anchor_view(prompt), prompt, greedy, [](int id) { return id; });  // it emits no keys
+  else
+    return model.generate(raw_ids ? prompt : anchor_view(prompt), greedy);
+}
+template <class Model>
+Matrix<float> logits_of(Model& model, const TokenBatch& b, bool raw_ids) {
+  if constexpr (composed<Model>)
+    return model.logits(ComposedBatch{anchor_view(b), b});
+  else
+    return model.logits(raw_ids ? b : anchor_view(b));
+}
+
+/// Exact match: the greedy answer; for KV-SUBS, the three values predicted after their keys.
+/// raw_ids: the model reads the ids themselves (m_A), not the anchor's view of them (m_B).
+template <class Model>
+double accuracy(Model& model, const std::vector<Task>& tasks, bool raw_ids = false) {
   int right = 0;
   for (const Task& t : tasks) {
     if (!t.interleaved) {
-      right += model.generate(t.prompt, {.max_new_tokens = int(t.answer.size()), .eos = eos}) == t.answer;
+      right += answer(model, t.prompt, int(t.answer.size()), raw_ids) == t.answer;
       continue;
     }
     const TokenBatch b = make_batch({t});
-    const Matrix<float> logits = model.logits(b);
+    const Matrix<float> logits = logits_of(model, b, raw_ids);
     bool all = true;
     for (Index i = 0; i < seq; ++i)
       if (b.labels[std::size_t(i)] >= 0) {
@@ -137,11 +174,34 @@ double accuracy(Model& model, const std::vector<Task>& tasks) {
   return 100.0 * right / double(tasks.size());
 }
 
+/// How often m_A's prediction at a key of a KV-MATH prompt is that key's value: what the
+/// composition can read from it (m_A was trained with each value right after its key).
+double values_at_keys(Decoder<GPT2>::model<float>& m_a, const World& w, const std::vector<Task>& tasks) {
+  int right = 0, total = 0;
+  for (const Task& t : tasks) {
+    const TokenBatch b = make_batch({Task{t.prompt, {}, false}});
+    const Matrix<float> logits = m_a.logits(b);
+    for (std::size_t i = 0; i < t.prompt.size(); ++i)
+      if (is_key(t.prompt[i])) {
+        Index best;
+        logits.row(Index(i)).maxCoeff(&best);
+        right += best == w.values[std::size_t(t.prompt[i] - first_key)], ++total;
+      }
+  }
+  return 100.0 * right / std::max(1, total);
+}
+
+/// --shared-embeddings: both models share one (frozen, unit-scale) embedding table, so what m_A
+/// predicts at a key (its value; m_A ties its LM head to the table) points along the very vector
+/// m_B reads for that digit. By default each model has its own random table.
+bool shared_embeddings = false;
+
 struct Settings {
   bool quick = false;
   std::uint64_t seed = 1;
   int pretrain_steps = 3000, compose_steps = 1500, batch = 64, eval = 300;
   double lr = 3e-3;
+  double rotary_theta = 0;  // rotary positions in the cross-attention (0: plain, as in the paper)
   std::string loss_csv, bases;  // bases: keep the trained m_A, m_B there and reuse them if present
   std::vector<std::pair<Index, Index>> pairs{{3, 0}, {3, 1}};  // (m_A layer, m_B layer)
 };
@@ -166,7 +226,8 @@ void pretrain(const char* name, const io::ModelConfig& config, Kind kind, const 
                                         at<o, LoRAAdapter<32>>, at<ffn_up, LoRAAdapter<32>>, at<ffn_down, LoRAAdapter<32>>>>;
   Rng rng(s.seed * 100 + std::uint64_t(kind));
   typename Trainable::template model<float> model(config, rng, {.lora_init_stddev = 0.1});
-  rng.fill_normal(model.wte.table.mutable_value(), 0.0, 1.0);
+  Rng table_rng(s.seed * 100 + (shared_embeddings ? 0 : 50 + std::uint64_t(kind)));
+  table_rng.fill_normal(model.wte.table.mutable_value(), 0.0, 1.0);
   std::vector<int> all(w.keys.size());
   std::iota(all.begin(), all.end(), 0);
   const AdamWOptions adam{.lr = 3e-3};
@@ -175,7 +236,8 @@ void pretrain(const char* name, const io::ModelConfig& config, Kind kind, const 
   for (int step = 1; step <= s.pretrain_steps; ++step) {
     std::vector<Task> tasks;
     for (int i = 0; i < s.batch; ++i) tasks.push_back(make_task(kind, w, all, rng));
-    loss = model.train_step(make_batch(tasks), optimizer, 1.0).loss;
+    const TokenBatch b = make_batch(tasks);
+    loss = model.train_step(kind == Kind::num_math ? anchor_view(b) : b, optimizer, 1.0).loss;
     if (step % 300 == 0) {
       model.merge_lora_into_base(rng);
       optimizer = AdamW<float>(adam);
@@ -200,8 +262,14 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--lr") && i + 1 < argc) s.lr = std::stod(argv[++i]);
     else if (!std::strcmp(argv[i], "--steps") && i + 1 < argc) s.compose_steps = std::stoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--pairs") && i + 1 < argc) s.pairs = parse_pairs(argv[++i]);
+    else if (!std::strcmp(argv[i], "--same-ids")) anchor_reads_unknown = false;
+    else if (!std::strcmp(argv[i], "--shared-embeddings")) shared_embeddings = true;
+    else if (!std::strcmp(argv[i], "--rotary") && i + 1 < argc) s.rotary_theta = std::stod(argv[++i]);
     else {
-      std::fprintf(stderr, "usage: %s [--quick] [--seed N] [--loss-csv FILE] [--bases DIR] [--lr X] [--steps N] [--pairs i:j,...]\n", argv[0]);
+      std::fprintf(stderr,
+                   "usage: %s [--quick] [--seed N] [--loss-csv FILE] [--bases DIR] [--lr X] [--steps N] [--pairs i:j,...] "
+                   "[--same-ids] [--shared-embeddings] [--rotary THETA (0: plain cross-attention)]\n",
+                   argv[0]);
       return 2;
     }
   }
@@ -213,7 +281,7 @@ int main(int argc, char** argv) {
   io::ModelConfig a_config;  // m_A: GPT-2 shape
   a_config.architecture = io::Architecture::gpt2;
   a_config.vocab = vocab, a_config.d_model = 64, a_config.layers = 4, a_config.heads = 4, a_config.kv_heads = 4;
-  a_config.d_ff = 256, a_config.max_positions = seq;
+  a_config.d_ff = 256, a_config.max_positions = seq, a_config.tied_embeddings = true;
   io::ModelConfig b_config = a_config;  // m_B: Llama shape
   b_config.architecture = io::Architecture::llama, b_config.d_ff = 172, b_config.kv_heads = 2, b_config.tied_embeddings = true;
 
@@ -233,8 +301,10 @@ int main(int argc, char** argv) {
   auto m_a = load_pretrained<Decoder<GPT2>, float>(root / "m_A", compose_rng);
   Composed::model<float> calm(load_pretrained<Decoder<Llama>, float>(root / "m_B", compose_rng),
                               load_pretrained<Decoder<GPT2>, float>(root / "m_A", compose_rng), compose_rng,
-                              {.pairs = s.pairs});
-  std::printf("== composing: %s; pairs (m_A layer, m_B layer):", parameter_report(calm).c_str());
+                              {.pairs = s.pairs, .rotary_theta = s.rotary_theta});
+  std::printf("== composing: %s; %s cross-attention; m_B reads %s; pairs (m_A layer, m_B layer):",
+              parameter_report(calm).c_str(), s.rotary_theta > 0 ? "rotary" : "plain",
+              anchor_reads_unknown ? "every key as one unknown symbol" : "the keys' own ids");
   for (auto [i, j] : calm.pairs()) std::printf(" (%lld, %lld)", (long long)i, (long long)j);
   std::printf("\n");
 
@@ -248,7 +318,8 @@ int main(int argc, char** argv) {
   for (int step = 1; step <= s.compose_steps; ++step) {
     std::vector<Task> tasks;
     for (int i = 0; i < s.batch; ++i) tasks.push_back(make_task(Kind::kv_math, w, w.train_keys, compose_rng));
-    const double loss = calm.train_step(make_batch(tasks), optimizer, 1.0).loss;
+    const TokenBatch b = make_batch(tasks);
+    const double loss = calm.train_step(ComposedBatch{anchor_view(b), b}, optimizer, 1.0).loss;
     if (csv.is_open()) csv << step << "," << loss << "\n";
     if (step <= window) first_losses += loss / window;
     if (step > s.compose_steps - window) last_losses += loss / window;
@@ -268,9 +339,11 @@ int main(int argc, char** argv) {
   double table[3][3];
   for (int r = 0; r < 3; ++r) {
     const auto t = tasks(rows[r].second);
-    table[r][0] = accuracy(m_a, t), table[r][1] = accuracy(m_b, t), table[r][2] = accuracy(calm, t);
+    table[r][0] = accuracy(m_a, t, true), table[r][1] = accuracy(m_b, t), table[r][2] = accuracy(calm, t);
     std::printf("| %s | %5.1f | %5.1f | %8.1f |\n", rows[r].first, table[r][0], table[r][1], table[r][2]);
   }
+  std::printf("m_A's next-token prediction at the keys of the KV-MATH prompts is the key's value: %.1f %%\n",
+              values_at_keys(m_a, w, tasks(Kind::kv_math)));
   std::printf("composition loss: mean of the first %d steps %.4f, of the last %d steps %.4f\n", window, first_losses, window,
               last_losses);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
