@@ -130,6 +130,16 @@ struct IA3 {
     Index heads = 1;         ///< >1: per-head routing and per-head vectors (keys, values)
     Index router_width = 0;  ///< 0: the router reads the scaled activation itself; else the width of the caller's router input
     double init_stddev = 0;  ///< noise added to the initial ones (0: the mixture starts as the identity)
+
+    /// Checks the options for an activation of `width` columns (every backend's IA3 mixture).
+    void validate(const std::string& layer, Index width) const {
+      detail::expect_positive(layer, "width", width);
+      detail::expect_positive(layer, "heads", heads);
+      if (width % heads != 0) throw value_error(detail::concat(layer, ": width ", width, " is not a multiple of heads ", heads));
+      if (router_width < 0) throw value_error(detail::concat(layer, ": router_width must be >= 0, got ", router_width));
+      if (!(init_stddev >= 0.0))
+        throw value_error(detail::concat(layer, ": init_stddev must be finite and >= 0, got ", init_stddev));
+    }
   };
   static std::string name() { return "IA3"; }
 };

@@ -73,6 +73,16 @@ struct RouterOptions {
   }
 };
 
+namespace detail {
+/// The checks every backend's router layer makes on its shape.
+template <class Policy>
+void check_router_shape(const std::string& layer, long d_in, long experts) {
+  expect_positive(layer, "d_in", d_in);
+  expect_positive(layer, "number of experts E", experts);
+  if (Policy::k > experts) throw value_error(concat(layer, ": needs at least ", Policy::k, " experts, got ", experts));
+}
+}  // namespace detail
+
 /// Values of the auxiliary losses of one forward pass, unweighted.
 struct AuxLosses {
   double load_balance = 0.0;  ///< E * sum_i f_i P_i  (1 when perfectly balanced)

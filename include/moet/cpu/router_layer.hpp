@@ -55,10 +55,7 @@ class RouterLayer {
 
  private:
   static const RouterOptions& validated(Index d_in, Index experts, const RouterOptions& options) {
-    detail::expect_positive(name(), "d_in", d_in);
-    detail::expect_positive(name(), "number of experts E", experts);
-    if (Policy::k > experts)
-      throw value_error(detail::concat(name(), ": needs at least ", Policy::k, " experts, got ", experts));
+    detail::check_router_shape<Policy>(name(), d_in, experts);
     options.validate(name());
     return options;
   }

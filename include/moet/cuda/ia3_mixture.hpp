@@ -119,14 +119,7 @@ class Ia3Mixture {
  private:
   static const Options& validated(Index width, const Options& options) {
     check_routing_limits<E, Policy>();
-    detail::expect_positive(name(), "width", width);
-    detail::expect_positive(name(), "heads", options.expert.heads);
-    if (width % options.expert.heads != 0)
-      throw value_error(detail::concat(name(), ": width ", width, " is not a multiple of heads ", options.expert.heads));
-    if (options.expert.router_width < 0)
-      throw value_error(detail::concat(name(), ": router_width must be >= 0, got ", options.expert.router_width));
-    if (!(options.expert.init_stddev >= 0.0))
-      throw value_error(detail::concat(name(), ": init_stddev must be finite and >= 0, got ", options.expert.init_stddev));
+    options.expert.validate(name(), width);
     options.router.validate(name());
     return options;
   }

@@ -22,42 +22,48 @@
 
 namespace moet {
 
+namespace cuda_impl {
+/// What a trainable and a frozen device tensor share: a name and a view of the values.
 template <class T>
-class DeviceParam {
+class NamedDeviceTensor {
  public:
   using Scalar = T;
-  DeviceParam(std::string name, DeviceView<T> value, DeviceView<float> grad) : name_(std::move(name)), value_(value), grad_(grad) {}
+  NamedDeviceTensor(std::string name, DeviceView<T> value) : name_(std::move(name)), value_(value) {}
 
   const std::string& name() const { return name_; }
-  DeviceView<T> value() const { return value_; }
-  DeviceView<float> grad() const { return grad_; }
   std::ptrdiff_t rows() const { return value_.rows; }
   std::ptrdiff_t cols() const { return value_.cols; }
   std::ptrdiff_t size() const { return value_.rows * value_.cols; }
 
- private:
+ protected:
   std::string name_;
   DeviceView<T> value_;
+};
+}  // namespace cuda_impl
+
+/// A trained device tensor: values of T, a float32 gradient of the same shape.
+template <class T>
+class DeviceParam : public cuda_impl::NamedDeviceTensor<T> {
+ public:
+  DeviceParam(std::string name, DeviceView<T> value, DeviceView<float> grad)
+      : cuda_impl::NamedDeviceTensor<T>(std::move(name), value), grad_(grad) {}
+
+  DeviceView<T> value() const { return this->value_; }
+  DeviceView<float> grad() const { return grad_; }
+
+ private:
   DeviceView<float> grad_;
 };
 
+/// A frozen device tensor (pretrained weights).
 template <class T>
-class DeviceFrozen {
+class DeviceFrozen : public cuda_impl::NamedDeviceTensor<T> {
  public:
-  using Scalar = T;
-  DeviceFrozen(std::string name, DeviceView<T> value) : name_(std::move(name)), value_(value) {}
+  using cuda_impl::NamedDeviceTensor<T>::NamedDeviceTensor;
 
-  const std::string& name() const { return name_; }
-  DeviceView<const T> value() const { return value_; }
+  DeviceView<const T> value() const { return this->value_; }
   /// Writable for loading pretrained weights; training never writes here.
-  DeviceView<T> mutable_value() const { return value_; }
-  std::ptrdiff_t rows() const { return value_.rows; }
-  std::ptrdiff_t cols() const { return value_.cols; }
-  std::ptrdiff_t size() const { return value_.rows * value_.cols; }
-
- private:
-  std::string name_;
-  DeviceView<T> value_;
+  DeviceView<T> mutable_value() const { return this->value_; }
 };
 
 namespace cuda_impl {

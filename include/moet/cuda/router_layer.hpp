@@ -72,10 +72,7 @@ class RouterLayer {
 
  private:
   static const RouterOptions& validated(Index d_in, Index experts, const RouterOptions& options) {
-    detail::expect_positive(name(), "d_in", d_in);
-    detail::expect_positive(name(), "number of experts E", experts);
-    if (Policy::k > experts)
-      throw value_error(detail::concat(name(), ": needs at least ", Policy::k, " experts, got ", experts));
+    detail::check_router_shape<Policy>(name(), d_in, experts);
     if (experts > max_experts)
       throw value_error(detail::concat(name(), ": the CUDA backend routes at most ", max_experts, " experts, got ", experts));
     static_assert(Policy::k <= max_top_k, "the CUDA backend's top-k routing keeps at most 8 experts per token");
