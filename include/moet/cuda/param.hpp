@@ -6,18 +6,13 @@
 // layer, in the CPU layer's order.
 #pragma once
 
-#include <boost/hana/accessors.hpp>
-#include <boost/hana/concept/struct.hpp>
-#include <boost/hana/define_struct.hpp>
-#include <boost/hana/for_each.hpp>
-#include <boost/hana/second.hpp>
-
 #include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "../core/param.hpp"
+#include "../core/visit.hpp"
 #include "buffer.hpp"
 
 namespace moet {
@@ -66,47 +61,24 @@ class DeviceFrozen : public cuda_impl::NamedDeviceTensor<T> {
   DeviceView<T> mutable_value() const { return this->value_; }
 };
 
-namespace cuda_impl {
-
-template <class X>
-struct is_device_param : std::false_type {};
+// The generic walk (core/visit.hpp) reports device tensors as it reports host ones.
+namespace detail {
 template <class T>
-struct is_device_param<DeviceParam<T>> : std::true_type {};
-template <class X>
-struct is_device_frozen : std::false_type {};
+struct is_param<DeviceParam<T>> : std::true_type {};
 template <class T>
-struct is_device_frozen<DeviceFrozen<T>> : std::true_type {};
-
-template <class Object, class OnParam, class OnFrozen>
-void visit_device(Object& object, OnParam& on_param, OnFrozen& on_frozen) {
-  using X = std::remove_const_t<Object>;
-  if constexpr (is_device_param<X>::value) on_param(object);
-  else if constexpr (is_device_frozen<X>::value) on_frozen(object);
-  else if constexpr (boost::hana::Struct<X>::value)
-    boost::hana::for_each(boost::hana::accessors<X>(),
-                          [&](auto accessor) { visit_device(boost::hana::second(accessor)(object), on_param, on_frozen); });
-}
-
-/// Row-major host values (rows * cols) into a device view, converted to T.
-template <class T>
-void upload_values(DeviceView<T> dst, const std::vector<double>& values, cudaStream_t stream) {
-  upload(dst, values.data(), dst.cols, stream);
-}
-
-}  // namespace cuda_impl
+struct is_frozen<DeviceFrozen<T>> : std::true_type {};
+}  // namespace detail
 
 /// Calls f(DeviceParam&) for every trainable parameter of a CUDA layer, in declaration order
-/// (the order of the CPU layer's for_each_param).
+/// (the order of the CPU layer's for_each_param): for_each_param, named for the device.
 template <class Layer, class F>
 void for_each_device_param(Layer& layer, F&& f) {
-  auto ignore = [](auto&) {};
-  cuda_impl::visit_device(layer, f, ignore);
+  for_each_param(layer, f);
 }
 
 template <class Layer, class F>
 void for_each_device_frozen(Layer& layer, F&& f) {
-  auto ignore = [](auto&) {};
-  cuda_impl::visit_device(layer, ignore, f);
+  for_each_frozen(layer, f);
 }
 
 /// Zeroes every parameter gradient of a CUDA layer (asynchronously, on `stream`).
