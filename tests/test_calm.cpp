@@ -1,6 +1,7 @@
 // CALM: the composition layer and a whole composed pair of 2-layer decoders pass the gradient
 // harness in double; a fresh composition is exactly the anchor; training changes nothing but the
-// composition layers; cached decoding equals full forwards; bad pairs and batches are rejected.
+// composition layers; pairs may read or write the embeddings (layer -1); cached decoding equals
+// full forwards; bad pairs and batches are rejected.
 #include <catch2/catch.hpp>
 
 #include <moet/models.hpp>
@@ -88,6 +89,39 @@ TEST_CASE("A composed pair of 2-layer models passes the gradient check", "[grad]
   REQUIRE(report.checked > 300);
 }
 
+TEST_CASE("Layer -1 pairs (embeddings) pass the gradient check, train, and decode like full forwards", "[grad][calm]") {
+  using Listed = Compose<Decoder<Llama>, Decoder<GPT2>, CrossAttention<>, FromOptions>;
+  Rng rng(6);
+  // m_A's embeddings into m_B's embedding stream, and m_A's layer 1 after m_B's block 0.
+  Listed::model<double> pair(llama_config(2), gpt2_config(2), rng, {.pairs = {{1, 0}, {-1, -1}}, .init_stddev = 0.3});
+  REQUIRE(pair.pairs() == std::vector<std::pair<Index, Index>>{{-1, -1}, {1, 0}});
+  pair.set_batch(batch());
+  testing::GradCheckOptions o;
+  o.max_entries_per_tensor = 30;
+  const auto report = testing::check_gradients(
+      pair, rng, std::make_tuple(rng.normal_matrix<double>(10, 8), rng.normal_matrix<double>(20, 6)), o);
+  INFO(report.summary());
+  REQUIRE(report.ok);
+  REQUIRE(report.checked > 300);
+
+  // Training from the loss reaches the composition below m_B's first block.
+  const Matrix<double> wo_before = pair.composition[0].wo.value();
+  AdamW<double> optimizer({.lr = 1e-2});
+  pair.train_step(batch(), optimizer);
+  REQUIRE(pair.composition[0].wo.value() != wo_before);
+
+  for_each_param(pair, [&](auto& p) { rng.fill_normal(p.value(), 0.0, 0.3); });
+  const std::vector<int> tokens{1, 4, 2, 7, 3};
+  const Matrix<double> expected = pair.logits(TokenBatch{1, 5, tokens, {}, {}});
+  REQUIRE(!expected.isApprox(pair.anchor.logits(TokenBatch{1, 5, tokens, {}, {}}), 1e-6));  // the compositions act
+  auto cache = pair.start_cache();
+  Matrix<double> got(5, 13);
+  got.topRows(2) = pair.decode(cache, {1, 4});
+  for (int t = 2; t < 5; ++t) got.row(t) = pair.decode(cache, {tokens[std::size_t(t)]});
+  INFO("max difference " << (got - expected).cwiseAbs().maxCoeff());
+  REQUIRE(got.isApprox(expected, 1e-12));
+}
+
 TEST_CASE("A fresh composition is exactly the anchor; training touches only the composition", "[calm]") {
   Rng rng(3);
   using Every2 = Compose<Decoder<Llama>, Decoder<GPT2>, CrossAttention<4>, Every<2>>;
@@ -155,7 +189,10 @@ TEST_CASE("Bad compositions and batches are rejected with a clear message", "[ca
                       Contains("4 composition layers need the augmenting model's layer count to be a multiple of 4, got 3"));
   using Listed = Compose<Decoder<Llama>, Decoder<GPT2>, CrossAttention<>, FromOptions>;
   REQUIRE_THROWS_WITH(Listed::model<float>(llama_config(2), gpt2_config(2), rng, {.pairs = {{0, 1}, {2, 1}}}),
-                      Contains("composition pair (2, 1) names a layer that does not exist"));
+                      Contains("composition pair (2, 1) names a layer that does not exist: the augmenting model has "
+                               "layers -1..1, the anchor -1..1 (-1: the embeddings)"));
+  REQUIRE_THROWS_WITH(Listed::model<float>(llama_config(2), gpt2_config(2), rng, {.pairs = {{0, -2}}}),
+                      Contains("composition pair (0, -2) names a layer that does not exist"));
   REQUIRE_THROWS_AS(Listed::model<float>(llama_config(2), gpt2_config(2), rng, {.pairs = {}}), value_error);
   REQUIRE_THROWS_WITH(Listed::model<float>(llama_config(2), gpt2_config(2), rng, {.pairs = {{0, 0}}, .rotary_theta = -1}),
                       Contains("rope theta must be > 1, got -1"));

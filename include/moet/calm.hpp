@@ -9,7 +9,9 @@
 //
 // Every<K>: a composition layer after every K-th anchor layer (n = N_B / K of them), reading
 // m_A's layers spaced N_A / n apart: pair k is (i, j) = ((k+1) N_A/n - 1, (k+1) K - 1).
-// FromOptions: the (i, j) pairs are given at run time in ComposeOptions::pairs.
+// FromOptions: the (i, j) pairs are given at run time in ComposeOptions::pairs; layer -1 names
+// a model's embeddings (i = -1: m_A's token embeddings are read; j = -1: the composition writes
+// into m_B's embedding stream, before its first block).
 // CrossAttention<H>: H heads (0: as many as the anchor has).
 #pragma once
 
@@ -38,7 +40,7 @@ struct Every {
 struct FromOptions {};
 
 struct ComposeOptions {
-  std::vector<std::pair<Index, Index>> pairs;  ///< (augment layer i, anchor layer j); used with FromOptions
+  std::vector<std::pair<Index, Index>> pairs;  ///< (augment layer i, anchor layer j), -1: embeddings; FromOptions
   double init_stddev = 0.02;                   ///< projections and W_q, W_k, W_v; W_O starts at zero
   /// Rotary positions in the cross-attention (0: none, the paper's plain attention). Queries are
   /// rotated by the anchor's positions and keys by the augmenting model's, so a score depends on

@@ -381,9 +381,10 @@ class ComposedModel {
       for (Index k = 0; k < n; ++k) pairs.emplace_back((k + 1) * (NA / n) - 1, (k + 1) * K - 1);
     }
     for (const auto& [i, j] : pairs)
-      if (i < 0 || i >= NA || j < 0 || j >= NB)
+      if (i < -1 || i >= NA || j < -1 || j >= NB)
         throw value_error(detail::concat(name(), ": composition pair (", i, ", ", j, ") names a layer that does not exist: the "
-                                                 "augmenting model has layers 0..", NA - 1, ", the anchor 0..", NB - 1));
+                                                 "augmenting model has layers -1..", NA - 1, ", the anchor -1..", NB - 1,
+                                                 " (-1: the embeddings)"));
     std::stable_sort(pairs.begin(), pairs.end(), [](const auto& x, const auto& y) { return x.second < y.second; });
     return pairs;
   }
@@ -391,13 +392,15 @@ class ComposedModel {
   /// m_A's block outputs at every pair's layer i (forward only, nothing else kept).
   std::vector<Matrix<T>> augment_states() const {
     const BlockInputs<T> in = augment.batch_inputs();
-    Index top = 0;
+    Index top = -1;
     for (const auto& [i, j] : pairs_) top = std::max(top, i);
     std::vector<Matrix<T>> states(pairs_.size());
     Matrix<T> h = augment.embed(), out;
-    for (Index i = 0; i <= top; ++i) {
-      augment.blocks[std::size_t(i)].forward(h, in, out);
-      h.swap(out);
+    for (Index i = -1; i <= top; ++i) {
+      if (i >= 0) {
+        augment.blocks[std::size_t(i)].forward(h, in, out);
+        h.swap(out);
+      }
       for (std::size_t k = 0; k < pairs_.size(); ++k)
         if (pairs_[k].first == i) states[k] = h;
     }
@@ -413,14 +416,16 @@ class ComposedModel {
     c.composed_in.resize(pairs_.size());
     c.composition.resize(pairs_.size());
     Matrix<T> h = h0, out;
-    for (Index j = 0; j < NB; ++j) {
-      if (j > lowest || keep_all) {  // backward passes through this block: keep what it needs
-        c.inputs[std::size_t(j)] = h;
-        c.blocks[std::size_t(j)].emplace(anchor.blocks[std::size_t(j)].forward(h, in, out));
-      } else {
-        anchor.blocks[std::size_t(j)].forward(h, in, out);
+    for (Index j = -1; j < NB; ++j) {  // j = -1: the embeddings
+      if (j >= 0) {
+        if (j > lowest || keep_all) {  // backward passes through this block: keep what it needs
+          c.inputs[std::size_t(j)] = h;
+          c.blocks[std::size_t(j)].emplace(anchor.blocks[std::size_t(j)].forward(h, in, out));
+        } else {
+          anchor.blocks[std::size_t(j)].forward(h, in, out);
+        }
+        h.swap(out);
       }
-      h.swap(out);
       for (std::size_t k = 0; k < pairs_.size(); ++k)
         if (pairs_[k].second == j) {
           c.composed_in[k] = h;
@@ -442,14 +447,14 @@ class ComposedModel {
                                     : lm_head_loss_backward<T>(anchor.loss_function(), anchor.head_weight(), c.loss, c.final_norm.y, d_loss);
     dh = anchor.final_norm.backward(c.final_norm, c.top, dh, mode);
     const Index lowest = pairs_.front().second;
-    for (Index j = Index(anchor.blocks.size()) - 1; j >= 0; --j) {
+    for (Index j = Index(anchor.blocks.size()) - 1; j >= -1; --j) {
       for (std::size_t k = pairs_.size(); k-- > 0;)
         if (pairs_[k].second == j) {
           auto [d_in, d_a] = composition[k].backward(*c.composition[k], c.composed_in[k], c.augment_states[k], dh, mode);
           dh = std::move(d_in);
           if (d_states) d_states->middleRows(Index(k) * dh.rows(), dh.rows()) = d_a;
         }
-      if (j <= lowest && !to_input) break;
+      if (j < 0 || (j <= lowest && !to_input)) break;
       if (!c.blocks[std::size_t(j)])
         throw value_error(name() + ": backward to the input needs the blocks below the lowest composition layer "
                                    "(use forward(h0, states))");

@@ -707,7 +707,7 @@ class DecoderModel {
   }
 
   /// decode without the head: the last block's output for `ids`. after_block(i, h) is called
-  /// after block i and may change h (a composition hooks in here).
+  /// on the embeddings (i = -1) and after block i, and may change h (a composition hooks in here).
   template <class Hook>
   Matrix<T> decode_hidden(KvCache<T>& cache, const std::vector<int>& ids, Hook&& after_block) const {
     const Index n = Index(ids.size());
@@ -726,6 +726,7 @@ class DecoderModel {
     const std::vector<unsigned char> valid(std::size_t(K), 1);
     const BlockInputs<T> in{{1, n, config_.heads, config_.kv_heads, config_.head_dim(), K}, &valid, &positions, opt_ptr(rope_q_), opt_ptr(rope_k_)};
     Matrix<T> h = embed(ids, positions), out;
+    after_block(Index(-1), h);
     for (std::size_t i = 0; i < blocks.size(); ++i) {
       blocks[i].forward(h, in, out, &cache, Index(i));
       h.swap(out);
