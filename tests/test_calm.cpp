@@ -36,6 +36,20 @@ TokenBatch batch() {
 
 using Pair = Compose<Decoder<Llama>, Decoder<GPT2>, CrossAttention<>, Every<1>>;
 
+/// The generic harness on a composed pair with two composition layers: inputs are the anchor's
+/// embeddings (10 tokens x 8) and both pairs' augmenting states, stacked (20 x 6).
+template <class Model>
+void check_pair_gradients(Model& pair, Rng& rng) {
+  pair.set_batch(batch());
+  testing::GradCheckOptions o;
+  o.max_entries_per_tensor = 30;
+  const auto report = testing::check_gradients(
+      pair, rng, std::make_tuple(rng.normal_matrix<double>(10, 8), rng.normal_matrix<double>(20, 6)), o);
+  INFO(report.summary());
+  REQUIRE(report.ok);
+  REQUIRE(report.checked > 300);
+}
+
 }  // namespace
 
 TEST_CASE("The composition layer passes the gradient check (cross-causal, padded augmenting keys)", "[grad][calm]") {
@@ -79,14 +93,7 @@ TEST_CASE("A composed pair of 2-layer models passes the gradient check", "[grad]
   Rng rng(2);
   Pair::model<double> pair(llama_config(2), gpt2_config(2), rng, {.init_stddev = 0.3, .rotary_theta = theta});
   REQUIRE(pair.pairs() == std::vector<std::pair<Index, Index>>{{0, 0}, {1, 1}});
-  pair.set_batch(batch());
-  testing::GradCheckOptions o;
-  o.max_entries_per_tensor = 30;
-  const auto report = testing::check_gradients(
-      pair, rng, std::make_tuple(rng.normal_matrix<double>(10, 8), rng.normal_matrix<double>(20, 6)), o);
-  INFO(report.summary());
-  REQUIRE(report.ok);
-  REQUIRE(report.checked > 300);
+  check_pair_gradients(pair, rng);
 }
 
 TEST_CASE("Layer -1 pairs (embeddings) pass the gradient check, train, and decode like full forwards", "[grad][calm]") {
@@ -95,14 +102,7 @@ TEST_CASE("Layer -1 pairs (embeddings) pass the gradient check, train, and decod
   // m_A's embeddings into m_B's embedding stream, and m_A's layer 1 after m_B's block 0.
   Listed::model<double> pair(llama_config(2), gpt2_config(2), rng, {.pairs = {{1, 0}, {-1, -1}}, .init_stddev = 0.3});
   REQUIRE(pair.pairs() == std::vector<std::pair<Index, Index>>{{-1, -1}, {1, 0}});
-  pair.set_batch(batch());
-  testing::GradCheckOptions o;
-  o.max_entries_per_tensor = 30;
-  const auto report = testing::check_gradients(
-      pair, rng, std::make_tuple(rng.normal_matrix<double>(10, 8), rng.normal_matrix<double>(20, 6)), o);
-  INFO(report.summary());
-  REQUIRE(report.ok);
-  REQUIRE(report.checked > 300);
+  check_pair_gradients(pair, rng);
 
   // Training from the loss reaches the composition below m_B's first block.
   const Matrix<double> wo_before = pair.composition[0].wo.value();
