@@ -63,7 +63,7 @@ class Param {
 
  private:
   std::string name_;
-  std::vector<T> storage_;  // empty for views
+  AlignedVector<T> storage_;  // empty for views
   MatrixView<T> value_;
   MatrixView<T> grad_;
 };
@@ -94,7 +94,7 @@ class Frozen {
 
  private:
   std::string name_;
-  std::vector<T> storage_;
+  AlignedVector<T> storage_;
   MatrixView<T> value_;
 };
 

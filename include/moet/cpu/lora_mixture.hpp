@@ -247,7 +247,7 @@ class LoraMixture {
 
   Options options_;
   T scale_;
-  std::vector<T> up_grad_;  // (E*R, d_out)
+  AlignedVector<T> up_grad_;  // (E*R, d_out)
   Matrix<T> dx_dv_;         // backward's largest temporary, kept so that steps do not fault its pages in again
 
  public:

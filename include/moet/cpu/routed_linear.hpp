@@ -85,8 +85,8 @@ class RoutedLinear {
     return value;
   }
   Index d_in_, d_out_, experts_, extra_, below_, cols_;
-  std::vector<T> weights_;  // (d_in + below_, cols_)
-  std::vector<T> grads_;    // (d_in, experts_ + extra_)
+  AlignedVector<T> weights_;  // (d_in + below_, cols_)
+  AlignedVector<T> grads_;    // (d_in, experts_ + extra_)
 
  public:
   BOOST_HANA_DEFINE_STRUCT(RoutedLinear, (Frozen<T>, base_weight), (Frozen<T>, base_bias), (Param<T>, router_kernel));
