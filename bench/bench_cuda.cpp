@@ -155,11 +155,13 @@ void frozen_linear(benchmark::State& state, Index d_in, Index d_out) {
 }
 
 template <class Spec>
-void lora_mixture(benchmark::State& state, Index d_in, Index d_out) {
+void lora_mixture(benchmark::State& state, Index d_in, Index d_out, Dispatch dispatch = Dispatch::automatic) {
   const Peaks& p = peaks();
   Rng rng(6);
   const Matrix<float> w = rng.normal_matrix<float>(d_in, d_out, 0.0, 0.02);
-  typename Spec::template layer<T, cuda> mix(context(), w, rng, {.expert = {.alpha = 2.0 * Spec::expert::spec::rank}});
+  typename Spec::template layer<T, cuda> mix(context(), w, rng,
+                                             {.expert = {.alpha = 2.0 * Spec::expert::spec::rank}, .dispatch = dispatch});
+  state.SetLabel(mix.uses_grouped() ? "grouped" : "dense");
   const Matrix<float> up = rng.normal_matrix<float>(mix.lora_up.rows(), mix.lora_up.cols(), 0.0, 0.02);
   cuda_impl::upload(mix.lora_up.value(), up.data(), up.cols(), context().stream());  // a trained adapter
   layer<FrozenLinear, T, cuda> floor(context(), w);
@@ -212,6 +214,9 @@ int main(int argc, char** argv) {
   add("frozen_linear/8192/4096/4096", [](auto& s) { frozen_linear(s, 4096, 4096); });
   add("molora_soft/8192/4096/4096/8/16", [](auto& s) { lora_mixture<SoftLoRA8>(s, 4096, 4096); });
   add("molora_top2/8192/4096/4096/64/16", [](auto& s) { lora_mixture<Top2LoRA64>(s, 4096, 4096); });
+  // both paths forced, to calibrate the cost model that picks between them (docs/cuda.md)
+  add("dispatch/top2_dense/8192/4096/4096/64/16", [](auto& s) { lora_mixture<Top2LoRA64>(s, 4096, 4096, Dispatch::dense); });
+  add("dispatch/top2_grouped/8192/4096/4096/64/16", [](auto& s) { lora_mixture<Top2LoRA64>(s, 4096, 4096, Dispatch::grouped); });
   add("mov_soft/8192/11008/30", [](auto& s) { ia3_mixture<SoftMoV30>(s, 11008); });
 
   return moet::bench::run_with_ratios(args, {{"molora_soft/8192/4096/4096/8/16", 1.15},

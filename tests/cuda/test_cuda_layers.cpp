@@ -26,7 +26,8 @@ RouterOptions reference_router(RouterOptions o) {
 }
 
 template <class Spec, class T>
-void check_lora(Index d_in, Index d_out, bool bias, RouterOptions router = {}, Index tokens = 16) {
+void check_lora(Index d_in, Index d_out, bool bias, RouterOptions router = {}, Index tokens = 16,
+                Dispatch dispatch = Dispatch::automatic) {
   Rng rng(11);
   const Matrix<double> w = moet::testing::detail::rounded<T>(rng.normal_matrix<double>(d_in, d_out, 0.0, 0.5));
   const Matrix<double> b = moet::testing::detail::rounded<T>(rng.normal_matrix<double>(1, d_out));
@@ -35,10 +36,12 @@ void check_lora(Index d_in, Index d_out, bool bias, RouterOptions router = {}, I
                                                               .dispatch = Dispatch::dense})
            : typename Spec::template layer<double>(w, rng, {.expert = {.alpha = 3.0}, .router = reference_router(router),
                                                            .dispatch = Dispatch::dense});
-  typename Spec::template layer<T, cuda> gpu = bias ? typename Spec::template layer<T, cuda>(context(), w, b, rng, {.expert = {.alpha = 3.0}, .router = router})
-                                                    : typename Spec::template layer<T, cuda>(context(), w, rng, {.expert = {.alpha = 3.0}, .router = router});
+  const typename Spec::template layer<T, cuda>::Options options{.expert = {.alpha = 3.0}, .router = router, .dispatch = dispatch};
+  typename Spec::template layer<T, cuda> gpu = bias ? typename Spec::template layer<T, cuda>(context(), w, b, rng, options)
+                                                    : typename Spec::template layer<T, cuda>(context(), w, rng, options);
   const auto report = compare_with_cpu<T>(cpu, gpu, context(), rng, one_input(tokens, d_in));
-  INFO(Spec::name() << " " << cuda_impl::type_name<T>() << " d_in " << d_in << " d_out " << d_out << "\n" << report.summary());
+  INFO(Spec::name() << " " << cuda_impl::type_name<T>() << (gpu.uses_grouped() ? " grouped" : " dense") << " d_in " << d_in
+                    << " d_out " << d_out << " tokens " << tokens << "\n" << report.summary());
   CHECK(report.ok);
 }
 
@@ -105,6 +108,27 @@ TEMPLATE_TEST_CASE("CUDA MoLoRA matches the CPU", "[cuda]", float, bf16, fp16) {
   check_lora<Mixture<Router<Soft>, Expert<LoRA<1>>, 1>, TestType>(12, 9, true);                   // one expert
 }
 
+TEMPLATE_TEST_CASE("CUDA MoLoRA's grouped top-k path matches the CPU", "[cuda]", float, bf16) {
+  // only the chosen experts: slots sorted by (choice, expert), per-expert kernels
+  constexpr Dispatch grouped = Dispatch::grouped;
+  check_lora<Mixture<Router<TopK<2>>, Expert<LoRA<4>>, 8>, TestType>(32, 24, false, with_aux, 16, grouped);
+  check_lora<Mixture<Router<TopK<3, Renorm::off>>, Expert<LoRA<3>>, 6>, TestType>(20, 20, true, {}, 16, grouped);
+  check_lora<Mixture<Router<TopK<2>>, Expert<LoRA<2>>, 40>, TestType>(16, 24, false, with_aux, 16, grouped);  // E > 32
+  // several counting blocks (1200 slots), partial tiles, columns past one expand block (150 > 128)
+  check_lora<Mixture<Router<TopK<2>>, Expert<LoRA<16>>, 8>, TestType>(72, 150, true, with_aux, 600, grouped);
+  check_lora<Mixture<Router<TopK<1>>, Expert<LoRA<64>>, 4>, TestType>(40, 24, false, {}, 48, grouped);  // tiles of 8 slots
+}
+
+TEST_CASE("CUDA MoLoRA picks dense or grouped by cost, as the CPU does by its own", "[cuda]") {
+  using Few = Mixture<Router<TopK<2>>, Expert<LoRA<16>>, 8>;
+  using Many = Mixture<Router<TopK<2>>, Expert<LoRA<16>>, 256>;
+  Rng rng(3);
+  CHECK_FALSE(Few::layer<float, cuda>(context(), Matrix<float>::Random(16, 24), rng).uses_grouped());
+  CHECK(Many::layer<float, cuda>(context(), Matrix<float>::Random(16, 24), rng).uses_grouped());
+  CHECK(Few::layer<float, cuda>(context(), Matrix<float>::Random(16, 24), rng, {.dispatch = Dispatch::grouped}).uses_grouped());
+  CHECK_FALSE(Many::layer<float, cuda>(context(), Matrix<float>::Random(16, 24), rng, {.dispatch = Dispatch::dense}).uses_grouped());
+}
+
 TEMPLATE_TEST_CASE("CUDA MoV matches the CPU", "[cuda]", float, bf16, fp16) {
   using SoftMoV = Mixture<Router<Soft>, Expert<IA3>, 5>;
   using Top2MoV = Mixture<Router<TopK<2>>, Expert<IA3>, 6>;
@@ -156,6 +180,7 @@ TEST_CASE("CUDA layers reject wrong shapes with the CPU's messages", "[cuda]") {
   DeviceMatrix<float> x(4, 15, context().stream());
   CHECK_THROWS_AS(gpu.forward(x), shape_error);
   CHECK_THROWS_WITH(gpu.forward(x), Catch::Contains("input x has shape (4, 15), expected (*, 16)"));
-  CHECK_THROWS_AS((Spec::layer<float, cuda>(context(), Matrix<float>::Random(16, 24), rng, {.dispatch = Dispatch::grouped})),
-                  value_error);
+  using Wide = Mixture<Router<TopK<2>>, Expert<LoRA<520>>, 2>;
+  CHECK_THROWS_WITH((Wide::layer<float, cuda>(context(), Matrix<float>::Random(16, 24), rng, {.dispatch = Dispatch::grouped})),
+                    Catch::Contains("the CUDA grouped path takes LoRA ranks up to 512, got 520"));
 }

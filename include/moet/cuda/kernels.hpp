@@ -52,10 +52,73 @@ void route_backward(const float* d_gates, std::int64_t ld_dg, const RoutingState
 
 /// MoLoRA's backward row pass: from dV (row t of dv, E*rank values) and U (row t of u) forms
 /// dg_e = scale <dV_e, U_e> and dU_e = g_e scale dV_e, runs the router backward, and writes
-/// d_right row t = [dU (E*rank) | d_logits (E) | zeros (pad)].
+/// row t of d_right = [d_logits (E) | zeros (logits_pad) | dU (E*rank) | zeros (u_pad)].
 template <class T>
 void lora_backward_rows(const T* dv, std::int64_t ld_dv, const T* u, std::int64_t ld_u, int rank, float scale,
-                        const RoutingState& state, T* d_right, std::int64_t ld_dr, int pad, cudaStream_t stream);
+                        const RoutingState& state, T* d_right, std::int64_t ld_dr, int logits_pad, int u_pad,
+                        cudaStream_t stream);
+
+// --- top-k mixtures computed per expert (Dispatch::grouped) -----------------------------------
+// A routing slot is one (token t, choice j) pair, numbered s = t K + j like the rows of
+// RoutingState::selected. Slots are grouped by (j, expert): group j E + e, so that the slots of
+// one choice j touch each token once and their results can be added into a token's row without
+// atomics (one launch per j). Within a group, slots keep token order (a stable counting sort),
+// so every sum over a group runs in the same order on every run.
+
+/// The grouping, on the device. Tiles are runs of at most tile_size slots of one group, in group
+/// order; the tiles of choice j are [pass_tiles[j], pass_tiles[j + 1]).
+struct SlotGroups {
+  int k = 0, experts = 0, tile_size = 0;
+  std::int64_t slots = 0;      ///< tokens * k
+  int max_tiles = 0;           ///< bound on the tile count, known on the host: slots / tile_size + groups
+  int max_pass_tiles = 0;      ///< bound on the tiles of one choice: tokens / tile_size + experts
+  int* order = nullptr;        ///< (slots) slot ids in group order
+  int* offsets = nullptr;      ///< (k E + 1) first position of each group in `order`
+  int* tile_group = nullptr;   ///< (max_tiles)
+  int* tile_begin = nullptr;   ///< (max_tiles) first position in `order`
+  int* pass_tiles = nullptr;   ///< (k + 1)
+  int* block_counts = nullptr; ///< scratch: (count blocks, k E)
+};
+inline constexpr int group_block_slots = 1024;  ///< slots each counting block handles
+/// The tile size for a rank: a tile's outputs (tile_size * rank) stay within 512.
+inline int grouped_tile_size(int rank) { return rank >= 512 ? 1 : (512 / rank < 32 ? 512 / rank : 32); }
+
+/// Fills order, offsets and the tiles from selected (tokens, k): three small kernels, no host sync.
+void group_slots(const int* selected, const SlotGroups& groups, cudaStream_t stream);
+
+/// An expert's (rows, cols) matrix inside a wider buffer: element (r, c) of expert e is
+/// data[e expert_stride + r row_stride + c col_stride]. Lets one kernel read A (d_in, R), its
+/// transpose, B (R, d_out) or its transpose where they sit in the layer's fused buffer.
+template <class T>
+struct ExpertMatrix {
+  T* data = nullptr;
+  std::int64_t expert_stride = 0, row_stride = 0, col_stride = 0;
+};
+
+/// For every slot s = t K + j of expert e: u[s] = in[t] M_e (rank values; in has `width`
+/// columns, M_e is (width, rank)); with gates (tokens, E): v[s] = gates[t, e] scale u[s] too.
+template <class T>
+void grouped_shrink(const T* in, std::int64_t ld_in, std::int64_t width, ExpertMatrix<const T> m, int rank,
+                    const SlotGroups& groups, T* u, const float* gates, float scale, T* v, cudaStream_t stream);
+
+/// out[t] += v[s] M_e for every slot s = t K + j of expert e (M_e is (rank, cols)): one launch
+/// per choice j, so no two writers share a row.
+template <class T>
+void grouped_expand(const T* v, ExpertMatrix<const T> m, std::int64_t cols, int rank, const SlotGroups& groups, T* out,
+                    std::int64_t ld_out, cudaStream_t stream);
+
+/// Per expert e, over its slots in group order: out_e(r, c) = beta out_e(r, c) + sum_s small[s, r] big[t, c]
+/// (out_e is (rank, cols) float32, addressed like ExpertMatrix). Gradients dA and dB.
+template <class T>
+void grouped_outer(const T* small, int rank, const T* big, std::int64_t ld_big, std::int64_t cols, const SlotGroups& groups,
+                   ExpertMatrix<float> out, float beta, cudaStream_t stream);
+
+/// The grouped backward row pass: per token and choice, dg = scale <dv[s], u[s]> and
+/// du[s] = g scale dv[s]; then the router backward into d_logits (tokens, E), whose row is padded
+/// with logits_pad zeros.
+template <class T>
+void lora_grouped_backward_rows(const T* dv, const T* u, int rank, float scale, const RoutingState& state, T* du,
+                                T* d_logits, std::int64_t ld_dl, int logits_pad, cudaStream_t stream);
 
 /// The (IA)^3 merged-vector pass over an activation of `tokens` rows, `heads` heads of head_dim:
 /// s(t, hd) = [1 +] sum_e g(t, hd)_e (l(hd, e) [- 1])   ("1 +" and "- 1" when the gates sum to one)

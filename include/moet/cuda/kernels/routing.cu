@@ -233,10 +233,11 @@ __global__ void __launch_bounds__(block_threads)
 template <int EPL, class T>
 __global__ void __launch_bounds__(block_threads)
     lora_backward_rows_kernel(const T* dv, std::int64_t ld_dv, const T* u, std::int64_t ld_u, int rank, float scale,
-                              RoutingState s, T* d_right, std::int64_t ld_dr, int pad) {
+                              RoutingState s, T* d_right, std::int64_t ld_dr, int logits_pad, int u_pad) {
   __shared__ float scratch[warps_per_block][max_experts];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int E = s.experts;
+  const std::int64_t u_col = E + logits_pad, width = std::int64_t(E) * rank;
   for (std::int64_t row = std::int64_t(blockIdx.x) * warps_per_block + warp; row < s.rows;
        row += std::int64_t(gridDim.x) * warps_per_block) {
     const T* dv_row = dv + row * ld_dv;
@@ -253,13 +254,49 @@ __global__ void __launch_bounds__(block_threads)
         for (int j = 0; j < rank; ++j) {
           const float d = to_f(dv_row[e * rank + j]);
           acc += d * to_f(u_row[e * rank + j]);
-          dr_row[e * rank + j] = from_f<T>(g * d);
+          dr_row[u_col + e * rank + j] = from_f<T>(g * d);
         }
         dg[i] = scale * acc;
       }
     }
-    route_backward_row<EPL>(s, row, lane, dg, scratch[warp], dr_row + std::int64_t(E) * rank);
-    for (int c = lane; c < pad; c += 32) dr_row[std::int64_t(E) * rank + E + c] = from_f<T>(0.f);
+    route_backward_row<EPL>(s, row, lane, dg, scratch[warp], dr_row);
+    for (int c = lane; c < logits_pad; c += 32) dr_row[E + c] = from_f<T>(0.f);
+    for (int c = lane; c < u_pad; c += 32) dr_row[u_col + width + c] = from_f<T>(0.f);
+  }
+}
+
+/// The grouped path's backward row pass: a warp per token; slot s = row K + j holds rank values
+/// of dv and u (slot-indexed buffers).
+template <int EPL, class T>
+__global__ void __launch_bounds__(block_threads)
+    lora_grouped_backward_rows_kernel(const T* dv, const T* u, int rank, float scale, RoutingState s, T* du, T* d_logits,
+                                      std::int64_t ld_dl, int logits_pad) {
+  __shared__ float scratch[warps_per_block][max_experts];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int E = s.experts;
+  for (std::int64_t row = std::int64_t(blockIdx.x) * warps_per_block + warp; row < s.rows;
+       row += std::int64_t(gridDim.x) * warps_per_block) {
+    float dg[EPL];
+#pragma unroll
+    for (int i = 0; i < EPL; ++i) dg[i] = 0.f;
+    for (int j = 0; j < s.k; ++j) {
+      const std::int64_t slot = row * s.k + j;
+      const int e = s.selected[slot];
+      const float g = s.gates[row * E + e] * scale;
+      float acc = 0.f;
+      for (int r = lane; r < rank; r += 32) {
+        const float d = to_f(dv[slot * rank + r]);
+        acc += d * to_f(u[slot * rank + r]);
+        du[slot * rank + r] = from_f<T>(g * d);
+      }
+      acc = warp_sum(acc);
+#pragma unroll
+      for (int i = 0; i < EPL; ++i)
+        if (lane + 32 * i == e) dg[i] = scale * acc;
+    }
+    T* dl_row = d_logits + row * ld_dl;
+    route_backward_row<EPL>(s, row, lane, dg, scratch[warp], dl_row);
+    for (int c = lane; c < logits_pad; c += 32) dl_row[E + c] = from_f<T>(0.f);
   }
 }
 
@@ -310,13 +347,26 @@ void route_backward(const float* d_gates, std::int64_t ld_dg, const RoutingState
 
 template <class T>
 void lora_backward_rows(const T* dv, std::int64_t ld_dv, const T* u, std::int64_t ld_u, int rank, float scale,
-                        const RoutingState& state, T* d_right, std::int64_t ld_dr, int pad, cudaStream_t stream) {
+                        const RoutingState& state, T* d_right, std::int64_t ld_dr, int logits_pad, int u_pad,
+                        cudaStream_t stream) {
   if (state.rows == 0) return;
   device::by_experts_per_lane(state.experts, [&](auto epl) {
     device::lora_backward_rows_kernel<decltype(epl)::value, T><<<device::routing_grid(state.rows), device::block_threads, 0, stream>>>(
-        dv, ld_dv, u, ld_u, rank, scale, state, d_right, ld_dr, pad);
+        dv, ld_dv, u, ld_u, rank, scale, state, d_right, ld_dr, logits_pad, u_pad);
   });
   MOET_CUDA_CHECK_LAUNCH("lora_backward_rows_kernel");
+}
+
+template <class T>
+void lora_grouped_backward_rows(const T* dv, const T* u, int rank, float scale, const RoutingState& state, T* du,
+                                T* d_logits, std::int64_t ld_dl, int logits_pad, cudaStream_t stream) {
+  if (state.rows == 0) return;
+  device::by_experts_per_lane(state.experts, [&](auto epl) {
+    device::lora_grouped_backward_rows_kernel<decltype(epl)::value, T>
+        <<<device::routing_grid(state.rows), device::block_threads, 0, stream>>>(dv, u, rank, scale, state, du, d_logits, ld_dl,
+                                                                                  logits_pad);
+  });
+  MOET_CUDA_CHECK_LAUNCH("lora_grouped_backward_rows_kernel");
 }
 
 #define MOET_INSTANTIATE_ROUTING(T)                                                                                    \
@@ -325,7 +375,9 @@ void lora_backward_rows(const T* dv, std::int64_t ld_dv, const T* u, std::int64_
                                     const RoutingState&, cudaStream_t);                                                \
   template void route_backward<T>(const float*, std::int64_t, const RoutingState&, T*, std::int64_t, cudaStream_t);   \
   template void lora_backward_rows<T>(const T*, std::int64_t, const T*, std::int64_t, int, float, const RoutingState&, \
-                                      T*, std::int64_t, int, cudaStream_t);
+                                      T*, std::int64_t, int, int, cudaStream_t);                                       \
+  template void lora_grouped_backward_rows<T>(const T*, const T*, int, float, const RoutingState&, T*, T*, std::int64_t, \
+                                              int, cudaStream_t);
 MOET_INSTANTIATE_ROUTING(float)
 MOET_INSTANTIATE_ROUTING(__nv_bfloat16)
 MOET_INSTANTIATE_ROUTING(__half)
