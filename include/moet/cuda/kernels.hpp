@@ -70,8 +70,8 @@ void lora_backward_rows(const T* dv, std::int64_t ld_dv, const T* u, std::int64_
 struct SlotGroups {
   int k = 0, experts = 0, tile_size = 0;
   std::int64_t slots = 0;      ///< tokens * k
-  int max_tiles = 0;           ///< bound on the tile count, known on the host: slots / tile_size + groups
-  int max_pass_tiles = 0;      ///< bound on the tiles of one choice: tokens / tile_size + experts
+  int max_tiles = 0;           ///< bound on the tile count, known on the host: ceil(slots / tile_size) + groups
+  int max_pass_tiles = 0;      ///< bound on the tiles of one choice: ceil(tokens / tile_size) + experts
   int* order = nullptr;        ///< (slots) slot ids in group order
   int* offsets = nullptr;      ///< (k E + 1) first position of each group in `order`
   int* tile_group = nullptr;   ///< (max_tiles)

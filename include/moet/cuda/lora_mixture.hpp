@@ -55,8 +55,8 @@ struct DeviceSlotGroups {
   DeviceSlotGroups(std::int64_t tokens, int k, int experts, int rank, cudaStream_t stream) {
     SlotGroups& g = groups;
     g.k = k, g.experts = experts, g.tile_size = grouped_tile_size(rank), g.slots = tokens * k;
-    g.max_tiles = int(g.slots / g.tile_size) + k * experts;
-    g.max_pass_tiles = int(tokens / g.tile_size) + experts;
+    g.max_tiles = int((g.slots + g.tile_size - 1) / g.tile_size) + k * experts;  // each group ends at most one partial tile
+    g.max_pass_tiles = int((tokens + g.tile_size - 1) / g.tile_size) + experts;
     const std::int64_t count_blocks = (g.slots + group_block_slots - 1) / group_block_slots;
     order = DeviceMatrix<int>(g.slots, 1, stream);
     offsets = DeviceMatrix<int>(1, k * experts + 1, stream);
