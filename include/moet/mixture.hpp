@@ -24,6 +24,13 @@ enum class Dispatch {
   grouped,    ///< only the chosen experts: tokens gathered per expert
 };
 
+/// Whether a mixture with top-k routing (k > 0; Soft routing is always dense) runs grouped: as
+/// asked, or as the backend's cost model prefers when asked for `automatic`.
+constexpr bool runs_grouped(int k, Dispatch dispatch, bool cost_model_prefers_grouped) {
+  if (k == 0) return false;
+  return dispatch == Dispatch::automatic ? cost_model_prefers_grouped : dispatch == Dispatch::grouped;
+}
+
 /// Runtime settings of a mixture layer.
 template <class S>
 struct MixtureOptions {

@@ -69,11 +69,7 @@ class LoraMixture {
   const Options& options() const { return options_; }
 
   /// The path a forward pass takes with these options.
-  bool uses_grouped() const {
-    if constexpr (K == 0) return false;
-    else if (options_.dispatch == Dispatch::automatic) return prefers_grouped();
-    else return options_.dispatch == Dispatch::grouped;
-  }
+  bool uses_grouped() const { return runs_grouped(K, options_.dispatch, prefers_grouped()); }
 
   /// The cost model, in units of "one multiply-add inside a large GEMM" per token and per
   /// unit of (d_in + d_out). Dense: the experts' share of the wide GEMMs, forward and backward

@@ -115,11 +115,7 @@ class LoraMixture {
   float scale() const { return scale_; }
   const Options& options() const { return options_; }
   /// The path a forward pass takes with these options.
-  bool uses_grouped() const {
-    if constexpr (K == 0) return false;
-    else if (options_.dispatch == Dispatch::automatic) return prefers_grouped();
-    else return options_.dispatch == Dispatch::grouped;
-  }
+  bool uses_grouped() const { return runs_grouped(K, options_.dispatch, prefers_grouped()); }
 
   /// The GPU cost model, per token and per unit of (d_in + d_out), in multiply-adds of a large
   /// tensor-core GEMM. Dense: the experts' columns of the wide GEMMs, E R. Grouped: K R
