@@ -14,10 +14,12 @@
 // is trained on KV-MATH over only 20 % of the keys and evaluated on expressions over the other
 // 80 %. Exact match of the greedy answer. By default one composition layer reads m_A's last
 // layer into m_B's embedding stream (pair (3, -1); --pairs i:j,... chooses others), with rotary
-// positions in the cross-attention, and m_B is pretrained with Gaussian noise on its embeddings.
-// Without those three the composition did not work here (docs/calm.md says why and what was
-// measured): a model this small reads only the exact embeddings it was trained on, m_A's value
-// at a key is a noisy linear read-out, and position t of m_B must find position t of m_A.
+// positions in the cross-attention; m_B is pretrained with Gaussian noise on its embeddings, and
+// m_A's embedding table is small (stddev 0.1). Without those the composition did not work here
+// (docs/calm.md says why and what was measured): a model this small reads only the exact
+// embeddings it was trained on; a unit-scale key embedding stays in m_A's residual stream and
+// buries the key's value in what the composition reads (a linear map fitted on 40 keys cannot
+// cancel the embeddings of keys it never saw); and position t of m_B must find position t of m_A.
 //
 //   moet_example_calm_kv_arithmetic [--quick] [--seed N] [--loss-csv FILE] [--help: the variants]
 // --quick is the reduced run that ctest executes.
@@ -211,6 +213,7 @@ struct Settings {
   double rotary_theta = 10;   // rotary positions in the cross-attention (0: plain, as in the paper)
   double anchor_noise = 0.8;  // Gaussian noise on m_B's embeddings while it is pretrained (0: none)
   double weight_decay = 1.0;  // the composition's AdamW weight decay
+  double augment_table = 0.1;  // stddev of m_A's (frozen) embedding table (m_B's: 1)
   std::string loss_csv, bases;  // bases: keep the trained m_A, m_B there and reuse them if present
   std::vector<std::pair<Index, Index>> pairs{{3, -1}};  // (m_A layer, m_B layer; -1: the embeddings)
 };
@@ -230,13 +233,13 @@ std::vector<std::pair<Index, Index>> parse_pairs(const std::string& text) {  // 
 /// 300 steps (ReLoRA), with a frozen unit-scale embedding; saves it as a checkpoint.
 template <class Arch>
 void pretrain(const char* name, const io::ModelConfig& config, Kind kind, const World& w, const Settings& s,
-              const std::filesystem::path& dir, double noise) {
+              const std::filesystem::path& dir, double noise, double table_stddev) {
   using Trainable = Decoder<Arch, Slots<at<q, LoRAAdapter<32>>, at<k, LoRAAdapter<32>>, at<v, LoRAAdapter<32>>,
                                         at<o, LoRAAdapter<32>>, at<ffn_up, LoRAAdapter<32>>, at<ffn_down, LoRAAdapter<32>>>>;
   Rng rng(s.seed * 100 + std::uint64_t(kind));
   typename Trainable::template model<float> model(config, rng, {.lora_init_stddev = 0.1});
   Rng table_rng(s.seed * 100 + (shared_embeddings ? 0 : 50 + std::uint64_t(kind)));
-  table_rng.fill_normal(model.wte.table.mutable_value(), 0.0, 1.0);
+  table_rng.fill_normal(model.wte.table.mutable_value(), 0.0, table_stddev);
   std::vector<int> all(w.keys.size());
   std::iota(all.begin(), all.end(), 0);
   const AdamWOptions adam{.lr = 3e-3};
@@ -288,11 +291,12 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--keys") && i + 1 < argc) key_count = std::stoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--weight-decay") && i + 1 < argc) s.weight_decay = std::stod(argv[++i]);
     else if (!std::strcmp(argv[i], "--anchor-noise") && i + 1 < argc) s.anchor_noise = std::stod(argv[++i]);
+    else if (!std::strcmp(argv[i], "--augment-table") && i + 1 < argc) s.augment_table = std::stod(argv[++i]);
     else {
       std::fprintf(stderr,
                    "usage: %s [--quick] [--seed N] [--loss-csv FILE] [--bases DIR] [--lr X] [--steps N] [--pairs i:j,...] "
                    "[--same-ids] [--shared-embeddings] [--rotary THETA (0: plain cross-attention)] [--anchor-noise STDDEV] "
-                   "[--weight-decay X] [--keys N]\n",
+                   "[--weight-decay X] [--keys N] [--augment-table STDDEV]\n",
                    argv[0]);
       return 2;
     }
@@ -316,14 +320,14 @@ int main(int argc, char** argv) {
     std::printf("== reusing m_A from %s\n", root.string().c_str());
   } else {
     std::printf("== training m_A on KV-SUBS from scratch (seed %llu)\n", (unsigned long long)s.seed);
-    pretrain<GPT2>("m_A", a_config, Kind::kv_subs, w, s, root / "m_A", 0.0);
+    pretrain<GPT2>("m_A", a_config, Kind::kv_subs, w, s, root / "m_A", 0.0, s.augment_table);
   }
   if (trained("m_B")) {
     std::printf("== reusing m_B from %s\n", root.string().c_str());
   } else {
     std::printf("== training m_B on NUM-MATH from scratch (seed %llu, embedding noise %g)\n", (unsigned long long)s.seed,
                 s.anchor_noise);
-    pretrain<Llama>("m_B", b_config, Kind::num_math, w, s, root / "m_B", s.anchor_noise);
+    pretrain<Llama>("m_B", b_config, Kind::num_math, w, s, root / "m_B", s.anchor_noise, 1.0);
   }
 
   using Composed = Compose<Decoder<Llama>, Decoder<GPT2>, CrossAttention<>, FromOptions>;
