@@ -199,9 +199,9 @@ double values_at_keys(Decoder<GPT2>::model<float>& m_a, const World& w, const st
   return 100.0 * right / std::max(1, total);
 }
 
-/// --shared-embeddings: both models share one (frozen, unit-scale) embedding table, so what m_A
-/// predicts at a key (its value; m_A ties its LM head to the table) points along the very vector
-/// m_B reads for that digit. By default each model has its own random table.
+/// --shared-embeddings: both models draw the same (frozen) embedding table, m_A's scaled by
+/// --augment-table, so what m_A predicts at a key (its value; m_A ties its LM head to the table)
+/// points along the very vector m_B reads for that digit. By default each has its own table.
 bool shared_embeddings = false;
 
 struct Settings {
