@@ -108,7 +108,7 @@ TEMPLATE_TEST_CASE("CUDA MoLoRA matches the CPU", "[cuda]", float, bf16, fp16) {
   check_lora<Mixture<Router<Soft>, Expert<LoRA<1>>, 1>, TestType>(12, 9, true);                   // one expert
 }
 
-TEMPLATE_TEST_CASE("CUDA MoLoRA's grouped top-k path matches the CPU", "[cuda]", float, bf16) {
+TEMPLATE_TEST_CASE("CUDA MoLoRA's grouped top-k path matches the CPU", "[cuda]", float, bf16, fp16) {
   // only the chosen experts: slots sorted by (choice, expert), per-expert kernels
   constexpr Dispatch grouped = Dispatch::grouped;
   check_lora<Mixture<Router<TopK<2>>, Expert<LoRA<4>>, 8>, TestType>(32, 24, false, with_aux, 16, grouped);
@@ -117,6 +117,9 @@ TEMPLATE_TEST_CASE("CUDA MoLoRA's grouped top-k path matches the CPU", "[cuda]",
   // several counting blocks (1200 slots), partial tiles, columns past one expand block (150 > 128)
   check_lora<Mixture<Router<TopK<2>>, Expert<LoRA<16>>, 8>, TestType>(72, 150, true, with_aux, 600, grouped);
   check_lora<Mixture<Router<TopK<1>>, Expert<LoRA<64>>, 4>, TestType>(40, 24, false, {}, 48, grouped);  // tiles of 8 slots
+  // tiles of 5 slots, two rank chunks in expand; rank >= 128: shorter shrink chunks (51 rows)
+  check_lora<Mixture<Router<TopK<2>>, Expert<LoRA<100>>, 3>, TestType>(40, 24, false, {}, 24, grouped);
+  check_lora<Mixture<Router<TopK<2>>, Expert<LoRA<160>>, 3>, TestType>(130, 24, false, {}, 24, grouped);
 }
 
 TEST_CASE("CUDA MoLoRA picks dense or grouped by cost, as the CPU does by its own", "[cuda]") {

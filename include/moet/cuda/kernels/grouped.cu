@@ -206,13 +206,14 @@ __global__ void __launch_bounds__(grouped_threads)
         acc[s] = a;
       }
   }
-  if (c < cols)
+  if (c < cols) {
 #pragma unroll
     for (int s = 0; s < 32; ++s)
       if (s < tile.count) {
         T* y = out + rows[s] * ld_out + c;
         *y = from_f<T>(to_f(*y) + acc[s]);
       }
+  }
 }
 
 constexpr int outer_rank_chunk = 16;
