@@ -68,6 +68,7 @@ __device__ void route_row(const L* logits, const RoutingState& s, std::int64_t r
       }
     }
     warp_argmax(best, best_index);
+    if (best_index >= E) best_index = 0;  // every probability NaN: count somewhere valid (the output is NaN anyway)
     if (lane == 0) atomicAdd(&stats.values[best_index], 1.0);
   } else {
     unsigned chosen = 0;  // bit i: this lane's slot i is selected
@@ -85,6 +86,7 @@ __device__ void route_row(const L* logits, const RoutingState& s, std::int64_t r
         }
       }
       warp_argmax(best, best_index);
+      if (best_index >= E) best_index = j;  // NaN probabilities: a valid id, so that no index runs out of bounds
       selected[j] = best_index;
       kept += best;
       if ((best_index & 31) == lane) chosen |= 1u << (best_index >> 5);
