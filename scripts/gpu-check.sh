@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Run ON THE GPU MACHINE, from the repository root, in one device call (device time is scarce):
+#   run(command="scripts/gpu-check.sh", carry=[".devdeps"])     after scripts/device-deps.sh here
+# Unpacks the carried Debian packages into /tmp/devroot (the image has nvcc, CMake and PyTorch,
+# not Eigen, Boost, Catch2, Google Benchmark or nlohmann-json), configures a CUDA build for
+# sm_90 with Eigen's own GEMM (no OpenBLAS there), builds the CUDA tests and benchmark, and runs:
+# the CUDA tests, compute-sanitizer memcheck over them, moet_bench_cuda and the PyTorch
+# comparison. Every log lands in $OUT (the device call brings it back) or ./gpu-check-out.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu-check-out}
+mkdir -p "$out"
+root=/tmp/devroot
+mkdir -p "$root"
+ls .devdeps/*.deb > /dev/null 2>&1 || { echo "no .devdeps/*.deb: run scripts/device-deps.sh here and carry .devdeps"; exit 2; }
+for f in .devdeps/*.deb; do dpkg -x "$f" "$root"; done
+arch_lib=$root/usr/lib/x86_64-linux-gnu
+export LD_LIBRARY_PATH=$arch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+step() {  # name, command...: runs it, keeps the whole log, prints its tail and status
+  local name=$1; shift
+  echo "== $name: $*"
+  "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$out/$name.log"
+  echo "== $name: exit $rc"
+  return $rc
+}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/device.txt" 2>&1; cat "$out/device.txt"
+step configure cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DMOET_CUDA=ON -DMOET_BLAS=EIGEN \
+  -DCMAKE_PREFIX_PATH="$root/usr" -DCMAKE_CUDA_ARCHITECTURES="90-real;90-virtual" || exit 1
+step build cmake --build build-gpu -j"$(nproc)" --target test_cuda_layers test_cuda_errors moet_bench_cuda || exit 1
+step tests ctest --test-dir build-gpu -R cuda --output-on-failure
+step memcheck ctest --test-dir build-gpu -L memcheck --output-on-failure
+step bench build-gpu/bench/moet_bench_cuda
+step compare python3 bench/compare_pytorch.py --device cuda --markdown --moet-bench build-gpu/bench/moet_bench_cuda
+echo "logs in $out"
