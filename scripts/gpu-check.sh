@@ -13,7 +13,9 @@ mkdir -p "$out"
 root=/tmp/devroot
 mkdir -p "$root"
 ls .devdeps/*.deb > /dev/null 2>&1 || { echo "no .devdeps/*.deb: run scripts/device-deps.sh here and carry .devdeps"; exit 2; }
-for f in .devdeps/*.deb; do dpkg -x "$f" "$root"; done
+for f in .devdeps/*.deb; do  # dpkg -x, or ar + tar where there is no dpkg (Debian 12 .debs hold data.tar.xz)
+  if command -v dpkg > /dev/null; then dpkg -x "$f" "$root"; else ar p "$f" data.tar.xz | tar -xJ -C "$root"; fi
+done
 arch_lib=$root/usr/lib/x86_64-linux-gnu
 export LD_LIBRARY_PATH=$arch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 step() {  # name, command...: runs it, keeps the whole log, prints its tail and status
