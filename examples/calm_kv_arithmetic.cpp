@@ -31,6 +31,8 @@
 #include <string>
 #include <vector>
 
+#include <unistd.h>
+
 #include <moet/models.hpp>
 
 using namespace moet;
@@ -45,7 +47,6 @@ int vocab() { return first_key + key_count; }
 constexpr Index seq = 16;
 
 bool is_key(int id) { return id >= first_key && id < first_key + key_count; }
-
 
 struct Task {
   std::vector<int> prompt, answer;  // answer ends with eos
@@ -230,7 +231,8 @@ std::vector<std::pair<Index, Index>> parse_pairs(const std::string& text) {  // 
 }
 
 /// Trains a model's linear layers from scratch through plain LoRAs merged into the base every
-/// 300 steps (ReLoRA), with a frozen unit-scale embedding; saves it as a checkpoint.
+/// 300 steps (ReLoRA), with a frozen embedding table of `table_stddev` and, if noise > 0,
+/// Gaussian noise of that stddev on the embeddings; saves it as a checkpoint.
 template <class Arch>
 void pretrain(const char* name, const io::ModelConfig& config, Kind kind, const World& w, const Settings& s,
               const std::filesystem::path& dir, double noise, double table_stddev) {
@@ -248,9 +250,9 @@ void pretrain(const char* name, const io::ModelConfig& config, Kind kind, const 
   for (int step = 1; step <= s.pretrain_steps; ++step) {
     std::vector<Task> tasks;
     for (int i = 0; i < s.batch; ++i) tasks.push_back(make_task(kind, w, all, rng));
-    const TokenBatch b = make_batch(tasks);
+    const TokenBatch b = kind == Kind::num_math ? anchor_view(make_batch(tasks)) : make_batch(tasks);
     if (noise > 0) {  // Gaussian noise on the embeddings: a model that reads its tokens robustly
-      model.set_batch(kind == Kind::num_math ? anchor_view(b) : b);
+      model.set_batch(b);
       Matrix<float> h0 = model.embed();
       h0 += rng.normal_matrix<float>(h0.rows(), h0.cols(), 0.0, noise);
       const auto c = model.forward(h0);
@@ -259,7 +261,7 @@ void pretrain(const char* name, const io::ModelConfig& config, Kind kind, const 
       optimizer.step(model);
       loss = double(c.loss.loss(0, 0));
     } else {
-      loss = model.train_step(kind == Kind::num_math ? anchor_view(b) : b, optimizer, 1.0).loss;
+      loss = model.train_step(b, optimizer, 1.0).loss;
     }
     if (step % 300 == 0) {
       model.merge_lora_into_base(rng);
@@ -313,7 +315,9 @@ int main(int argc, char** argv) {
   io::ModelConfig b_config = a_config;  // m_B: Llama shape
   b_config.architecture = io::Architecture::llama, b_config.d_ff = 172, b_config.kv_heads = 2, b_config.tied_embeddings = true;
 
-  const auto root = s.bases.empty() ? std::filesystem::temp_directory_path() / ("moet_calm_kv_" + std::to_string(s.seed))
+  // without --bases: a directory of this process's own (two runs of one seed must not share it)
+  const auto root = s.bases.empty() ? std::filesystem::temp_directory_path() /
+                                          ("moet_calm_kv_" + std::to_string(s.seed) + "_" + std::to_string(::getpid()))
                                       : std::filesystem::path(s.bases);
   auto trained = [&](const char* model) { return !s.bases.empty() && std::filesystem::exists(root / model / "model.safetensors"); };
   if (trained("m_A")) {

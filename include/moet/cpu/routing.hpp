@@ -33,7 +33,7 @@ struct Routing {
   Matrix<T> probs;       // (rows, E) softmax over all experts
   Matrix<T> gates;       // (rows, E) mixing weights; zero where an expert was not selected
   IndexMatrix selected;  // (rows, K) chosen expert ids, best first; (rows, 0) for Soft
-  AlignedVector<T> lse;    // (rows) logsumexp of the logits
+  std::vector<T> lse;    // (rows) logsumexp of the logits
   std::vector<double> usage;  // (E) f_i: share of routing slots sent to each expert
   AuxLosses aux;
 

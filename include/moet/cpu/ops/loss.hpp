@@ -23,7 +23,7 @@ class CrossEntropy {
 
   struct Context {
     Matrix<T> loss;        // (1, 1)
-    AlignedVector<T> lse;    // (tokens)
+    std::vector<T> lse;    // (tokens)
     Index counted = 0;
     const Matrix<T>& output() const { return loss; }
     double aux_loss() const { return 0.0; }

@@ -40,7 +40,7 @@ __global__ void __launch_bounds__(1024) group_scan_kernel(SlotGroups g, int coun
     for (int b = 0; b < count_blocks; ++b) {
       int& c = g.block_counts[std::int64_t(b) * groups + group];
       const int n = c;
-      c = running;  // exclusive within the group; the group's offset is added below
+      c = running;  // exclusive within the group; the scatter adds the group's offset
       running += n;
     }
     totals[group] = running;
@@ -62,7 +62,6 @@ __global__ void __launch_bounds__(1024) group_scan_kernel(SlotGroups g, int coun
   for (int group = threadIdx.x; group <= groups; group += blockDim.x) g.offsets[group] = totals[group];
   for (int j = threadIdx.x; j <= g.k; j += blockDim.x) g.pass_tiles[j] = tiles[j * g.experts];
   for (int group = threadIdx.x; group < groups; group += blockDim.x) {
-    for (int b = 0; b < count_blocks; ++b) g.block_counts[std::int64_t(b) * groups + group] += totals[group];
     const int n = totals[group + 1] - totals[group];
     for (int t = 0; t * g.tile_size < n; ++t) {
       g.tile_group[tiles[group] + t] = group;
@@ -83,7 +82,7 @@ __global__ void __launch_bounds__(grouped_threads * 2) group_scatter_kernel(cons
   }
   __syncthreads();
   for (int group = threadIdx.x; group < groups; group += blockDim.x) {
-    int position = g.block_counts[std::int64_t(blockIdx.x) * groups + group];
+    int position = g.offsets[group] + g.block_counts[std::int64_t(blockIdx.x) * groups + group];
     for (int i = 0; i < n; ++i)
       if (slot_group[i] == group) g.order[position++] = int(first + i);
   }
@@ -100,6 +99,15 @@ __device__ __forceinline__ bool find_tile(const SlotGroups& g, int tile, int end
   const int end = g.offsets[out.group + 1];
   out.count = end - out.begin < g.tile_size ? end - out.begin : g.tile_size;
   return true;
+}
+
+/// Stages the tile's slot ids and their tokens in shared memory (tile_size <= 32 threads write).
+__device__ __forceinline__ void stage_tile(const SlotGroups& g, const Tile& tile, int* slots, std::int64_t* rows) {
+  if (threadIdx.x < tile.count) {
+    slots[threadIdx.x] = g.order[tile.begin + threadIdx.x];
+    rows[threadIdx.x] = slots[threadIdx.x] / g.k;
+  }
+  __syncthreads();
 }
 
 template <class T>
@@ -124,11 +132,7 @@ __global__ void __launch_bounds__(grouped_threads)
   const int e = tile.group % g.experts, TS = g.tile_size, CL = shrink_chunk(rank);
   float* xs = smem;            // [TS][CL]
   float* ms = smem + TS * CL;  // [CL][rank]
-  if (threadIdx.x < tile.count) {
-    slots[threadIdx.x] = g.order[tile.begin + threadIdx.x];
-    rows[threadIdx.x] = slots[threadIdx.x] / g.k;
-  }
-  __syncthreads();
+  stage_tile(g, tile, slots, rows);
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   const int outputs = tile.count * rank;
   for (std::int64_t l0 = 0; l0 < width; l0 += CL) {
@@ -182,10 +186,7 @@ __global__ void __launch_bounds__(grouped_threads)
   if (!find_tile(g, g.pass_tiles[pass] + blockIdx.x, g.pass_tiles[pass + 1], tile)) return;
   const int e = tile.group % g.experts;
   const std::int64_t c = std::int64_t(blockIdx.y) * expand_cols + threadIdx.x;
-  if (threadIdx.x < tile.count) {
-    slots[threadIdx.x] = g.order[tile.begin + threadIdx.x];
-    rows[threadIdx.x] = slots[threadIdx.x] / g.k;
-  }
+  stage_tile(g, tile, slots, rows);
   float acc[32];
 #pragma unroll
   for (int s = 0; s < 32; ++s) acc[s] = 0.f;
