@@ -10,6 +10,15 @@
 
 #include "../kernels.hpp"
 
+// Kernel launches and dynamic shared memory go through these two macros so that the host
+// emulation (emulation.cuh, tests only) can run the same sources on a CPU.
+#ifdef MOET_CUDA_EMULATION
+#include "emulation.cuh"
+#else
+#define MOET_LAUNCH(grid, block, shared, stream, ...) __VA_ARGS__<<<grid, block, shared, stream>>>
+#define MOET_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#endif
+
 namespace moet::cuda_impl::device {
 
 constexpr unsigned full_mask = 0xffffffffu;

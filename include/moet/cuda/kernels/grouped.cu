@@ -124,7 +124,7 @@ template <class T>
 __global__ void __launch_bounds__(grouped_threads)
     grouped_shrink_kernel(const T* in, std::int64_t ld_in, std::int64_t width, ExpertMatrix<const T> m, int rank,
                           SlotGroups g, T* u, const float* gates, float scale, T* v) {
-  extern __shared__ float smem[];
+  MOET_DYNAMIC_SHARED(float, smem);
   __shared__ std::int64_t rows[32];
   __shared__ int slots[32];
   Tile tile;
@@ -259,11 +259,11 @@ void group_slots(const int* selected, const SlotGroups& groups, cudaStream_t str
     return;
   }
   const int blocks = int((groups.slots + group_block_slots - 1) / group_block_slots);
-  device::group_count_kernel<<<blocks, device::grouped_threads * 2, 0, stream>>>(selected, groups);
+  MOET_LAUNCH(blocks, device::grouped_threads * 2, 0, stream, device::group_count_kernel)(selected, groups);
   MOET_CUDA_CHECK_LAUNCH("group_count_kernel");
-  device::group_scan_kernel<<<1, 1024, 0, stream>>>(groups, blocks);
+  MOET_LAUNCH(1, 1024, 0, stream, device::group_scan_kernel)(groups, blocks);
   MOET_CUDA_CHECK_LAUNCH("group_scan_kernel");
-  device::group_scatter_kernel<<<blocks, device::grouped_threads * 2, 0, stream>>>(selected, groups);
+  MOET_LAUNCH(blocks, device::grouped_threads * 2, 0, stream, device::group_scatter_kernel)(selected, groups);
   MOET_CUDA_CHECK_LAUNCH("group_scatter_kernel");
 }
 
@@ -273,8 +273,8 @@ void grouped_shrink(const T* in, std::int64_t ld_in, std::int64_t width, ExpertM
   if (groups.slots == 0) return;
   const int chunk = device::shrink_chunk(rank);
   const std::size_t smem = sizeof(float) * std::size_t(groups.tile_size * chunk + chunk * rank);
-  device::grouped_shrink_kernel<T><<<groups.max_tiles, device::grouped_threads, smem, stream>>>(in, ld_in, width, m, rank, groups,
-                                                                                                u, gates, scale, v);
+  MOET_LAUNCH(groups.max_tiles, device::grouped_threads, smem, stream, device::grouped_shrink_kernel<T>)
+  (in, ld_in, width, m, rank, groups, u, gates, scale, v);
   MOET_CUDA_CHECK_LAUNCH("grouped_shrink_kernel");
 }
 
@@ -284,7 +284,8 @@ void grouped_expand(const T* v, ExpertMatrix<const T> m, std::int64_t cols, int 
   if (groups.slots == 0 || cols == 0) return;
   const dim3 grid(unsigned(groups.max_pass_tiles), unsigned((cols + device::expand_cols - 1) / device::expand_cols));
   for (int pass = 0; pass < groups.k; ++pass) {
-    device::grouped_expand_kernel<T><<<grid, device::grouped_threads, 0, stream>>>(v, m, cols, rank, groups, pass, out, ld_out);
+    MOET_LAUNCH(grid, device::grouped_threads, 0, stream, device::grouped_expand_kernel<T>)
+    (v, m, cols, rank, groups, pass, out, ld_out);
     MOET_CUDA_CHECK_LAUNCH("grouped_expand_kernel");
   }
 }
@@ -295,7 +296,8 @@ void grouped_outer(const T* small, int rank, const T* big, std::int64_t ld_big, 
   if (cols == 0) return;
   const dim3 grid(unsigned((cols + device::expand_cols - 1) / device::expand_cols), unsigned(groups.experts),
                   unsigned((rank + device::outer_rank_chunk - 1) / device::outer_rank_chunk));
-  device::grouped_outer_kernel<T><<<grid, device::grouped_threads, 0, stream>>>(small, rank, big, ld_big, cols, groups, out, beta);
+  MOET_LAUNCH(grid, device::grouped_threads, 0, stream, device::grouped_outer_kernel<T>)
+  (small, rank, big, ld_big, cols, groups, out, beta);
   MOET_CUDA_CHECK_LAUNCH("grouped_outer_kernel");
 }
 

@@ -73,9 +73,11 @@ void ia3_scale(const Ia3Shape& shape, const float* gates, const T* scales, const
   const dim3 grid(unsigned((width + device::ia3_columns_per_block - 1) / device::ia3_columns_per_block),
                   unsigned((shape.tokens + device::ia3_tokens_per_block - 1) / device::ia3_tokens_per_block));
   auto launch = [&](auto kernel) {
-    kernel<<<grid, device::ia3_columns_per_block, 0, stream>>>(shape, gates, scales, a, ld_a, b, ld_b, out, ld_out, ds, ld_ds);
+    MOET_LAUNCH(grid, device::ia3_columns_per_block, 0, stream, kernel)
+    (shape, gates, scales, a, ld_a, b, ld_b, out, ld_out, ds, ld_ds);
   };
-  if (shape.experts <= 16) launch(device::ia3_scale_kernel<16, T>);
+  if (shape.experts <= 16)
+    launch(device::ia3_scale_kernel<16, T>);
   else if (shape.experts <= 64) launch(device::ia3_scale_kernel<64, T>);
   else launch(device::ia3_scale_kernel<0, T>);
   MOET_CUDA_CHECK_LAUNCH("ia3_scale_kernel");
@@ -84,7 +86,8 @@ void ia3_scale(const Ia3Shape& shape, const float* gates, const T* scales, const
 template <class T>
 void ia3_mix(const T* scales, std::int64_t n, bool subtract_one, T* mix, cudaStream_t stream) {
   if (n == 0) return;
-  device::ia3_mix_kernel<T><<<device::grid_for(n, 256, 4096u), 256, 0, stream>>>(scales, n, subtract_one ? 1.f : 0.f, mix);
+  MOET_LAUNCH(device::grid_for(n, 256, 4096u), 256, 0, stream, device::ia3_mix_kernel<T>)
+  (scales, n, subtract_one ? 1.f : 0.f, mix);
   MOET_CUDA_CHECK_LAUNCH("ia3_mix_kernel");
 }
 
@@ -92,7 +95,8 @@ template <class T>
 void convert(const float* src, std::int64_t ld_src, std::int64_t rows, std::int64_t cols, T* dst, std::int64_t ld_dst,
              cudaStream_t stream) {
   if (rows * cols == 0) return;
-  device::convert_kernel<T><<<device::grid_for(rows * cols, 256, 4096u), 256, 0, stream>>>(src, ld_src, rows, cols, dst, ld_dst);
+  MOET_LAUNCH(device::grid_for(rows * cols, 256, 4096u), 256, 0, stream, device::convert_kernel<T>)
+  (src, ld_src, rows, cols, dst, ld_dst);
   MOET_CUDA_CHECK_LAUNCH("convert_kernel");
 }
 

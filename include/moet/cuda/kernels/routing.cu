@@ -319,8 +319,9 @@ template <class L>
 void route_forward(const L* logits, std::int64_t ld, const RoutingState& state, cudaStream_t stream) {
   if (state.rows == 0) return;
   device::by_experts_per_lane(state.experts, [&](auto epl) {
-    device::route_forward_kernel<decltype(epl)::value, L>
-        <<<device::routing_grid(state.rows), device::block_threads, 0, stream>>>(logits, ld, state);
+    MOET_LAUNCH(device::routing_grid(state.rows), device::block_threads, 0, stream,
+                device::route_forward_kernel<decltype(epl)::value, L>)
+    (logits, ld, state);
   });
   MOET_CUDA_CHECK_LAUNCH("route_forward_kernel");
 }
@@ -330,8 +331,9 @@ void lora_route_scale(const T* z, std::int64_t ld_z, std::int64_t logits_col, st
                       T* v, std::int64_t ld_v, const RoutingState& state, cudaStream_t stream) {
   if (state.rows == 0) return;
   device::by_experts_per_lane(state.experts, [&](auto epl) {
-    device::lora_route_scale_kernel<decltype(epl)::value, T><<<device::routing_grid(state.rows), device::block_threads, 0, stream>>>(
-        z, ld_z, logits_col, u_col, rank, scale, v, ld_v, state);
+    MOET_LAUNCH(device::routing_grid(state.rows), device::block_threads, 0, stream,
+                device::lora_route_scale_kernel<decltype(epl)::value, T>)
+    (z, ld_z, logits_col, u_col, rank, scale, v, ld_v, state);
   });
   MOET_CUDA_CHECK_LAUNCH("lora_route_scale_kernel");
 }
@@ -341,8 +343,9 @@ void route_backward(const float* d_gates, std::int64_t ld_dg, const RoutingState
                     cudaStream_t stream) {
   if (state.rows == 0) return;
   device::by_experts_per_lane(state.experts, [&](auto epl) {
-    device::route_backward_kernel<decltype(epl)::value, T>
-        <<<device::routing_grid(state.rows), device::block_threads, 0, stream>>>(d_gates, ld_dg, state, d_logits, ld_dl);
+    MOET_LAUNCH(device::routing_grid(state.rows), device::block_threads, 0, stream,
+                device::route_backward_kernel<decltype(epl)::value, T>)
+    (d_gates, ld_dg, state, d_logits, ld_dl);
   });
   MOET_CUDA_CHECK_LAUNCH("route_backward_kernel");
 }
@@ -353,8 +356,9 @@ void lora_backward_rows(const T* dv, std::int64_t ld_dv, const T* u, std::int64_
                         cudaStream_t stream) {
   if (state.rows == 0) return;
   device::by_experts_per_lane(state.experts, [&](auto epl) {
-    device::lora_backward_rows_kernel<decltype(epl)::value, T><<<device::routing_grid(state.rows), device::block_threads, 0, stream>>>(
-        dv, ld_dv, u, ld_u, rank, scale, state, d_right, ld_dr, logits_pad, u_pad);
+    MOET_LAUNCH(device::routing_grid(state.rows), device::block_threads, 0, stream,
+                device::lora_backward_rows_kernel<decltype(epl)::value, T>)
+    (dv, ld_dv, u, ld_u, rank, scale, state, d_right, ld_dr, logits_pad, u_pad);
   });
   MOET_CUDA_CHECK_LAUNCH("lora_backward_rows_kernel");
 }
@@ -364,9 +368,9 @@ void lora_grouped_backward_rows(const T* dv, const T* u, int rank, float scale, 
                                 T* d_logits, std::int64_t ld_dl, int logits_pad, cudaStream_t stream) {
   if (state.rows == 0) return;
   device::by_experts_per_lane(state.experts, [&](auto epl) {
-    device::lora_grouped_backward_rows_kernel<decltype(epl)::value, T>
-        <<<device::routing_grid(state.rows), device::block_threads, 0, stream>>>(dv, u, rank, scale, state, du, d_logits, ld_dl,
-                                                                                  logits_pad);
+    MOET_LAUNCH(device::routing_grid(state.rows), device::block_threads, 0, stream,
+                device::lora_grouped_backward_rows_kernel<decltype(epl)::value, T>)
+    (dv, u, rank, scale, state, du, d_logits, ld_dl, logits_pad);
   });
   MOET_CUDA_CHECK_LAUNCH("lora_grouped_backward_rows_kernel");
 }

@@ -1,0 +1,191 @@
+// The host emulation of the CUDA device checks what it promises (emulation.cuh, runtime.cpp):
+// block barriers and warp shuffles behave as on a device, impossible launches and barriers that
+// can never complete are reported, fresh device memory reads as NaN, writes past an
+// allocation's end are caught, and the emulated cublasLtMatmul follows cuBLASLt's column-major
+// contract (op(A) from A's own layout, beta C, the bias epilogue). If the emulation were wrong
+// here, test_cuda_layers_emulated could pass for the wrong reasons.
+#include <catch2/catch.hpp>
+
+#include <cublasLt.h>
+#include <cuda_runtime_api.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include <moet/cuda/kernels/emulation.cuh>
+
+namespace moet::cuda_emulation {
+void clear_faults();  // runtime.cpp: forget a reported fault (only this test needs it)
+}
+
+namespace {
+
+using namespace moet::cuda_emulation;
+
+// --- kernels ----------------------------------------------------------------------------------
+/// out[block] = sum of in over the block's threads: shared memory, barriers, warp shuffles.
+__global__ void block_sum(const float* in, float* out) {
+  __shared__ float partial[32];
+  float v = in[blockIdx.x * blockDim.x + threadIdx.x];
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float total = 0.f;
+    for (int w = 0; w < int(blockDim.x + 31) / 32; ++w) total += partial[w];
+    out[blockIdx.x] = total;
+  }
+}
+
+/// Half the warp waits at a block barrier, the other half at a warp barrier: on a device this
+/// hangs (or is undefined); the emulation must say so instead of finishing.
+__global__ void divergent_barrier(int* out) {
+  if (threadIdx.x < 16) __syncthreads();
+  else __syncwarp();
+  out[threadIdx.x] = 1;
+}
+
+__global__ void write_one_past(float* p, int n) {
+  if (threadIdx.x == 0) p[n] = 1.f;
+}
+
+__global__ void copy_dynamic_shared(float* out) {
+  MOET_DYNAMIC_SHARED(float, smem);
+  out[threadIdx.x] = smem[threadIdx.x];
+}
+
+template <class T>
+T* device_array(std::size_t n) {
+  void* p = nullptr;
+  REQUIRE(cudaMalloc(&p, n * sizeof(T)) == cudaSuccess);
+  return static_cast<T*>(p);
+}
+
+}  // namespace
+
+TEST_CASE("emulated blocks: shared memory, barriers and warp shuffles give a device's results", "[emulation]") {
+  const int blocks = 3, threads = 96;  // three warps per block
+  std::vector<float> in(blocks * threads);
+  for (std::size_t i = 0; i < in.size(); ++i) in[i] = float(i % 7) - 2.f;
+  float* d_in = device_array<float>(in.size());
+  float* d_out = device_array<float>(blocks);
+  REQUIRE(cudaMemcpy(d_in, in.data(), in.size() * sizeof(float), cudaMemcpyHostToDevice) == cudaSuccess);
+  MOET_LAUNCH(blocks, threads, 0, nullptr, block_sum)(d_in, d_out);
+  REQUIRE(cudaGetLastError() == cudaSuccess);
+  std::vector<float> out(blocks);
+  REQUIRE(cudaMemcpy(out.data(), d_out, blocks * sizeof(float), cudaMemcpyDeviceToHost) == cudaSuccess);
+  for (int b = 0; b < blocks; ++b) {
+    float expected = 0.f;
+    for (int t = 0; t < threads; ++t) expected += in[std::size_t(b * threads + t)];
+    CHECK(out[std::size_t(b)] == expected);
+  }
+  CHECK(cudaFree(d_in) == cudaSuccess);
+  CHECK(cudaFree(d_out) == cudaSuccess);
+}
+
+TEST_CASE("emulated launches: impossible configurations fail as on a device", "[emulation]") {
+  float* d = device_array<float>(1024);
+  MOET_LAUNCH(1, 2048, 0, nullptr, write_one_past)(d, 0);  // more than 1024 threads per block
+  CHECK(cudaGetLastError() == cudaErrorInvalidConfiguration);
+  MOET_LAUNCH(dim3(1, 70000), 32, 0, nullptr, write_one_past)(d, 0);  // grid.y > 65535
+  CHECK(cudaGetLastError() == cudaErrorInvalidConfiguration);
+  MOET_LAUNCH(1, 32, 64 << 10, nullptr, copy_dynamic_shared)(d);  // 64 KiB of dynamic shared memory, no opt-in
+  CHECK(cudaGetLastError() == cudaErrorInvalidValue);
+  CHECK(cudaGetLastError() == cudaSuccess);  // read and cleared
+  CHECK(cudaFree(d) == cudaSuccess);
+}
+
+TEST_CASE("emulated barriers that can never complete are reported", "[emulation]") {
+  int* d = device_array<int>(32);
+  MOET_LAUNCH(1, 32, 0, nullptr, divergent_barrier)(d);
+  CHECK(cudaGetLastError() == cudaErrorLaunchFailure);
+  CHECK(cudaStreamSynchronize(nullptr) == cudaErrorLaunchFailure);  // sticky, as a device fault is
+  clear_faults();
+  CHECK(cudaFree(d) == cudaSuccess);
+}
+
+TEST_CASE("emulated memory: fresh memory reads as NaN, writes past the end are caught", "[emulation]") {
+  float* d = device_array<float>(8);
+  std::vector<float> host(8, 0.f);
+  REQUIRE(cudaMemcpy(host.data(), d, 8 * sizeof(float), cudaMemcpyDeviceToHost) == cudaSuccess);
+  for (float v : host) CHECK(std::isnan(v));
+  MOET_LAUNCH(1, 32, 256, nullptr, copy_dynamic_shared)(d);  // dynamic shared memory starts as NaN too
+  REQUIRE(cudaGetLastError() == cudaSuccess);
+  REQUIRE(cudaMemcpy(host.data(), d, 8 * sizeof(float), cudaMemcpyDeviceToHost) == cudaSuccess);
+  CHECK(std::isnan(host[3]));
+
+  MOET_LAUNCH(1, 32, 0, nullptr, write_one_past)(d, 8);
+  CHECK(cudaGetLastError() == cudaSuccess);                          // the launch itself is fine
+  CHECK(cudaStreamSynchronize(nullptr) == cudaErrorIllegalAddress);  // the next synchronisation reports it
+  clear_faults();
+  CHECK(cudaFree(d) == cudaSuccess);
+  int not_device = 0;
+  CHECK(cudaFree(&not_device) == cudaErrorInvalidValue);
+}
+
+TEST_CASE("emulated cublasLtMatmul follows cuBLASLt's column-major contract", "[emulation]") {
+  // D (2 x 3) = 2 * A^T B + 1 * C + bias, A stored as its (4 x 2) transpose, B (4 x 3), all
+  // column-major with leading dimensions larger than the rows.
+  const int m = 2, n = 3, k = 4, lda = 5, ldb = 6, ldc = 3;
+  std::vector<float> a(std::size_t(lda * m), 99.f), b(std::size_t(ldb * n), 99.f), c(std::size_t(ldc * n), 99.f);
+  auto A = [&](int kk, int i) -> float& { return a[std::size_t(kk + i * lda)]; };  // A^T(i, kk) = A(kk, i)
+  auto B = [&](int kk, int j) -> float& { return b[std::size_t(kk + j * ldb)]; };
+  auto C = [&](int i, int j) -> float& { return c[std::size_t(i + j * ldc)]; };
+  for (int i = 0; i < m; ++i)
+    for (int kk = 0; kk < k; ++kk) A(kk, i) = float(i + 2 * kk - 3);
+  for (int kk = 0; kk < k; ++kk)
+    for (int j = 0; j < n; ++j) B(kk, j) = float(kk - j);
+  for (int i = 0; i < m; ++i)
+    for (int j = 0; j < n; ++j) C(i, j) = float(10 * i + j);
+  const float bias[2] = {0.5f, -0.25f};
+
+  float* d_a = device_array<float>(a.size());
+  float* d_b = device_array<float>(b.size());
+  float* d_c = device_array<float>(c.size());
+  float* d_bias = device_array<float>(2);
+  REQUIRE(cudaMemcpy(d_a, a.data(), a.size() * 4, cudaMemcpyHostToDevice) == cudaSuccess);
+  REQUIRE(cudaMemcpy(d_b, b.data(), b.size() * 4, cudaMemcpyHostToDevice) == cudaSuccess);
+  REQUIRE(cudaMemcpy(d_c, c.data(), c.size() * 4, cudaMemcpyHostToDevice) == cudaSuccess);
+  REQUIRE(cudaMemcpy(d_bias, bias, sizeof bias, cudaMemcpyHostToDevice) == cudaSuccess);
+
+  cublasLtHandle_t lt = nullptr;
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t la = nullptr, lb = nullptr, lc = nullptr;
+  REQUIRE(cublasLtCreate(&lt) == CUBLAS_STATUS_SUCCESS);
+  REQUIRE(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F) == CUBLAS_STATUS_SUCCESS);
+  const cublasOperation_t t = CUBLAS_OP_T;
+  const cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_BIAS;
+  REQUIRE(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &t, sizeof t) == CUBLAS_STATUS_SUCCESS);
+  REQUIRE(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof epilogue) ==
+          CUBLAS_STATUS_SUCCESS);
+  REQUIRE(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &d_bias, sizeof d_bias) ==
+          CUBLAS_STATUS_SUCCESS);
+  REQUIRE(cublasLtMatrixLayoutCreate(&la, CUDA_R_32F, k, m, lda) == CUBLAS_STATUS_SUCCESS);  // A as stored
+  REQUIRE(cublasLtMatrixLayoutCreate(&lb, CUDA_R_32F, k, n, ldb) == CUBLAS_STATUS_SUCCESS);
+  REQUIRE(cublasLtMatrixLayoutCreate(&lc, CUDA_R_32F, m, n, ldc) == CUBLAS_STATUS_SUCCESS);
+  const float alpha = 2.f, beta = 1.f;
+  REQUIRE(cublasLtMatmul(lt, desc, &alpha, d_a, la, d_b, lb, &beta, d_c, lc, d_c, lc, nullptr, nullptr, 0, nullptr) ==
+          CUBLAS_STATUS_SUCCESS);
+  std::vector<float> d(c.size());
+  REQUIRE(cudaMemcpy(d.data(), d_c, d.size() * 4, cudaMemcpyDeviceToHost) == cudaSuccess);
+  for (int i = 0; i < m; ++i)
+    for (int j = 0; j < n; ++j) {
+      float expected = C(i, j) + bias[i];
+      for (int kk = 0; kk < k; ++kk) expected += 2.f * A(kk, i) * B(kk, j);
+      CHECK(d[std::size_t(i + j * ldc)] == expected);
+    }
+
+  // A layout whose leading dimension is below its rows is refused, as cuBLASLt refuses it.
+  cublasLtMatrixLayout_t bad = nullptr;
+  REQUIRE(cublasLtMatrixLayoutCreate(&bad, CUDA_R_32F, k, m, k - 1) == CUBLAS_STATUS_SUCCESS);
+  CHECK(cublasLtMatmul(lt, desc, &alpha, d_a, bad, d_b, lb, &beta, d_c, lc, d_c, lc, nullptr, nullptr, 0, nullptr) ==
+        CUBLAS_STATUS_INVALID_VALUE);
+  for (auto layout : {la, lb, lc, bad}) cublasLtMatrixLayoutDestroy(layout);
+  cublasLtMatmulDescDestroy(desc);
+  cublasLtDestroy(lt);
+  for (void* p : {static_cast<void*>(d_a), static_cast<void*>(d_b), static_cast<void*>(d_c), static_cast<void*>(d_bias)})
+    CHECK(cudaFree(p) == cudaSuccess);
+}
