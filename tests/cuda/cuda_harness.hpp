@@ -32,7 +32,7 @@ namespace moet::testing {
 
 struct CompareOptions {
   double tolerance = 0;            ///< max |cuda - cpu| / max |cpu| per tensor
-  double min_routing_margin = 0;   ///< top-k: smallest gap allowed between the K-th and (K+1)-th probability
+  double min_routing_margin = 0;   ///< top-k: smallest gap allowed between the K-th and (K+1)-th logit
   double param_stddev = 0.5;
   int max_draws = 50;              ///< draws tried for the near-tie tokens before giving up
 };
@@ -137,8 +137,8 @@ class Comparer {
   double tolerance_;
 };
 
-/// The routing rows whose gap between the k-th and (k+1)-th largest probability is below
-/// `margin`, k = K (top-k) or 1 (Soft: the argmax decides the load-balancing usage).
+/// The routing rows whose gap between the k-th and (k+1)-th largest logit (log-probability) is
+/// below `margin`, k = K (top-k) or 1 (Soft: the argmax decides the load-balancing usage).
 template <class Routing>
 std::vector<Index> near_tie_rows(const Routing& r, double margin) {
   const Index k = r.selected.cols() > 0 ? r.selected.cols() : 1;
@@ -148,7 +148,7 @@ std::vector<Index> near_tie_rows(const Routing& r, double margin) {
     std::vector<double> p(r.experts());
     for (Index e = 0; e < r.experts(); ++e) p[std::size_t(e)] = r.probs(t, e);
     std::sort(p.begin(), p.end(), std::greater<>());
-    if (p[std::size_t(k - 1)] - p[std::size_t(k)] < margin) rows.push_back(t);
+    if (std::log(p[std::size_t(k - 1)]) - std::log(p[std::size_t(k)]) < margin) rows.push_back(t);
   }
   return rows;
 }

@@ -63,11 +63,11 @@ void check_ia3(Index width, IA3::Options expert, RouterOptions router = {}, Inde
 }
 
 template <class Policy, class T>
-void check_router(Index d_in, Index experts, RouterOptions options = {}) {
+void check_router(Index d_in, Index experts, RouterOptions options = {}, Index tokens = 16) {
   Rng rng(13);
   layer<Router<Policy>, double> cpu(d_in, experts, rng, reference_router(options));
   layer<Router<Policy>, T, cuda> gpu(context(), d_in, experts, rng, options);
-  const auto report = compare_with_cpu<T>(cpu, gpu, context(), rng, one_input(16, d_in));
+  const auto report = compare_with_cpu<T>(cpu, gpu, context(), rng, one_input(tokens, d_in));
   INFO(Router<Policy>::name() << " " << cuda_impl::type_name<T>() << "\n" << report.summary());
   CHECK(report.ok);
 }
@@ -97,7 +97,9 @@ TEMPLATE_TEST_CASE("CUDA routers match the CPU", "[cuda]", float, bf16) {
   check_router<Soft, TestType>(24, 6, with_aux);
   check_router<TopK<2>, TestType>(24, 8, with_aux);
   check_router<TopK<3, Renorm::off>, TestType>(20, 7, {.z_loss_weight = 0.1});
-  check_router<TopK<2>, TestType>(16, 70, with_aux);  // two experts per lane
+  check_router<TopK<2>, TestType>(16, 70, with_aux);   // three experts per lane (four slots)
+  check_router<TopK<2>, TestType>(16, 200, with_aux);  // eight slots per lane
+  check_router<Soft, TestType>(8, 4, with_aux, 66000);  // more rows than one routing grid covers (grid-stride)
 }
 
 TEMPLATE_TEST_CASE("CUDA MoLoRA matches the CPU", "[cuda]", float, bf16, fp16) {
@@ -120,6 +122,7 @@ TEMPLATE_TEST_CASE("CUDA MoLoRA's grouped top-k path matches the CPU", "[cuda]",
   // tiles of 5 slots, two rank chunks in expand; rank >= 128: shorter shrink chunks (51 rows)
   check_lora<Mixture<Router<TopK<2>>, Expert<LoRA<100>>, 3>, TestType>(40, 24, false, {}, 24, grouped);
   check_lora<Mixture<Router<TopK<2>>, Expert<LoRA<160>>, 3>, TestType>(130, 24, false, {}, 24, grouped);
+  check_lora<Mixture<Router<TopK<4>>, Expert<LoRA<8>>, 256>, TestType>(24, 40, true, with_aux, 300, grouped);  // 1024 groups
 }
 
 TEST_CASE("CUDA MoLoRA picks dense or grouped by cost, as the CPU does by its own", "[cuda]") {

@@ -18,10 +18,13 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <algorithm>
 #include <cstring>
 #include <functional>
 #include <map>
 #include <memory>
+#include <numeric>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -86,6 +89,8 @@ struct Block {
   std::vector<Barrier> warp_barriers;
   std::vector<int> warp_live;
   std::vector<unsigned char> shared;
+  std::vector<int> order;      ///< the order the scheduler runs the threads in, shuffled per block
+  std::mt19937 rng{20261124};  ///< fixed seed: every run schedules alike
   const std::function<void()>* body = nullptr;
   Fiber* current = nullptr;
   void* scheduler_sp = nullptr;
@@ -157,7 +162,7 @@ bool run_block() {
   for (;;) {
     bool any = false;
     const std::uint64_t before = block.progress;
-    for (int i = 0; i < block.threads; ++i) {
+    for (const int i : block.order) {
       Fiber& fiber = block.fibers[std::size_t(i)];
       if (fiber.done) continue;
       any = true;
@@ -254,6 +259,9 @@ cudaError_t run(const char* kernel, dim3 grid, dim3 threads, std::size_t shared_
           fiber.lane = i % 32;
           start(fiber);
         }
+        block.order.resize(std::size_t(n));
+        std::iota(block.order.begin(), block.order.end(), 0);
+        std::shuffle(block.order.begin(), block.order.end(), block.rng);
         if (!run_block()) {
           fault(cudaErrorLaunchFailure, "kernel " + std::string(kernel) + ", block (" + std::to_string(bx) + ", " +
                                             std::to_string(by) + ", " + std::to_string(bz) + "): " + block.fault);

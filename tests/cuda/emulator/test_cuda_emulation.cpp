@@ -1,5 +1,6 @@
 // The host emulation of the CUDA device checks what it promises (emulation.cuh, runtime.cpp):
-// block barriers and warp shuffles behave as on a device, impossible launches and barriers that
+// block barriers and warp shuffles behave as on a device, threads run in an order that exposes
+// a missing barrier, impossible launches and barriers that
 // can never complete are reported, fresh device memory reads as NaN, writes past an
 // allocation's end are caught, and the emulated cublasLtMatmul follows cuBLASLt's column-major
 // contract (op(A) from A's own layout, beta C, the bias epilogue). If the emulation were wrong
@@ -57,6 +58,15 @@ __global__ void copy_dynamic_shared(float* out) {
   out[threadIdx.x] = smem[threadIdx.x];
 }
 
+/// Each thread reads its neighbour's shared value, with or without the barrier that makes it safe.
+__global__ void read_neighbour(float* out, bool barrier) {
+  MOET_DYNAMIC_SHARED(float, smem);
+  const int t = int(threadIdx.x), n = int(blockDim.x);
+  smem[t] = float(t);
+  if (barrier) __syncthreads();
+  out[blockIdx.x * blockDim.x + threadIdx.x] = smem[(t + 1) % n];
+}
+
 template <class T>
 T* device_array(std::size_t n) {
   void* p = nullptr;
@@ -84,6 +94,23 @@ TEST_CASE("emulated blocks: shared memory, barriers and warp shuffles give a dev
   }
   CHECK(cudaFree(d_in) == cudaSuccess);
   CHECK(cudaFree(d_out) == cudaSuccess);
+}
+
+TEST_CASE("emulated blocks run their threads in shuffled order, so a missing barrier shows", "[emulation]") {
+  const int blocks = 4, threads = 256;
+  float* d = device_array<float>(blocks * threads);
+  std::vector<float> out(blocks * threads);
+  auto wrong_reads = [&](bool barrier) {
+    MOET_LAUNCH(blocks, threads, threads * sizeof(float), nullptr, read_neighbour)(d, barrier);
+    REQUIRE(cudaGetLastError() == cudaSuccess);
+    REQUIRE(cudaMemcpy(out.data(), d, out.size() * sizeof(float), cudaMemcpyDeviceToHost) == cudaSuccess);
+    int wrong = 0;
+    for (int i = 0; i < blocks * threads; ++i) wrong += out[std::size_t(i)] != float((i % threads + 1) % threads);
+    return wrong;
+  };
+  CHECK(wrong_reads(true) == 0);
+  CHECK(wrong_reads(false) > 0);
+  CHECK(cudaFree(d) == cudaSuccess);
 }
 
 TEST_CASE("emulated launches: impossible configurations fail as on a device", "[emulation]") {

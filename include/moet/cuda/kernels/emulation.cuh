@@ -9,7 +9,9 @@
 //  * each block runs on its own, one after another; its threads are cooperative fibers that
 //    switch at __syncthreads, __syncwarp and warp shuffles, so block barriers and warp
 //    exchanges behave as on the device (a barrier completes when every thread that has not
-//    exited reaches it; a barrier that can never complete is reported as a deadlock);
+//    exited reaches it; a barrier that can never complete is reported as a deadlock); the
+//    threads of a block run in a shuffled order (fixed seed), so a read of another thread's
+//    shared value without the barrier in between usually sees the wrong value;
 //  * `__shared__` variables are function statics (one copy, shared by the block running now);
 //    dynamic shared memory and freshly allocated device memory start filled with 0xff bytes
 //    (NaN for float, bf16 and fp16) so that a read before a write shows up in the results;
