@@ -15,20 +15,20 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <algorithm>
 #include <cstring>
 #include <functional>
 #include <map>
 #include <memory>
+#include <moet/cuda/kernels/emulation.cuh>
 #include <numeric>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
-
-#include <moet/cuda/kernels/emulation.cuh>
 
 #if !defined(__x86_64__)
 #error "the CUDA emulation's fibers switch stacks with x86-64 code"
@@ -146,16 +146,14 @@ void start(Fiber& fiber) {
   if (!fiber.stack) fiber.stack = std::make_unique<unsigned char[]>(stack_bytes);
   auto top = reinterpret_cast<std::uintptr_t>(fiber.stack.get() + stack_bytes) & ~std::uintptr_t(15);
   void** sp = reinterpret_cast<void**>(top);
-  *--sp = nullptr;                                                  // keeps the entry's stack 16-byte aligned
-  *--sp = reinterpret_cast<void*>(&moet_emulation_fiber_entry);     // where the first switch "returns" to
-  for (int i = 0; i < 6; ++i) *--sp = nullptr;                      // rbp rbx r12 r13 r14 r15
+  *--sp = nullptr;                                               // keeps the entry's stack 16-byte aligned
+  *--sp = reinterpret_cast<void*>(&moet_emulation_fiber_entry);  // where the first switch "returns" to
+  for (int i = 0; i < 6; ++i) *--sp = nullptr;                   // rbp rbx r12 r13 r14 r15
   fiber.sp = sp;
   fiber.done = false;
 }
 
-std::string dims(dim3 d) {
-  return std::to_string(d.x) + " x " + std::to_string(d.y) + " x " + std::to_string(d.z);
-}
+std::string dims(dim3 d) { return std::to_string(d.x) + " x " + std::to_string(d.y) + " x " + std::to_string(d.z); }
 
 /// Runs one block to the end; false (with block.fault set) when its threads deadlock.
 bool run_block() {
@@ -226,8 +224,10 @@ cudaError_t run(const char* kernel, dim3 grid, dim3 threads, std::size_t shared_
     return cudaErrorInvalidConfiguration;
   }
   if (shared_bytes > default_dynamic_shared) {
-    std::fprintf(stderr, "moet CUDA emulation: launch of %s asks for %zu bytes of dynamic shared memory (48 KiB without "
-                 "cudaFuncSetAttribute)\n", kernel, shared_bytes);
+    std::fprintf(stderr,
+                 "moet CUDA emulation: launch of %s asks for %zu bytes of dynamic shared memory (48 KiB without "
+                 "cudaFuncSetAttribute)\n",
+                 kernel, shared_bytes);
     record(cudaErrorInvalidValue);
     return cudaErrorInvalidValue;
   }
@@ -294,8 +294,8 @@ bool guard_intact(const void* p, std::size_t size) {
 void check_guards() {
   for (const auto& [p, size] : allocations())
     if (!guard_intact(p, size)) {
-      fault(cudaErrorIllegalAddress, "a kernel or copy wrote past the end of a " + std::to_string(size) +
-                                         "-byte device allocation");
+      fault(cudaErrorIllegalAddress,
+            "a kernel or copy wrote past the end of a " + std::to_string(size) + "-byte device allocation");
       // restore the zone so that the same write is reported once
       std::memset(const_cast<unsigned char*>(static_cast<const unsigned char*>(p)) + size, guard_value, guard_bytes);
     }
@@ -366,25 +366,33 @@ cudaError_t cudaGetLastError() {
 }
 cudaError_t cudaPeekAtLastError() { return last_error; }
 const char* cudaGetErrorName(cudaError_t status) {
-  switch (status) {
-    case cudaSuccess: return "cudaSuccess";
-    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
-    case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
-    case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
-    case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
-    case cudaErrorInvalidPitchValue: return "cudaErrorInvalidPitchValue";
-    case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
-    case cudaErrorIllegalAddress: return "cudaErrorIllegalAddress";
-    default: return "cudaErrorUnknown";
-  }
+#define MOET_EMULATED_ERROR(name) \
+  { name, #name }
+  static const std::pair<cudaError_t, const char*> names[] = {MOET_EMULATED_ERROR(cudaSuccess),
+                                                              MOET_EMULATED_ERROR(cudaErrorInvalidValue),
+                                                              MOET_EMULATED_ERROR(cudaErrorMemoryAllocation),
+                                                              MOET_EMULATED_ERROR(cudaErrorInvalidConfiguration),
+                                                              MOET_EMULATED_ERROR(cudaErrorInvalidDevice),
+                                                              MOET_EMULATED_ERROR(cudaErrorInvalidPitchValue),
+                                                              MOET_EMULATED_ERROR(cudaErrorLaunchFailure),
+                                                              MOET_EMULATED_ERROR(cudaErrorIllegalAddress)};
+#undef MOET_EMULATED_ERROR
+  for (const auto& [code, name] : names)
+    if (code == status) return name;
+  return "cudaErrorUnknown";
 }
 const char* cudaGetErrorString(cudaError_t status) {
   switch (status) {
-    case cudaSuccess: return "no error";
-    case cudaErrorInvalidConfiguration: return "invalid configuration argument (emulated)";
-    case cudaErrorLaunchFailure: return "unspecified launch failure (emulated; see the message above)";
-    case cudaErrorIllegalAddress: return "an illegal memory access was encountered (emulated; see the message above)";
-    default: return "error reported by the moet CUDA emulation";
+    case cudaSuccess:
+      return "no error";
+    case cudaErrorInvalidConfiguration:
+      return "invalid configuration argument (emulated)";
+    case cudaErrorLaunchFailure:
+      return "unspecified launch failure (emulated; see the message above)";
+    case cudaErrorIllegalAddress:
+      return "an illegal memory access was encountered (emulated; see the message above)";
+    default:
+      return "error reported by the moet CUDA emulation";
   }
 }
 
@@ -414,13 +422,16 @@ cudaError_t cudaDeviceGetDefaultMemPool(cudaMemPool_t* pool, int device) {
   *pool = reinterpret_cast<cudaMemPool_t>(&the_pool);
   return device == 0 ? cudaSuccess : cudaErrorInvalidDevice;
 }
-cudaError_t cudaMemPoolSetAttribute(cudaMemPool_t /*pool*/, cudaMemPoolAttr /*attr*/, void* /*value*/) { return cudaSuccess; }
+cudaError_t cudaMemPoolSetAttribute(cudaMemPool_t /*pool*/, cudaMemPoolAttr /*attr*/, void* /*value*/) {
+  return cudaSuccess;
+}
 
 cudaError_t cudaMemcpy(void* dst, const void* src, std::size_t bytes, cudaMemcpyKind /*kind*/) {
   if (bytes) std::memmove(dst, src, bytes);
   return sticky_error;
 }
-cudaError_t cudaMemcpyAsync(void* dst, const void* src, std::size_t bytes, cudaMemcpyKind kind, cudaStream_t /*stream*/) {
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, std::size_t bytes, cudaMemcpyKind kind,
+                            cudaStream_t /*stream*/) {
   return cudaMemcpy(dst, src, bytes, kind);
 }
 cudaError_t cudaMemcpy2DAsync(void* dst, std::size_t dpitch, const void* src, std::size_t spitch, std::size_t width,
@@ -434,7 +445,9 @@ cudaError_t cudaMemset(void* p, int value, std::size_t bytes) {
   if (bytes) std::memset(p, value, bytes);
   return cudaSuccess;
 }
-cudaError_t cudaMemsetAsync(void* p, int value, std::size_t bytes, cudaStream_t /*stream*/) { return cudaMemset(p, value, bytes); }
+cudaError_t cudaMemsetAsync(void* p, int value, std::size_t bytes, cudaStream_t /*stream*/) {
+  return cudaMemset(p, value, bytes);
+}
 cudaError_t cudaMemset2DAsync(void* p, std::size_t pitch, int value, std::size_t width, std::size_t height,
                               cudaStream_t /*stream*/) {
   if (height > 1 && width > pitch) return cudaErrorInvalidPitchValue;
@@ -474,17 +487,26 @@ bool supported(cudaDataType_t t) { return t == CUDA_R_32F || t == CUDA_R_16BF ||
 
 double load(const void* p, cudaDataType_t t, std::int64_t i) {
   switch (t) {
-    case CUDA_R_32F: return static_cast<const float*>(p)[i];
-    case CUDA_R_16BF: return double(__bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]));
-    default: return double(__half2float(static_cast<const __half*>(p)[i]));
+    case CUDA_R_32F:
+      return static_cast<const float*>(p)[i];
+    case CUDA_R_16BF:
+      return double(__bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]));
+    default:
+      return double(__half2float(static_cast<const __half*>(p)[i]));
   }
 }
 
 void store(void* p, cudaDataType_t t, std::int64_t i, double v) {
   switch (t) {
-    case CUDA_R_32F: static_cast<float*>(p)[i] = float(v); break;
-    case CUDA_R_16BF: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(float(v)); break;
-    default: static_cast<__half*>(p)[i] = __float2half_rn(float(v)); break;
+    case CUDA_R_32F:
+      static_cast<float*>(p)[i] = float(v);
+      break;
+    case CUDA_R_16BF:
+      static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(float(v));
+      break;
+    default:
+      static_cast<__half*>(p)[i] = __float2half_rn(float(v));
+      break;
   }
 }
 
@@ -527,10 +549,14 @@ cublasStatus_t cublasLtDestroy(cublasLtHandle_t handle) {
 }
 const char* cublasLtGetStatusName(cublasStatus_t status) {
   switch (status) {
-    case CUBLAS_STATUS_SUCCESS: return "CUBLAS_STATUS_SUCCESS";
-    case CUBLAS_STATUS_INVALID_VALUE: return "CUBLAS_STATUS_INVALID_VALUE";
-    case CUBLAS_STATUS_NOT_SUPPORTED: return "CUBLAS_STATUS_NOT_SUPPORTED";
-    default: return "CUBLAS_STATUS_(emulated)";
+    case CUBLAS_STATUS_SUCCESS:
+      return "CUBLAS_STATUS_SUCCESS";
+    case CUBLAS_STATUS_INVALID_VALUE:
+      return "CUBLAS_STATUS_INVALID_VALUE";
+    case CUBLAS_STATUS_NOT_SUPPORTED:
+      return "CUBLAS_STATUS_NOT_SUPPORTED";
+    default:
+      return "CUBLAS_STATUS_(emulated)";
   }
 }
 const char* cublasLtGetStatusString(cublasStatus_t status) {
@@ -545,8 +571,8 @@ cublasStatus_t cublasLtMatmulDescDestroy(cublasLtMatmulDesc_t desc) {
   delete reinterpret_cast<MatmulDesc*>(desc);
   return CUBLAS_STATUS_SUCCESS;
 }
-cublasStatus_t cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t desc, cublasLtMatmulDescAttributes_t attr, const void* buf,
-                                              std::size_t bytes) {
+cublasStatus_t cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t desc, cublasLtMatmulDescAttributes_t attr,
+                                              const void* buf, std::size_t bytes) {
   MatmulDesc& d = get(desc);
   auto copy = [&](auto& field) {
     if (bytes != sizeof field) return CUBLAS_STATUS_INVALID_VALUE;
@@ -554,11 +580,16 @@ cublasStatus_t cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t desc, cublasL
     return CUBLAS_STATUS_SUCCESS;
   };
   switch (attr) {
-    case CUBLASLT_MATMUL_DESC_TRANSA: return copy(d.trans_a);
-    case CUBLASLT_MATMUL_DESC_TRANSB: return copy(d.trans_b);
-    case CUBLASLT_MATMUL_DESC_EPILOGUE: return copy(d.epilogue);
-    case CUBLASLT_MATMUL_DESC_BIAS_POINTER: return copy(d.bias);
-    default: return CUBLAS_STATUS_NOT_SUPPORTED;
+    case CUBLASLT_MATMUL_DESC_TRANSA:
+      return copy(d.trans_a);
+    case CUBLASLT_MATMUL_DESC_TRANSB:
+      return copy(d.trans_b);
+    case CUBLASLT_MATMUL_DESC_EPILOGUE:
+      return copy(d.epilogue);
+    case CUBLASLT_MATMUL_DESC_BIAS_POINTER:
+      return copy(d.bias);
+    default:
+      return CUBLAS_STATUS_NOT_SUPPORTED;
   }
 }
 
@@ -580,21 +611,24 @@ cublasStatus_t cublasLtMatmulPreferenceDestroy(cublasLtMatmulPreference_t prefer
   delete reinterpret_cast<Preference*>(preference);
   return CUBLAS_STATUS_SUCCESS;
 }
-cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t, cublasLtMatmulPreferenceAttributes_t attr,
-                                                    const void*, std::size_t) {
+cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t,
+                                                    cublasLtMatmulPreferenceAttributes_t attr, const void*,
+                                                    std::size_t) {
   switch (attr) {
     case CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES:
     case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES:
     case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES:
     case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES:
-    case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES: return CUBLAS_STATUS_SUCCESS;
-    default: return CUBLAS_STATUS_NOT_SUPPORTED;
+    case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES:
+      return CUBLAS_STATUS_SUCCESS;
+    default:
+      return CUBLAS_STATUS_NOT_SUPPORTED;
   }
 }
 
 cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t, cublasLtMatmulDesc_t desc, cublasLtMatrixLayout_t a,
-                                              cublasLtMatrixLayout_t b, cublasLtMatrixLayout_t c, cublasLtMatrixLayout_t d,
-                                              cublasLtMatmulPreference_t, int requested,
+                                              cublasLtMatrixLayout_t b, cublasLtMatrixLayout_t c,
+                                              cublasLtMatrixLayout_t d, cublasLtMatmulPreference_t, int requested,
                                               cublasLtMatmulHeuristicResult_t results[], int* returned) {
   std::int64_t m = 0, n = 0, k = 0;
   const cublasStatus_t status = shape(get(desc), get(a), get(b), get(c), get(d), m, n, k);
@@ -616,10 +650,12 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t desc_, cons
   std::int64_t m = 0, n = 0, k = 0;
   const cublasStatus_t status = shape(desc, a, b, c, d, m, n, k);
   if (status != CUBLAS_STATUS_SUCCESS) return status;
-  if (desc.epilogue == CUBLASLT_EPILOGUE_BIAS && desc.bias == nullptr) return invalid("BIAS epilogue without a bias pointer");
+  if (desc.epilogue == CUBLASLT_EPILOGUE_BIAS && desc.bias == nullptr)
+    return invalid("BIAS epilogue without a bias pointer");
   const double alpha = *static_cast<const float*>(alpha_), beta = *static_cast<const float*>(beta_);
   // op(A) column-major (m x k) and op(B) (k x n), in double.
-  std::vector<double> op_a(static_cast<std::size_t>(m * k)), op_b(static_cast<std::size_t>(k * n)), column(static_cast<std::size_t>(m));
+  std::vector<double> op_a(static_cast<std::size_t>(m * k)), op_b(static_cast<std::size_t>(k * n)),
+      column(static_cast<std::size_t>(m));
   for (std::int64_t kk = 0; kk < k; ++kk)
     for (std::int64_t i = 0; i < m; ++i)
       op_a[std::size_t(i + kk * m)] = load(A, a.type, desc.trans_a == CUBLAS_OP_N ? i + kk * a.ld : kk + i * a.ld);

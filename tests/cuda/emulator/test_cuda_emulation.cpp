@@ -5,17 +5,15 @@
 // allocation's end are caught, and the emulated cublasLtMatmul follows cuBLASLt's column-major
 // contract (op(A) from A's own layout, beta C, the bias epilogue). If the emulation were wrong
 // here, test_cuda_layers_emulated could pass for the wrong reasons.
-#include <catch2/catch.hpp>
-
 #include <cublasLt.h>
 #include <cuda_runtime_api.h>
 
+#include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <vector>
-
 #include <moet/cuda/kernels/emulation.cuh>
+#include <vector>
 
 namespace moet::cuda_emulation {
 void clear_faults();  // runtime.cpp: forget a reported fault (only this test needs it)
@@ -44,8 +42,10 @@ __global__ void block_sum(const float* in, float* out) {
 /// Half the warp waits at a block barrier, the other half at a warp barrier: on a device this
 /// hangs (or is undefined); the emulation must say so instead of finishing.
 __global__ void divergent_barrier(int* out) {
-  if (threadIdx.x < 16) __syncthreads();
-  else __syncwarp();
+  if (threadIdx.x < 16)
+    __syncthreads();
+  else
+    __syncwarp();
   out[threadIdx.x] = 1;
 }
 
@@ -213,6 +213,7 @@ TEST_CASE("emulated cublasLtMatmul follows cuBLASLt's column-major contract", "[
   for (auto layout : {la, lb, lc, bad}) cublasLtMatrixLayoutDestroy(layout);
   cublasLtMatmulDescDestroy(desc);
   cublasLtDestroy(lt);
-  for (void* p : {static_cast<void*>(d_a), static_cast<void*>(d_b), static_cast<void*>(d_c), static_cast<void*>(d_bias)})
+  for (void* p :
+       {static_cast<void*>(d_a), static_cast<void*>(d_b), static_cast<void*>(d_c), static_cast<void*>(d_bias)})
     CHECK(cudaFree(p) == cudaSuccess);
 }
