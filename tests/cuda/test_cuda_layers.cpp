@@ -27,7 +27,8 @@ RouterOptions reference_router(RouterOptions o) {
 
 template <class Spec, class T>
 void check_lora(Index d_in, Index d_out, bool bias, RouterOptions router = {}, Index tokens = 16,
-                Dispatch dispatch = Dispatch::automatic) {
+                Dispatch dispatch = Dispatch::automatic,
+                moet::testing::CompareOptions compare = moet::testing::compare_options<T>()) {
   Rng rng(11);
   const Matrix<double> w = moet::testing::detail::rounded<T>(rng.normal_matrix<double>(d_in, d_out, 0.0, 0.5));
   const Matrix<double> b = moet::testing::detail::rounded<T>(rng.normal_matrix<double>(1, d_out));
@@ -39,7 +40,7 @@ void check_lora(Index d_in, Index d_out, bool bias, RouterOptions router = {}, I
   const typename Spec::template layer<T, cuda>::Options options{.expert = {.alpha = 3.0}, .router = router, .dispatch = dispatch};
   typename Spec::template layer<T, cuda> gpu = bias ? typename Spec::template layer<T, cuda>(context(), w, b, rng, options)
                                                     : typename Spec::template layer<T, cuda>(context(), w, rng, options);
-  const auto report = compare_with_cpu<T>(cpu, gpu, context(), rng, one_input(tokens, d_in));
+  const auto report = compare_with_cpu<T>(cpu, gpu, context(), rng, one_input(tokens, d_in), compare);
   INFO(Spec::name() << " " << cuda_impl::type_name<T>() << (gpu.uses_grouped() ? " grouped" : " dense") << " d_in " << d_in
                     << " d_out " << d_out << " tokens " << tokens << "\n" << report.summary());
   CHECK(report.ok);
@@ -143,6 +144,19 @@ TEMPLATE_TEST_CASE("CUDA MoV matches the CPU", "[cuda]", float, bf16, fp16) {
   check_ia3<Top2MoV, TestType>(32, {.heads = 4, .init_stddev = 0.1}, with_aux);  // per-head routing
   check_ia3<Top2Off, TestType>(16, {.heads = 2, .router_width = 12, .init_stddev = 0.1});  // external router input
   check_ia3<Mixture<Router<Soft>, Expert<IA3>, 20>, TestType>(300, {.init_stddev = 0.1});   // > 256 columns, E > 16
+}
+
+TEST_CASE("CUDA mixtures at the benchmark's widths (few tokens)", "[cuda]") {
+  // moet_bench_cuda's shapes with 64 tokens instead of 8192: d = 4096, E = 64, R = 16, and
+  // MoV over 11008 columns. Parameters at 0.02 (about 1/sqrt(d), as initialisations are), so
+  // that bf16 router logits stay in the range real routers see.
+  auto options = moet::testing::compare_options<bf16>();
+  options.param_stddev = 0.02;
+  check_lora<Mixture<Router<Soft>, Expert<LoRA<16>>, 8>, bf16>(4096, 4096, false, {}, 32, Dispatch::dense, options);
+  using Top2 = Mixture<Router<TopK<2>>, Expert<LoRA<16>>, 64>;
+  check_lora<Top2, bf16>(4096, 4096, false, with_aux, 64, Dispatch::dense, options);
+  check_lora<Top2, bf16>(4096, 4096, false, with_aux, 64, Dispatch::grouped, options);
+  check_ia3<Mixture<Router<Soft>, Expert<IA3>, 30>, bf16>(11008, {.init_stddev = 0.1}, with_aux, 32);
 }
 
 TEST_CASE("CUDA MoLoRA starts from the same parameters as the CPU for the same seed", "[cuda]") {
