@@ -142,9 +142,12 @@ __global__ void __launch_bounds__(grouped_threads)
       const int s = i / CL, l = i % CL;
       xs[i] = s < tile.count && l < cl ? to_f(in[rows[s] * ld_in + l0 + l]) : 0.f;
     }
+    // Consecutive threads read consecutive addresses of M_e: along r when its rows are
+    // contiguous (A), along l when M_e is a transposed view (B^T in the backward).
+    const bool along_r = m.col_stride == 1;
     for (int i = threadIdx.x; i < CL * rank; i += blockDim.x) {
-      const int l = i / rank, r = i % rank;
-      ms[i] = l < cl ? expert_at(m, e, l0 + l, r) : 0.f;
+      const int l = along_r ? i / rank : i % CL, r = along_r ? i % rank : i / CL;
+      ms[l * rank + r] = l < cl ? expert_at(m, e, l0 + l, r) : 0.f;
     }
     __syncthreads();
 #pragma unroll
@@ -197,7 +200,15 @@ __global__ void __launch_bounds__(grouped_threads)
       const int s = i / rc, r = i % rc;
       vs[s * expand_rank_chunk + r] = to_f(v[std::int64_t(slots[s]) * rank + r0 + r]);
     }
-    for (int r = 0; r < rc; ++r) ms[r][threadIdx.x] = c < cols ? expert_at(m, e, r0 + r, c) : 0.f;
+    if (m.col_stride == 1) {  // B_e: a row of M_e is contiguous, a thread per column
+      for (int r = 0; r < rc; ++r) ms[r][threadIdx.x] = c < cols ? expert_at(m, e, r0 + r, c) : 0.f;
+    } else {  // A_e^T in the backward: its columns are contiguous, so consecutive threads walk r
+      const std::int64_t c0 = std::int64_t(blockIdx.y) * expand_cols;
+      for (int i = threadIdx.x; i < rc * expand_cols; i += blockDim.x) {
+        const int r = i % rc, cc = i / rc;
+        ms[r][cc] = c0 + cc < cols ? expert_at(m, e, r0 + r, c0 + cc) : 0.f;
+      }
+    }
     __syncthreads();
 #pragma unroll
     for (int s = 0; s < 32; ++s)
