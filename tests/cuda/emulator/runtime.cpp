@@ -14,8 +14,11 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <csignal>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -99,6 +102,7 @@ struct Block {
 };
 
 Block block;
+const char* running_kernel = nullptr;    // the kernel running now, for the fault handler
 cudaError_t last_error = cudaSuccess;    // what cudaGetLastError returns (and clears)
 cudaError_t sticky_error = cudaSuccess;  // a fault: every later synchronising call reports it
 
@@ -179,6 +183,138 @@ bool run_block() {
 
 }  // namespace
 
+// --- device memory ------------------------------------------------------------------------------
+namespace {
+
+// Each allocation is an anonymous mapping of its own, [no-access page | data | no-access page],
+// placed so that it ends at most 255 bytes before the trailing page (cudaMalloc aligns to 256):
+// a read or write further past either end faults, and the SIGSEGV handler names the kernel and
+// the allocation; the accessible slack on either side is filled with guard bytes, checked at
+// every free and synchronisation, so smaller overruns that write are reported too.
+constexpr unsigned char guard_value = 0xa5;
+const std::size_t page = std::size_t(sysconf(_SC_PAGESIZE));
+
+struct Allocation {
+  unsigned char* base = nullptr;  ///< the mapping (starts with the no-access page)
+  std::size_t mapped = 0;
+  std::size_t size = 0;  ///< bytes asked for
+  unsigned char* first() const { return base + page; }
+  unsigned char* last() const { return base + mapped - page; }
+};
+
+std::map<const void*, Allocation>& allocations() {
+  static std::map<const void*, Allocation> live;
+  return live;
+}
+
+bool slack_intact(const void* p, const Allocation& a) {
+  const auto* begin = static_cast<const unsigned char*>(p);
+  for (const unsigned char* q = a.first(); q < begin; ++q)
+    if (*q != guard_value) return false;
+  for (const unsigned char* q = begin + a.size; q < a.last(); ++q)
+    if (*q != guard_value) return false;
+  return true;
+}
+
+void fill_slack(void* p, const Allocation& a) {
+  auto* begin = static_cast<unsigned char*>(p);
+  std::memset(a.first(), guard_value, std::size_t(begin - a.first()));
+  std::memset(begin + a.size, guard_value, std::size_t(a.last() - (begin + a.size)));
+}
+
+/// Every live allocation's guard bytes; a write past an end is reported once, as a fault.
+void check_guards() {
+  for (const auto& [p, a] : allocations())
+    if (!slack_intact(p, a)) {
+      fault(cudaErrorIllegalAddress,
+            "a kernel or copy wrote outside a " + std::to_string(a.size) + "-byte device allocation");
+      fill_slack(const_cast<void*>(p), a);  // so that the same write is reported once
+    }
+}
+
+struct sigaction previous_segv_action {};  // whoever handled SIGSEGV before the kernel started
+
+void on_segfault(int, siginfo_t* info, void*) {
+  const auto* address = static_cast<const unsigned char*>(info->si_addr);
+  for (const auto& [p, a] : allocations()) {
+    const auto* begin = static_cast<const unsigned char*>(p);
+    if (address >= a.base && address < a.first())
+      std::fprintf(stderr, "moet CUDA emulation: kernel %s accessed %td bytes before a %zu-byte device allocation\n",
+                   running_kernel, begin - address, a.size);
+    else if (address >= a.last() && address < a.base + a.mapped)
+      std::fprintf(stderr,
+                   "moet CUDA emulation: kernel %s accessed %td bytes past the end of a %zu-byte device allocation\n",
+                   running_kernel, address - (begin + a.size), a.size);
+    else
+      continue;
+    break;
+  }
+  // Returning re-runs the access, which the previous handler (a test framework's, or the
+  // default) then reports.
+  sigaction(SIGSEGV, &previous_segv_action, nullptr);
+}
+
+/// Kernels run with on_segfault installed, so that a fault names the kernel and the allocation.
+struct FaultHandlerScope {
+  FaultHandlerScope() {
+    struct sigaction action {};
+    action.sa_sigaction = on_segfault;
+    action.sa_flags = SA_SIGINFO;
+    sigemptyset(&action.sa_mask);
+    sigaction(SIGSEGV, &action, &previous_segv_action);
+  }
+  ~FaultHandlerScope() { sigaction(SIGSEGV, &previous_segv_action, nullptr); }
+  FaultHandlerScope(const FaultHandlerScope&) = delete;
+  FaultHandlerScope& operator=(const FaultHandlerScope&) = delete;
+};
+
+cudaError_t allocate(void** p, std::size_t size) {
+  if (p == nullptr) return cudaErrorInvalidValue;
+  if (size > (std::size_t(1) << 36)) {  // more than the 64 GiB this emulated device pretends to have
+    *p = nullptr;
+    return cudaErrorMemoryAllocation;
+  }
+  const std::size_t data = (size + 255) / 256 * 256, span = (data + page - 1) / page * page;
+  Allocation a;
+  a.mapped = span + 2 * page;
+  void* mapping = mmap(nullptr, a.mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (mapping == MAP_FAILED) return cudaErrorMemoryAllocation;
+  a.base = static_cast<unsigned char*>(mapping);
+  a.size = size;
+  if (mprotect(a.base, page, PROT_NONE) != 0 || mprotect(a.last(), page, PROT_NONE) != 0) {
+    munmap(mapping, a.mapped);
+    return cudaErrorMemoryAllocation;
+  }
+  unsigned char* begin = a.last() - data;
+  std::memset(begin, 0xff, size);
+  fill_slack(begin, a);
+  allocations()[begin] = a;
+  *p = begin;
+  return cudaSuccess;
+}
+
+cudaError_t release(void* p) {
+  if (p == nullptr) return cudaSuccess;
+  auto found = allocations().find(p);
+  if (found == allocations().end()) {
+    std::fprintf(stderr, "moet CUDA emulation: free of %p, which is not a device allocation\n", p);
+    return cudaErrorInvalidValue;
+  }
+  const Allocation a = found->second;
+  if (!slack_intact(p, a))
+    fault(cudaErrorIllegalAddress, "a kernel or copy wrote outside a " + std::to_string(a.size) +
+                                       "-byte device allocation (found when it was freed)");
+  allocations().erase(found);
+  munmap(a.base, a.mapped);
+  return cudaSuccess;
+}
+
+struct StreamObject {
+  int unused = 0;
+};
+
+}  // namespace
+
 void clear_faults() {
   sticky_error = cudaSuccess;
   last_error = cudaSuccess;
@@ -232,6 +368,8 @@ cudaError_t run(const char* kernel, dim3 grid, dim3 threads, std::size_t shared_
     return cudaErrorInvalidValue;
   }
   const int n = int(count), warps = (n + 31) / 32;
+  running_kernel = kernel;
+  const FaultHandlerScope fault_handler;
   if (block.fibers.size() < std::size_t(n)) block.fibers.resize(std::size_t(n));
   block.threads = n;
   block.body = &body;
@@ -266,77 +404,15 @@ cudaError_t run(const char* kernel, dim3 grid, dim3 threads, std::size_t shared_
           fault(cudaErrorLaunchFailure, "kernel " + std::string(kernel) + ", block (" + std::to_string(bx) + ", " +
                                             std::to_string(by) + ", " + std::to_string(bz) + "): " + block.fault);
           block.current = nullptr;
+          running_kernel = nullptr;
           return cudaErrorLaunchFailure;
         }
       }
   block.current = nullptr;
+  running_kernel = nullptr;
   return cudaSuccess;
 }
 
-// --- device memory ------------------------------------------------------------------------------
-namespace {
-
-constexpr std::size_t guard_bytes = 256;
-constexpr unsigned char guard_value = 0xa5;
-std::map<const void*, std::size_t>& allocations() {
-  static std::map<const void*, std::size_t> live;
-  return live;
-}
-
-bool guard_intact(const void* p, std::size_t size) {
-  const auto* guard = static_cast<const unsigned char*>(p) + size;
-  for (std::size_t i = 0; i < guard_bytes; ++i)
-    if (guard[i] != guard_value) return false;
-  return true;
-}
-
-/// Every live allocation's guard zone; a write past an end is reported once, as a fault.
-void check_guards() {
-  for (const auto& [p, size] : allocations())
-    if (!guard_intact(p, size)) {
-      fault(cudaErrorIllegalAddress,
-            "a kernel or copy wrote past the end of a " + std::to_string(size) + "-byte device allocation");
-      // restore the zone so that the same write is reported once
-      std::memset(const_cast<unsigned char*>(static_cast<const unsigned char*>(p)) + size, guard_value, guard_bytes);
-    }
-}
-
-cudaError_t allocate(void** p, std::size_t size) {
-  if (p == nullptr) return cudaErrorInvalidValue;
-  if (size > (std::size_t(1) << 36)) {  // more than the 64 GiB this emulated device pretends to have
-    *p = nullptr;
-    return cudaErrorMemoryAllocation;
-  }
-  const std::size_t padded = (size + guard_bytes + 255) / 256 * 256;
-  void* memory = std::aligned_alloc(256, padded);
-  if (memory == nullptr) return cudaErrorMemoryAllocation;
-  std::memset(memory, 0xff, size);
-  std::memset(static_cast<unsigned char*>(memory) + size, guard_value, padded - size);
-  allocations()[memory] = size;
-  *p = memory;
-  return cudaSuccess;
-}
-
-cudaError_t release(void* p) {
-  if (p == nullptr) return cudaSuccess;
-  auto found = allocations().find(p);
-  if (found == allocations().end()) {
-    std::fprintf(stderr, "moet CUDA emulation: free of %p, which is not a device allocation\n", p);
-    return cudaErrorInvalidValue;
-  }
-  if (!guard_intact(p, found->second))
-    fault(cudaErrorIllegalAddress, "a kernel or copy wrote past the end of a " + std::to_string(found->second) +
-                                       "-byte device allocation (found when it was freed)");
-  allocations().erase(found);
-  std::free(p);
-  return cudaSuccess;
-}
-
-struct StreamObject {
-  int unused = 0;
-};
-
-}  // namespace
 }  // namespace moet::cuda_emulation
 
 using namespace moet::cuda_emulation;

@@ -3,14 +3,19 @@
 // a missing barrier, impossible launches and barriers that
 // can never complete are reported, fresh device memory reads as NaN, writes past an
 // allocation's end are caught, and the emulated cublasLtMatmul follows cuBLASLt's column-major
-// contract (op(A) from A's own layout, beta C, the bias epilogue). If the emulation were wrong
+// contract (op(A) from A's own layout, beta C, the bias epilogue). An access far outside an
+// allocation ends the program with SIGSEGV and a message naming the kernel. If the emulation were wrong
 // here, test_cuda_layers_emulated could pass for the wrong reasons.
 #include <cublasLt.h>
 #include <cuda_runtime_api.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <catch2/catch.hpp>
 #include <cmath>
+#include <csignal>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <moet/cuda/kernels/emulation.cuh>
 #include <vector>
@@ -51,6 +56,10 @@ __global__ void divergent_barrier(int* out) {
 
 __global__ void write_one_past(float* p, int n) {
   if (threadIdx.x == 0) p[n] = 1.f;
+}
+
+__global__ void read_at(const float* p, std::int64_t i, float* out) {
+  if (threadIdx.x == 0) out[0] = p[i];
 }
 
 __global__ void copy_dynamic_shared(float* out) {
@@ -151,6 +160,25 @@ TEST_CASE("emulated memory: fresh memory reads as NaN, writes past the end are c
   CHECK(cudaFree(d) == cudaSuccess);
   int not_device = 0;
   CHECK(cudaFree(&not_device) == cudaErrorInvalidValue);
+}
+
+TEST_CASE("emulated memory: an access well outside an allocation ends the program, naming the kernel", "[emulation]") {
+  // As compute-sanitizer would: a read 4 KiB past the end, or before the start, faults.
+  for (const std::int64_t index : {std::int64_t(8 + 1024), std::int64_t(-1024)}) {
+    const pid_t child = fork();
+    REQUIRE(child >= 0);
+    if (child == 0) {
+      std::signal(SIGSEGV, SIG_DFL);  // not the test framework's handler: the child just dies
+      float* d = device_array<float>(8);
+      float* out = device_array<float>(1);
+      MOET_LAUNCH(1, 32, 0, nullptr, read_at)(d, index, out);
+      std::_Exit(0);  // not reached when the read faults
+    }
+    int status = 0;
+    REQUIRE(waitpid(child, &status, 0) == child);
+    CHECK(WIFSIGNALED(status));
+    CHECK((WIFSIGNALED(status) && WTERMSIG(status) == SIGSEGV));
+  }
 }
 
 TEST_CASE("emulated cublasLtMatmul follows cuBLASLt's column-major contract", "[emulation]") {
