@@ -9,10 +9,13 @@
 // against them (pct_gemm_peak, pct_copy_peak).
 //
 // Without a CUDA device the program says why and exits 0 (a benchmark, not a test).
+// --moet_smoke scales every size down (64 tokens, d_model 256) and runs each case twice: the
+// test bench.cuda_smoke_emulated runs it so on the host emulation of the device, everywhere.
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
 #include <cstdio>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -25,7 +28,16 @@ namespace {
 
 using namespace moet;
 using T = bf16;
-constexpr Index tokens = 8192;
+
+/// The benchmark's sizes; --moet_smoke scales them down to check that the program runs from
+/// start to end (CI does that on the host emulation of the device, where timings mean nothing).
+struct Sizes {
+  Index tokens = 8192, d_model = 4096, mov_width = 11008, peak_gemm = 8192;
+  std::size_t peak_copy_bytes = std::size_t(1) << 30;
+};
+Sizes sizes;
+Index tokens = sizes.tokens;
+int smoke_iterations = 0;  ///< > 0: that many iterations per case (--moet_smoke)
 
 CudaContext& context() {
   static CudaContext ctx;
@@ -88,7 +100,7 @@ struct Peaks {
 const Peaks& peaks() {
   static const Peaks p = [] {
     Peaks r;
-    constexpr Index n = 8192;
+    const Index n = sizes.peak_gemm;
     const DeviceMatrix<T> a = random_device(n, n, 1), b = random_device(n, n, 2);
     DeviceMatrix<T> c(n, n, context().stream());
     EventTimer timer;
@@ -99,7 +111,7 @@ const Peaks& peaks() {
       if (i >= 2) best = std::min(best, ms);
     }
     r.gemm_tflops = 2.0 * double(n) * double(n) * double(n) / (best * 1e-3) / 1e12;
-    constexpr std::size_t bytes = std::size_t(1) << 30;
+    const std::size_t bytes = sizes.peak_copy_bytes;
     DeviceBuffer src(bytes, context().stream()), dst(bytes, context().stream());
     MOET_CUDA_CHECK(cudaMemsetAsync(src.data(), 1, bytes, context().stream()));
     best = 1e30;
@@ -109,8 +121,10 @@ const Peaks& peaks() {
       if (i >= 2) best = std::min(best, ms);
     }
     r.copy_gbs = 2.0 * double(bytes) / (best * 1e-3) / 1e9;
-    std::printf("device: %s, %d SMs; measured peaks: bf16 GEMM %.1f TFLOP/s (8192^3), copy %.0f GB/s (1 GiB, read + write)\n",
-                context().device_name().c_str(), context().sm_count(), r.gemm_tflops, r.copy_gbs);
+    std::printf("device: %s, %d SMs; measured peaks: bf16 GEMM %.1f TFLOP/s (%lld^3), copy %.0f GB/s (%zu MiB, read + "
+                "write)\n",
+                context().device_name().c_str(), context().sm_count(), r.gemm_tflops, static_cast<long long>(n), r.copy_gbs,
+                bytes >> 20);
     return r;
   }();
   return p;
@@ -181,8 +195,8 @@ void ia3_mixture(benchmark::State& state, Index width) {
   typename Spec::template layer<T, cuda> mix(context(), width, rng, {.expert = {.init_stddev = 0.01}});
   const DeviceMatrix<T> h = random_device(tokens, width, 10), dy = random_device(tokens, width, 11);
   // The floor of an activation scaling: the frozen linear layer that produces it (d_model 4096).
-  layer<FrozenLinear, T, cuda> floor(context(), rng.normal_matrix<float>(4096, width, 0.0, 0.02));
-  const DeviceMatrix<T> x = random_device(tokens, 4096, 12);
+  layer<FrozenLinear, T, cuda> floor(context(), rng.normal_matrix<float>(sizes.d_model, width, 0.0, 0.02));
+  const DeviceMatrix<T> x = random_device(tokens, sizes.d_model, 12);
   timed_against_floor(state, [&] { step(floor, x, dy); }, [&] { step(mix, h, dy); });
   // The activation traffic a step cannot avoid: forward reads h and writes y; backward reads dy
   // and h and writes dx.
@@ -195,30 +209,48 @@ void ia3_mixture(benchmark::State& state, Index width) {
 
 template <class F>
 benchmark::internal::Benchmark* add(const std::string& name, F f) {
-  return benchmark::RegisterBenchmark(name.c_str(), f)->Unit(benchmark::kMillisecond)->UseManualTime()->MinTime(0.5);
+  auto* b = benchmark::RegisterBenchmark(name.c_str(), f)->Unit(benchmark::kMillisecond)->UseManualTime();
+  return smoke_iterations > 0 ? b->Iterations(smoke_iterations) : b->MinTime(0.5);
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
+  std::vector<std::string> defaults{"--benchmark_repetitions=5", "--benchmark_report_aggregates_only=true"};
+  bool smoke = false;
+  std::vector<char*> kept{argv[0]};
+  for (int i = 1; i < argc; ++i)
+    if (std::string(argv[i]) == "--moet_smoke") smoke = true;
+    else kept.push_back(argv[i]);
+  if (smoke) {
+    sizes = Sizes{.tokens = 64, .d_model = 256, .mov_width = 688, .peak_gemm = 256, .peak_copy_bytes = std::size_t(1) << 20};
+    tokens = sizes.tokens;
+    smoke_iterations = 2;
+    defaults = {"--benchmark_repetitions=1"};
+    std::printf("moet_bench_cuda --moet_smoke: sizes scaled down to check that every case runs; the timings mean nothing\n");
+  }
   if (const auto reason = cuda_unavailable_reason()) {
     std::printf("moet_bench_cuda: no CUDA device here (%s); nothing to measure\n", reason->c_str());
     return 0;
   }
-  std::vector<std::string> defaults{"--benchmark_repetitions=5", "--benchmark_report_aggregates_only=true"};
-  auto args = moet::bench::with_defaults(argc, argv, defaults);
+  auto args = moet::bench::with_defaults(int(kept.size()), kept.data(), defaults);
   using SoftLoRA8 = Mixture<Router<Soft>, Expert<LoRA<16>>, 8>;
   using Top2LoRA64 = Mixture<Router<TopK<2>>, Expert<LoRA<16>>, 64>;
   using SoftMoV30 = Mixture<Router<Soft>, Expert<IA3>, 30>;
 
-  add("frozen_linear/8192/4096/4096", [](auto& s) { frozen_linear(s, 4096, 4096); });
-  add("molora_soft/8192/4096/4096/8/16", [](auto& s) { lora_mixture<SoftLoRA8>(s, 4096, 4096); });
-  add("molora_top2/8192/4096/4096/64/16", [](auto& s) { lora_mixture<Top2LoRA64>(s, 4096, 4096); });
+  const Index d = sizes.d_model, width = sizes.mov_width;
+  const std::string shape = std::to_string(tokens) + "/" + std::to_string(d) + "/" + std::to_string(d);
+  const std::string soft = "molora_soft/" + shape + "/8/16", top2 = "molora_top2/" + shape + "/64/16";
+  add("frozen_linear/" + shape, [d](auto& s) { frozen_linear(s, d, d); });
+  add(soft, [d](auto& s) { lora_mixture<SoftLoRA8>(s, d, d); });
+  add(top2, [d](auto& s) { lora_mixture<Top2LoRA64>(s, d, d); });
   // both paths forced, to calibrate the cost model that picks between them (docs/cuda.md)
-  add("dispatch/top2_dense/8192/4096/4096/64/16", [](auto& s) { lora_mixture<Top2LoRA64>(s, 4096, 4096, Dispatch::dense); });
-  add("dispatch/top2_grouped/8192/4096/4096/64/16", [](auto& s) { lora_mixture<Top2LoRA64>(s, 4096, 4096, Dispatch::grouped); });
-  add("mov_soft/8192/11008/30", [](auto& s) { ia3_mixture<SoftMoV30>(s, 11008); });
+  add("dispatch/top2_dense/" + shape + "/64/16", [d](auto& s) { lora_mixture<Top2LoRA64>(s, d, d, Dispatch::dense); });
+  add("dispatch/top2_grouped/" + shape + "/64/16", [d](auto& s) { lora_mixture<Top2LoRA64>(s, d, d, Dispatch::grouped); });
+  add("mov_soft/" + std::to_string(tokens) + "/" + std::to_string(width) + "/30",
+      [width](auto& s) { ia3_mixture<SoftMoV30>(s, width); });
 
-  return moet::bench::run_with_ratios(args, {{"molora_soft/8192/4096/4096/8/16", 1.15},
-                                             {"molora_top2/8192/4096/4096/64/16", 1.30}});
+  std::map<std::string, double> targets;  // none at smoke sizes: there the ratios mean nothing
+  if (!smoke) targets = {{soft, 1.15}, {top2, 1.30}};
+  return moet::bench::run_with_ratios(args, targets);
 }

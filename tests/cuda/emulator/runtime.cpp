@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <csignal>
 #include <cstdint>
 #include <cstdio>
@@ -487,6 +488,35 @@ cudaError_t cudaStreamSynchronize(cudaStream_t /*stream*/) {
 cudaError_t cudaDeviceSynchronize() {
   check_guards();
   return sticky_error;
+}
+
+// Events: host timestamps (everything has finished when a call returns).
+namespace {
+struct EventObject {
+  std::chrono::steady_clock::time_point at = std::chrono::steady_clock::now();
+};
+}  // namespace
+cudaError_t cudaEventCreate(cudaEvent_t* event) {
+  *event = reinterpret_cast<cudaEvent_t>(new EventObject);
+  return cudaSuccess;
+}
+cudaError_t cudaEventDestroy(cudaEvent_t event) {
+  delete reinterpret_cast<EventObject*>(event);
+  return cudaSuccess;
+}
+cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t /*stream*/) {
+  reinterpret_cast<EventObject*>(event)->at = std::chrono::steady_clock::now();
+  return sticky_error;
+}
+cudaError_t cudaEventSynchronize(cudaEvent_t /*event*/) {
+  check_guards();
+  return sticky_error;
+}
+cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) {
+  *ms = std::chrono::duration<float, std::milli>(reinterpret_cast<EventObject*>(end)->at -
+                                                 reinterpret_cast<EventObject*>(start)->at)
+            .count();
+  return cudaSuccess;
 }
 
 cudaError_t cudaMalloc(void** p, std::size_t size) { return allocate(p, size); }
