@@ -30,7 +30,8 @@ step() {  # name, command...: runs it, keeps the whole log, prints its tail and 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/device.txt" 2>&1; cat "$out/device.txt"
 step configure cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DMOET_CUDA=ON -DMOET_BLAS=EIGEN \
   -DCMAKE_PREFIX_PATH="$root/usr" -DCMAKE_CUDA_ARCHITECTURES="90-real;90-virtual" || exit 1
-step build cmake --build build-gpu -j"$(nproc)" --target test_cuda_layers test_cuda_layers_emulated test_cuda_emulation test_cuda_errors moet_bench_cuda || exit 1
+step build cmake --build build-gpu -j"$(nproc)" --target test_cuda_layers test_cuda_layers_emulated test_cuda_emulation test_cuda_errors moet_bench_cuda \
+  moet_bench_cuda_emulated || exit 1
 step tests ctest --test-dir build-gpu -R cuda --output-on-failure
 step memcheck ctest --test-dir build-gpu -L memcheck --output-on-failure
 step bench build-gpu/bench/moet_bench_cuda
