@@ -109,6 +109,8 @@ TEMPLATE_TEST_CASE("CUDA MoLoRA matches the CPU", "[cuda]", float, bf16, fp16) {
   check_lora<Mixture<Router<TopK<3, Renorm::off>>, Expert<LoRA<3>>, 6>, TestType>(20, 20, true);
   check_lora<Mixture<Router<TopK<2>>, Expert<LoRA<2>>, 40>, TestType>(16, 24, false, with_aux);  // E > 32
   check_lora<Mixture<Router<Soft>, Expert<LoRA<1>>, 1>, TestType>(12, 9, true);                   // one expert
+  check_lora<Mixture<Router<TopK<2>>, Expert<LoRA<2>>, 100>, TestType>(16, 24, false, with_aux);  // 4 slots per lane
+  check_lora<Mixture<Router<Soft>, Expert<LoRA<2>>, 200>, TestType>(16, 24, true, with_aux);      // 8 slots per lane
 }
 
 TEMPLATE_TEST_CASE("CUDA MoLoRA's grouped top-k path matches the CPU", "[cuda]", float, bf16, fp16) {
@@ -144,6 +146,7 @@ TEMPLATE_TEST_CASE("CUDA MoV matches the CPU", "[cuda]", float, bf16, fp16) {
   check_ia3<Top2MoV, TestType>(32, {.heads = 4, .init_stddev = 0.1}, with_aux);  // per-head routing
   check_ia3<Top2Off, TestType>(16, {.heads = 2, .router_width = 12, .init_stddev = 0.1});  // external router input
   check_ia3<Mixture<Router<Soft>, Expert<IA3>, 20>, TestType>(300, {.init_stddev = 0.1});   // > 256 columns, E > 16
+  check_ia3<Mixture<Router<TopK<2>>, Expert<IA3>, 70>, TestType>(40, {.init_stddev = 0.1}, with_aux);  // E > 64
 }
 
 TEST_CASE("CUDA mixtures at the benchmark's widths (few tokens)", "[cuda]") {

@@ -70,9 +70,37 @@ constexpr std::size_t stack_bytes = std::size_t(256) << 10;
 constexpr int max_threads_per_block = 1024;
 constexpr std::size_t default_dynamic_shared = std::size_t(48) << 10;
 
+/// A fiber's stack: reserved, not committed (pages appear as the fiber touches them), with a
+/// no-access page below it so that an overflow faults instead of overwriting a neighbour.
+struct Stack {
+  unsigned char* base = nullptr;  // the no-access page; the stack is the stack_bytes above it
+  Stack() = default;
+  Stack(Stack&& other) noexcept : base(std::exchange(other.base, nullptr)) {}
+  Stack& operator=(Stack&& other) noexcept {
+    std::swap(base, other.base);
+    return *this;
+  }
+  ~Stack() {
+    if (base) munmap(base, stack_bytes + std::size_t(sysconf(_SC_PAGESIZE)));
+  }
+  unsigned char* top() {
+    const std::size_t guard = std::size_t(sysconf(_SC_PAGESIZE));
+    if (!base) {
+      void* m = mmap(nullptr, stack_bytes + guard, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                     -1, 0);
+      if (m == MAP_FAILED || mprotect(m, guard, PROT_NONE) != 0) {
+        std::fprintf(stderr, "moet CUDA emulation: cannot map a fiber stack\n");
+        std::abort();
+      }
+      base = static_cast<unsigned char*>(m);
+    }
+    return base + guard + stack_bytes;
+  }
+};
+
 struct Fiber {
   void* sp = nullptr;
-  std::unique_ptr<unsigned char[]> stack;
+  Stack stack;
   Coordinates where;
   int warp = 0, lane = 0;
   bool done = false;
@@ -107,9 +135,7 @@ const char* running_kernel = nullptr;    // the kernel running now, for the faul
 cudaError_t last_error = cudaSuccess;    // what cudaGetLastError returns (and clears)
 cudaError_t sticky_error = cudaSuccess;  // a fault: every later synchronising call reports it
 
-void record(cudaError_t status) {
-  if (last_error == cudaSuccess) last_error = status;
-}
+void record(cudaError_t status) { last_error = status; }
 
 void fault(cudaError_t status, const std::string& what) {
   std::fprintf(stderr, "moet CUDA emulation: %s\n", what.c_str());
@@ -120,13 +146,17 @@ void fault(cudaError_t status, const std::string& what) {
 void yield() { moet_emulation_switch(&block.current->sp, block.scheduler_sp); }
 
 /// Waits until every live thread of the group has arrived (`live` is re-read: exits count).
-void wait(Barrier& barrier, const int& live) {
+void wait(Barrier& barrier, const int& live, int expected = 0) {
   const std::uint64_t generation = barrier.generation;
   ++barrier.arrived;
   ++block.progress;
   for (;;) {
     if (barrier.generation != generation) return;
     if (barrier.arrived >= live) {
+      // Released by exits rather than arrivals: some of the `expected` threads left without it.
+      if (barrier.arrived < expected && block.fault.empty())
+        block.fault = "a full-mask warp operation that " + std::to_string(expected - barrier.arrived) +
+                      " lane(s) of the warp never reach (they exited)";
       barrier.arrived = 0;
       ++barrier.generation;
       ++block.progress;
@@ -148,8 +178,7 @@ extern "C" [[noreturn]] void moet_emulation_fiber_entry() {
 }
 
 void start(Fiber& fiber) {
-  if (!fiber.stack) fiber.stack = std::make_unique<unsigned char[]>(stack_bytes);
-  auto top = reinterpret_cast<std::uintptr_t>(fiber.stack.get() + stack_bytes) & ~std::uintptr_t(15);
+  auto top = reinterpret_cast<std::uintptr_t>(fiber.stack.top()) & ~std::uintptr_t(15);
   void** sp = reinterpret_cast<void**>(top);
   *--sp = nullptr;                                               // keeps the entry's stack 16-byte aligned
   *--sp = reinterpret_cast<void*>(&moet_emulation_fiber_entry);  // where the first switch "returns" to
@@ -327,7 +356,9 @@ void sync_block() { wait(block.barrier, block.live); }
 
 void sync_warp() {
   const Fiber& self = *block.current;
-  wait(block.warp_barriers[std::size_t(self.warp)], block.warp_live[std::size_t(self.warp)]);
+  const auto w = std::size_t(self.warp);
+  // moet's warp operations all use the full mask: every lane of the warp must take part.
+  wait(block.warp_barriers[w], block.warp_live[w], std::min(32, block.threads - 32 * self.warp));
 }
 
 void exchange_xor(const void* value, void* out, std::size_t bytes, int lane_mask) {
@@ -346,6 +377,19 @@ void exchange_xor(const void* value, void* out, std::size_t bytes, int lane_mask
 }
 
 void* dynamic_shared() { return block.shared.data(); }
+
+bool is_device_pointer(const void* p) {
+  if (p == nullptr) return true;
+  auto after = allocations().upper_bound(p);
+  if (after == allocations().begin()) return false;
+  const auto& [begin, a] = *std::prev(after);
+  return static_cast<const unsigned char*>(p) <= static_cast<const unsigned char*>(begin) + a.size;
+}
+
+void host_pointer_argument(const char* kernel, int index) {
+  fault(cudaErrorIllegalAddress, "kernel " + std::string(kernel) + ": argument " + std::to_string(index) +
+                                     " is a pointer outside every device allocation (host memory?)");
+}
 
 cudaError_t run(const char* kernel, dim3 grid, dim3 threads, std::size_t shared_bytes, cudaStream_t /*stream*/,
                 const std::function<void()>& body) {
@@ -758,6 +802,8 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t desc_, cons
   if (status != CUBLAS_STATUS_SUCCESS) return status;
   if (desc.epilogue == CUBLASLT_EPILOGUE_BIAS && desc.bias == nullptr)
     return invalid("BIAS epilogue without a bias pointer");
+  for (const void* p : {A, B, C, static_cast<const void*>(D), desc.bias})
+    if (!is_device_pointer(p)) return invalid("an operand or the bias is not in device memory");
   const double alpha = *static_cast<const float*>(alpha_), beta = *static_cast<const float*>(beta_);
   // op(A) column-major (m x k) and op(B) (k x n), in double.
   std::vector<double> op_a(static_cast<std::size_t>(m * k)), op_b(static_cast<std::size_t>(k * n)),

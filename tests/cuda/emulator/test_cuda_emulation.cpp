@@ -54,6 +54,12 @@ __global__ void divergent_barrier(int* out) {
   out[threadIdx.x] = 1;
 }
 
+/// Lane 5 leaves before the warp's shuffle: undefined on a device with the full mask.
+__global__ void shuffle_after_exit(float* out) {
+  if (threadIdx.x == 5) return;
+  out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, float(threadIdx.x), 1);
+}
+
 __global__ void write_one_past(float* p, int n) {
   if (threadIdx.x == 0) p[n] = 1.f;
 }
@@ -139,6 +145,19 @@ TEST_CASE("emulated barriers that can never complete are reported", "[emulation]
   MOET_LAUNCH(1, 32, 0, nullptr, divergent_barrier)(d);
   CHECK(cudaGetLastError() == cudaErrorLaunchFailure);
   CHECK(cudaStreamSynchronize(nullptr) == cudaErrorLaunchFailure);  // sticky, as a device fault is
+  clear_faults();
+  CHECK(cudaFree(d) == cudaSuccess);
+}
+
+TEST_CASE("emulated warp operations need every lane; kernels need device pointers", "[emulation]") {
+  float* d = device_array<float>(32);
+  MOET_LAUNCH(1, 32, 0, nullptr, shuffle_after_exit)(d);
+  CHECK(cudaGetLastError() == cudaErrorLaunchFailure);
+  clear_faults();
+  std::vector<float> host(32);
+  MOET_LAUNCH(1, 32, 0, nullptr, write_one_past)(host.data(), 0);  // a host pointer as a kernel argument
+  CHECK(cudaGetLastError() == cudaErrorIllegalAddress);
+  CHECK(host[0] == 0.f);  // and the kernel did not run
   clear_faults();
   CHECK(cudaFree(d) == cudaSuccess);
 }

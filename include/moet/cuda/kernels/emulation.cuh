@@ -26,6 +26,7 @@
 #include <cstddef>
 #include <cstring>
 #include <functional>
+#include <type_traits>
 
 #undef __global__
 #undef __device__
@@ -54,6 +55,10 @@ void sync_warp();
 /// Writes `bytes` of this lane's `value`, waits for the warp, reads lane (this lane ^ lane_mask).
 void exchange_xor(const void* value, void* out, std::size_t bytes, int lane_mask);
 void* dynamic_shared();
+/// Whether p is null or inside (or one past) a live device allocation.
+bool is_device_pointer(const void* p);
+/// Records the fault of a launch whose argument `index` points outside device memory.
+void host_pointer_argument(const char* kernel, int index);
 /// Runs `body` on every thread of every block; returns (and records for cudaGetLastError) the
 /// error a device would give for this configuration, without running anything then.
 cudaError_t run(const char* kernel, dim3 grid, dim3 block, std::size_t shared_bytes, cudaStream_t stream,
@@ -86,7 +91,19 @@ struct Launch {
 
   template <class... Args>
   void operator()(Args&&... args) const {
-    run(name, grid, block, shared, stream, [&] { kernel(args...); });
+    int index = 0;
+    bool host_pointer = false;
+    (
+        [&](const auto& arg) {
+          if constexpr (std::is_pointer_v<std::decay_t<decltype(arg)>>)
+            if (!host_pointer && !is_device_pointer(arg)) {
+              host_pointer_argument(name, index);
+              host_pointer = true;
+            }
+          ++index;
+        }(args),
+        ...);
+    if (!host_pointer) run(name, grid, block, shared, stream, [&] { kernel(args...); });
   }
 };
 
