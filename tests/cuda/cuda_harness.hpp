@@ -33,6 +33,7 @@ namespace moet::testing {
 struct CompareOptions {
   double tolerance = 0;            ///< max |cuda - cpu| / max |cpu| per tensor
   double min_routing_margin = 0;   ///< top-k: smallest gap allowed between the K-th and (K+1)-th logit
+  double logit_ulp = 0;            ///< ... plus this times their magnitude (logits stored in T round by an ulp)
   double param_stddev = 0.5;
   int max_draws = 50;              ///< draws tried for the near-tie tokens before giving up
 };
@@ -46,12 +47,15 @@ CompareOptions compare_options() {
   if constexpr (std::is_same_v<T, float>) {
     o.tolerance = 2e-5;
     o.min_routing_margin = 1e-4;
+    o.logit_ulp = 0x1p-23;
   } else if constexpr (std::is_same_v<T, bf16>) {
     o.tolerance = 2e-2;
     o.min_routing_margin = 3e-2;
+    o.logit_ulp = 0x1p-7;
   } else {
     o.tolerance = 4e-3;
     o.min_routing_margin = 5e-3;
+    o.logit_ulp = 0x1p-10;
   }
   return o;
 }
@@ -137,10 +141,12 @@ class Comparer {
   double tolerance_;
 };
 
-/// The routing rows whose gap between the k-th and (k+1)-th largest logit (log-probability) is
-/// below `margin`, k = K (top-k) or 1 (Soft: the argmax decides the load-balancing usage).
+/// The routing rows whose gap between the k-th and (k+1)-th largest logit is below
+/// margin + logit_ulp * (the larger magnitude of the two), k = K (top-k) or 1 (Soft: the argmax
+/// decides the load-balancing usage). Logits are log-probabilities plus the row's logsumexp; the
+/// magnitude term covers logits stored in T (one rounding moves a logit by up to an ulp).
 template <class Routing>
-std::vector<Index> near_tie_rows(const Routing& r, double margin) {
+std::vector<Index> near_tie_rows(const Routing& r, double margin, double logit_ulp) {
   const Index k = r.selected.cols() > 0 ? r.selected.cols() : 1;
   std::vector<Index> rows;
   if (k >= r.experts()) return rows;
@@ -148,7 +154,9 @@ std::vector<Index> near_tie_rows(const Routing& r, double margin) {
     std::vector<double> p(r.experts());
     for (Index e = 0; e < r.experts(); ++e) p[std::size_t(e)] = r.probs(t, e);
     std::sort(p.begin(), p.end(), std::greater<>());
-    if (std::log(p[std::size_t(k - 1)]) - std::log(p[std::size_t(k)]) < margin) rows.push_back(t);
+    const double lse = double(r.lse[std::size_t(t)]);
+    const double above = std::log(p[std::size_t(k - 1)]) + lse, below = std::log(p[std::size_t(k)]) + lse;
+    if (above - below < margin + logit_ulp * std::max(std::abs(above), std::abs(below))) rows.push_back(t);
   }
   return rows;
 }
@@ -218,7 +226,7 @@ CompareReport compare_with_cpu(CpuLayer& cpu, CudaLayer& gpu, CudaContext& ctx, 
   if constexpr (requires { cc.routing.selected; }) {
     const Index tokens = std::get<0>(inputs).rows();
     const Index per_token = tokens > 0 ? cc.routing.rows() / tokens : 1;  // per-head routing: heads rows a token
-    std::vector<Index> ties = detail::near_tie_rows(cc.routing, o.min_routing_margin);
+    std::vector<Index> ties = detail::near_tie_rows(cc.routing, o.min_routing_margin, o.logit_ulp);
     for (int draws = 1; !ties.empty() && draws < o.max_draws; ++draws) {
       const auto fresh = rounded_draw();
       for (const Index row : ties) {
@@ -228,7 +236,7 @@ CompareReport compare_with_cpu(CpuLayer& cpu, CudaLayer& gpu, CudaContext& ctx, 
         }(std::make_index_sequence<std::tuple_size_v<decltype(inputs)>>{});
       }
       cc = cpu_forward();
-      ties = detail::near_tie_rows(cc.routing, o.min_routing_margin);
+      ties = detail::near_tie_rows(cc.routing, o.min_routing_margin, o.logit_ulp);
     }
     if (!ties.empty()) {
       cmp.report.near_tie = true;
