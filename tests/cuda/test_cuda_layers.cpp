@@ -180,6 +180,63 @@ TEST_CASE("CUDA MoLoRA starts from the same parameters as the CPU for the same s
   CHECK(i == cpu_values.size());
 }
 
+TEMPLATE_TEST_CASE("CUDA AdamW takes the CPU AdamW's steps", "[cuda]", float, bf16) {
+  using T = TestType;
+  using Spec = Mixture<Router<TopK<2>>, Expert<LoRA<4>>, 8>;
+  using moet::testing::detail::download_matrix;
+  using moet::testing::detail::rounded;
+  Rng rng(21);
+  const Matrix<double> w = rounded<T>(rng.normal_matrix<double>(16, 24, 0.0, 0.5));
+  Spec::layer<double> cpu(w, rng);
+  Spec::layer<T, cuda> gpu(context(), w, rng);
+  cudaStream_t stream = context().stream();
+  // The same starting values (in T) on both sides.
+  std::vector<Matrix<double>> start;
+  for_each_param(cpu, [&](auto& p) { start.push_back(rounded<T>(rng.normal_matrix<double>(p.rows(), p.cols(), 0.0, 0.3))); });
+  std::size_t i = 0;
+  for_each_param(cpu, [&](auto& p) { p.value() = start[i++]; });
+  i = 0;
+  for_each_device_param(gpu, [&](auto& p) { cuda_impl::upload(p.value(), start[i].data(), start[i].cols(), stream), ++i; });
+
+  const AdamWOptions options{.lr = 1e-2, .weight_decay = 0.1};
+  AdamW<double> cpu_opt(options);
+  CudaAdamW gpu_opt(context(), options);
+  for (int step = 0; step < 3; ++step) {  // the same gradients on both sides, new ones each step
+    std::vector<Matrix<double>> grads;
+    for_each_param(cpu, [&](auto& p) {
+      grads.push_back(rounded<float>(rng.normal_matrix<double>(p.rows(), p.cols())));
+      p.grad() = grads.back();
+    });
+    i = 0;
+    for_each_device_param(gpu, [&](auto& p) { cuda_impl::upload(p.grad(), grads[i].data(), grads[i].cols(), stream), ++i; });
+    cpu_opt.step(cpu);
+    gpu_opt.step(gpu);
+  }
+  CHECK(gpu_opt.steps() == 3);
+  i = 0;
+  for_each_param(cpu, [&](auto& p) {
+    const Matrix<double> master = download_matrix<float>(gpu_opt.master(i), stream);
+    const Matrix<double> moved = p.value() - start[i];
+    INFO(p.name() << ": the CPU moved it by up to " << moved.cwiseAbs().maxCoeff());
+    // float32 arithmetic against double: far below the steps' size (about lr)
+    CHECK((master - p.value()).cwiseAbs().maxCoeff() <= 1e-5 * moved.cwiseAbs().maxCoeff() + 1e-7);
+    ++i;
+  });
+  i = 0;
+  for_each_device_param(gpu, [&](auto& p) {  // the values are the master copy rounded to T
+    CHECK(download_matrix<T>(p.value(), stream) == rounded<T>(download_matrix<float>(gpu_opt.master(i), stream)));
+    ++i;
+  });
+
+  // Bad options and a second model: the CPU optimizer's errors.
+  CHECK_THROWS_WITH(CudaAdamW(context(), {.lr = -1}), Catch::Contains("AdamW: expected lr >= 0"));
+  Mixture<Router<Soft>, Expert<LoRA<4>>, 2>::layer<T, cuda> other(context(), Matrix<float>::Random(16, 24), rng);
+  CHECK_THROWS_AS(gpu_opt.step(other), value_error);
+  Mixture<Router<TopK<2>>, Expert<LoRA<4>>, 8>::layer<T, cuda> wider(context(), Matrix<float>::Random(16, 30), rng);
+  CHECK_THROWS_WITH(gpu_opt.step(wider), Catch::Contains("AdamW: parameter 2 has shape (32, 30), expected (32, 24)"));
+  CHECK(gpu_opt.steps() == 3);  // a refused step changes nothing
+}
+
 TEST_CASE("cuBLASLt heuristics are queried once per problem", "[cuda]") {
   using Spec = Mixture<Router<Soft>, Expert<LoRA<4>>, 4>;
   Rng rng(6);

@@ -138,6 +138,19 @@ void ia3_scale(const Ia3Shape& shape, const float* gates, const T* scales, const
 template <class T>
 void ia3_mix(const T* scales, std::int64_t n, bool subtract_one, T* mix, cudaStream_t stream);
 
+/// AdamW's per-step scalars (optim/adamw.hpp), in float32.
+struct AdamWCoefficients {
+  float lr = 0, beta1 = 0, beta2 = 0, eps = 0;
+  float decay = 1;                       ///< 1 - lr * weight_decay
+  float correction1 = 1, correction2 = 1;  ///< 1 - beta^t
+};
+
+/// One AdamW step of a (rows, cols) parameter: master (float32, contiguous; may alias value
+/// when T is float), moments m and v (float32, contiguous) updated from grad; value = master in T.
+template <class T>
+void adamw_update(T* value, std::int64_t ld_value, const float* grad, std::int64_t ld_grad, float* master, float* m, float* v,
+                  std::int64_t rows, std::int64_t cols, const AdamWCoefficients& k, cudaStream_t stream);
+
 /// dst (rows, cols) = src, converted from float.
 template <class T>
 void convert(const float* src, std::int64_t ld_src, std::int64_t rows, std::int64_t cols, T* dst, std::int64_t ld_dst,

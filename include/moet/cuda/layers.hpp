@@ -18,6 +18,7 @@
 #include "../expert.hpp"
 #include "../mixture.hpp"
 #include "../router.hpp"
+#include "adamw.hpp"
 #include "backend.hpp"
 #include "buffer.hpp"
 #include "context.hpp"

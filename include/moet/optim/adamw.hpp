@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../core/error.hpp"
@@ -22,17 +23,34 @@ struct AdamWOptions {
   double weight_decay = 0.0;
 };
 
+namespace detail {
+
+inline void check_adamw_options(const AdamWOptions& o) {
+  if (!(o.lr >= 0) || !std::isfinite(o.lr) || !(o.beta1 >= 0 && o.beta1 < 1) || !(o.beta2 >= 0 && o.beta2 < 1) ||
+      !(o.eps > 0) || !(o.weight_decay >= 0) || !std::isfinite(o.weight_decay))
+    throw value_error(concat("AdamW: expected lr >= 0, 0 <= beta1, beta2 < 1, eps > 0, weight_decay >= 0; got lr=", o.lr,
+                             " beta1=", o.beta1, " beta2=", o.beta2, " eps=", o.eps, " weight_decay=", o.weight_decay));
+}
+
+/// The parameters of the model being stepped against the optimizer's state (made for the one
+/// model it first stepped): same count, same shapes, or a moet::value_error saying which differs.
+inline void check_adamw_state(const std::vector<std::pair<Index, Index>>& model,
+                              const std::vector<std::pair<Index, Index>>& state) {
+  if (model.size() != state.size())
+    throw value_error(concat("AdamW: the model has ", model.size(), " parameter tensors but this optimizer's state has ",
+                             state.size(), " (an optimizer serves the one model it first stepped)"));
+  for (std::size_t i = 0; i < model.size(); ++i)
+    if (model[i] != state[i])
+      throw value_error(concat("AdamW: parameter ", i, " has shape ", shape_string(model[i].first, model[i].second),
+                               ", expected ", shape_string(state[i].first, state[i].second), " from the optimizer's state"));
+}
+
+}  // namespace detail
+
 template <class T>
 class AdamW {
  public:
-  explicit AdamW(const AdamWOptions& options = {}) : options_(options) {
-    const auto& o = options;
-    if (!(o.lr >= 0) || !std::isfinite(o.lr) || !(o.beta1 >= 0 && o.beta1 < 1) || !(o.beta2 >= 0 && o.beta2 < 1) ||
-        !(o.eps > 0) || !(o.weight_decay >= 0) || !std::isfinite(o.weight_decay))
-      throw value_error(detail::concat("AdamW: expected lr >= 0, 0 <= beta1, beta2 < 1, eps > 0, weight_decay >= 0; got lr=",
-                                       o.lr, " beta1=", o.beta1, " beta2=", o.beta2, " eps=", o.eps,
-                                       " weight_decay=", o.weight_decay));
-  }
+  explicit AdamW(const AdamWOptions& options = {}) : options_(options) { detail::check_adamw_options(options); }
 
   void set_lr(double lr) { options_.lr = lr; }
   const AdamWOptions& options() const { return options_; }
@@ -71,14 +89,9 @@ class AdamW {
       }
       return;
     }
-    if (shapes.size() != first_.size())
-      throw value_error(detail::concat("AdamW: the model has ", shapes.size(), " parameter tensors but this optimizer's state has ",
-                                       first_.size(), " (an optimizer serves the one model it first stepped)"));
-    for (std::size_t i = 0; i < shapes.size(); ++i)
-      if (shapes[i].first != first_[i].rows() || shapes[i].second != first_[i].cols())
-        throw value_error(detail::concat("AdamW: parameter ", i, " has shape ", detail::shape_string(shapes[i].first, shapes[i].second),
-                                         ", expected ", detail::shape_string(first_[i].rows(), first_[i].cols()),
-                                         " from the optimizer's state"));
+    std::vector<std::pair<Index, Index>> state;
+    for (const auto& m : first_) state.emplace_back(m.rows(), m.cols());
+    detail::check_adamw_state(shapes, state);
   }
 
   AdamWOptions options_;

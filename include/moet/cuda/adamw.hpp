@@ -1,0 +1,93 @@
+// AdamW for the CUDA layers: the CPU optimizer's update (optim/adamw.hpp, same options, same
+// checks and messages) on the device, one elementwise kernel per parameter tensor. Mixed
+// precision as usual: every parameter has a float32 master copy, made from its values on the
+// first step, which the update changes; the values in the storage type (bf16, fp16, float) are
+// rounded from it after each step, so small updates are not lost to bf16's 8 bits. The moments
+// are float32 too; gradients are the layers' float32 gradients.
+//
+//   moet::CudaAdamW opt(ctx, {.lr = 1e-3});
+//   auto c = mix.forward(x);  mix.backward(c, x, dy);  opt.step(mix);  moet::zero_device_grad(mix, ctx.stream());
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <utility>
+#include <vector>
+
+#include "../optim/adamw.hpp"
+#include "context.hpp"
+#include "kernels.hpp"
+#include "param.hpp"
+
+namespace moet {
+
+class CudaAdamW {
+ public:
+  explicit CudaAdamW(CudaContext& ctx, const AdamWOptions& options = {}) : ctx_(&ctx), options_(options) {
+    detail::check_adamw_options(options);
+  }
+
+  void set_lr(double lr) { options_.lr = lr; }
+  const AdamWOptions& options() const { return options_; }
+  long steps() const { return steps_; }
+
+  /// One update of every trainable parameter of the CUDA layer (or model of CUDA layers) `layer`
+  /// from its gradient, queued on the context's stream.
+  template <class Layer>
+  void step(Layer& layer) {
+    check_state(layer);
+    ++steps_;
+    const AdamWOptions& o = options_;
+    cuda_impl::AdamWCoefficients k;
+    k.lr = float(o.lr);
+    k.beta1 = float(o.beta1);
+    k.beta2 = float(o.beta2);
+    k.eps = float(o.eps);
+    k.decay = float(1.0 - o.lr * o.weight_decay);
+    k.correction1 = float(1.0 - std::pow(o.beta1, double(steps_)));
+    k.correction2 = float(1.0 - std::pow(o.beta2, double(steps_)));
+    std::size_t i = 0;
+    for_each_device_param(layer, [&](auto& p) {
+      State& s = states_[i++];
+      const auto value = p.value();
+      const DeviceView<float> grad = p.grad();
+      cuda_impl::adamw_update(value.data, value.ld, grad.data, grad.ld, s.master.data(), s.m.data(), s.v.data(), value.rows,
+                              value.cols, k, ctx_->stream());
+    });
+  }
+
+  /// The float32 master copy of the i-th parameter tensor (in the layer's parameter order).
+  DeviceView<const float> master(std::size_t i) const { return states_.at(i).master.view(); }
+
+ private:
+  struct State {
+    DeviceMatrix<float> master, m, v;
+  };
+
+  template <class Layer>
+  void check_state(Layer& layer) {
+    std::vector<std::pair<Index, Index>> shapes;
+    for_each_device_param(layer, [&](auto& p) { shapes.emplace_back(p.rows(), p.cols()); });
+    if (!states_.empty()) {
+      std::vector<std::pair<Index, Index>> state;
+      for (const State& s : states_) state.emplace_back(s.master.rows(), s.master.cols());
+      detail::check_adamw_state(shapes, state);
+      return;
+    }
+    cudaStream_t stream = ctx_->stream();
+    for_each_device_param(layer, [&](auto& p) {
+      State s{DeviceMatrix<float>(p.rows(), p.cols(), stream), DeviceMatrix<float>::zeros(p.rows(), p.cols(), stream),
+              DeviceMatrix<float>::zeros(p.rows(), p.cols(), stream)};
+      const std::vector<double> values = cuda_impl::download(DeviceView<const typename std::decay_t<decltype(p)>::Scalar>(p.value()), stream);
+      cuda_impl::upload(s.master.view(), values.data(), p.cols(), stream);
+      states_.push_back(std::move(s));
+    });
+  }
+
+  CudaContext* ctx_;
+  AdamWOptions options_;
+  long steps_ = 0;
+  std::vector<State> states_;
+};
+
+}  // namespace moet
