@@ -36,7 +36,6 @@ struct Sizes {
   std::size_t peak_copy_bytes = std::size_t(1) << 30;
 };
 Sizes sizes;
-Index tokens = sizes.tokens;
 int smoke_iterations = 0;  ///< > 0: that many iterations per case (--moet_smoke)
 
 CudaContext& context() {
@@ -146,14 +145,14 @@ void timed_against_floor(benchmark::State& state, Floor floor_step, Case case_st
   const double n = double(state.iterations());
   state.counters["floor_ms"] = floor_total / n;
   state.counters["vs_floor"] = case_total / floor_total;
-  state.SetItemsProcessed(std::int64_t(n) * tokens);
+  state.SetItemsProcessed(std::int64_t(n) * sizes.tokens);
 }
 
 void frozen_linear(benchmark::State& state, Index d_in, Index d_out) {
   const Peaks& p = peaks();
   Rng rng(3);
   layer<FrozenLinear, T, cuda> linear(context(), rng.normal_matrix<float>(d_in, d_out, 0.0, 0.02));
-  const DeviceMatrix<T> x = random_device(tokens, d_in, 4), dy = random_device(tokens, d_out, 5);
+  const DeviceMatrix<T> x = random_device(sizes.tokens, d_in, 4), dy = random_device(sizes.tokens, d_out, 5);
   EventTimer timer;
   for (int i = 0; i < 3; ++i) step(linear, x, dy);
   double total = 0;
@@ -162,10 +161,11 @@ void frozen_linear(benchmark::State& state, Index d_in, Index d_out) {
     state.SetIterationTime(ms * 1e-3);
     total += ms;
   }
-  const double tflops = 4.0 * double(tokens) * double(d_in) * double(d_out) / (total / double(state.iterations()) * 1e-3) / 1e12;
+  const double tflops =
+      4.0 * double(sizes.tokens) * double(d_in) * double(d_out) / (total / double(state.iterations()) * 1e-3) / 1e12;
   state.counters["TFLOPs"] = tflops;
   state.counters["pct_gemm_peak"] = 100.0 * tflops / p.gemm_tflops;
-  state.SetItemsProcessed(state.iterations() * tokens);
+  state.SetItemsProcessed(state.iterations() * sizes.tokens);
 }
 
 template <class Spec>
@@ -179,11 +179,11 @@ void lora_mixture(benchmark::State& state, Index d_in, Index d_out, Dispatch dis
   const Matrix<float> up = rng.normal_matrix<float>(mix.lora_up.rows(), mix.lora_up.cols(), 0.0, 0.02);
   cuda_impl::upload(mix.lora_up.value(), up.data(), up.cols(), context().stream());  // a trained adapter
   layer<FrozenLinear, T, cuda> floor(context(), w);
-  const DeviceMatrix<T> x = random_device(tokens, d_in, 7), dy = random_device(tokens, d_out, 8);
+  const DeviceMatrix<T> x = random_device(sizes.tokens, d_in, 7), dy = random_device(sizes.tokens, d_out, 8);
   timed_against_floor(state, [&] { step(floor, x, dy); }, [&] { step(mix, x, dy); });
   // The base model's FLOPs at the mixture's pace: how much of the GEMM peak the step keeps.
   const double ms = state.counters["floor_ms"].value * state.counters["vs_floor"].value;
-  const double tflops = 4.0 * double(tokens) * double(d_in) * double(d_out) / (ms * 1e-3) / 1e12;
+  const double tflops = 4.0 * double(sizes.tokens) * double(d_in) * double(d_out) / (ms * 1e-3) / 1e12;
   state.counters["base_TFLOPs"] = tflops;
   state.counters["pct_gemm_peak"] = 100.0 * tflops / p.gemm_tflops;
 }
@@ -193,14 +193,14 @@ void ia3_mixture(benchmark::State& state, Index width) {
   const Peaks& p = peaks();
   Rng rng(9);
   typename Spec::template layer<T, cuda> mix(context(), width, rng, {.expert = {.init_stddev = 0.01}});
-  const DeviceMatrix<T> h = random_device(tokens, width, 10), dy = random_device(tokens, width, 11);
+  const DeviceMatrix<T> h = random_device(sizes.tokens, width, 10), dy = random_device(sizes.tokens, width, 11);
   // The floor of an activation scaling: the frozen linear layer that produces it (d_model 4096).
   layer<FrozenLinear, T, cuda> floor(context(), rng.normal_matrix<float>(sizes.d_model, width, 0.0, 0.02));
-  const DeviceMatrix<T> x = random_device(tokens, sizes.d_model, 12);
+  const DeviceMatrix<T> x = random_device(sizes.tokens, sizes.d_model, 12);
   timed_against_floor(state, [&] { step(floor, x, dy); }, [&] { step(mix, h, dy); });
   // The activation traffic a step cannot avoid: forward reads h and writes y; backward reads dy
   // and h and writes dx.
-  const double bytes = 5.0 * double(tokens) * double(width) * sizeof(T);
+  const double bytes = 5.0 * double(sizes.tokens) * double(width) * sizeof(T);
   const double ms = state.counters["floor_ms"].value * state.counters["vs_floor"].value;
   const double gbs = bytes / (ms * 1e-3) / 1e9;
   state.counters["GBs"] = gbs;
@@ -224,7 +224,6 @@ int main(int argc, char** argv) {
     else kept.push_back(argv[i]);
   if (smoke) {
     sizes = Sizes{.tokens = 64, .d_model = 256, .mov_width = 688, .peak_gemm = 256, .peak_copy_bytes = std::size_t(1) << 20};
-    tokens = sizes.tokens;
     smoke_iterations = 2;
     defaults = {"--benchmark_repetitions=1"};
     std::printf("moet_bench_cuda --moet_smoke: sizes scaled down to check that every case runs; the timings mean nothing\n");
@@ -239,7 +238,7 @@ int main(int argc, char** argv) {
   using SoftMoV30 = Mixture<Router<Soft>, Expert<IA3>, 30>;
 
   const Index d = sizes.d_model, width = sizes.mov_width;
-  const std::string shape = std::to_string(tokens) + "/" + std::to_string(d) + "/" + std::to_string(d);
+  const std::string shape = std::to_string(sizes.tokens) + "/" + std::to_string(d) + "/" + std::to_string(d);
   const std::string soft = "molora_soft/" + shape + "/8/16", top2 = "molora_top2/" + shape + "/64/16";
   add("frozen_linear/" + shape, [d](auto& s) { frozen_linear(s, d, d); });
   add(soft, [d](auto& s) { lora_mixture<SoftLoRA8>(s, d, d); });
@@ -247,7 +246,7 @@ int main(int argc, char** argv) {
   // both paths forced, to calibrate the cost model that picks between them (docs/cuda.md)
   add("dispatch/top2_dense/" + shape + "/64/16", [d](auto& s) { lora_mixture<Top2LoRA64>(s, d, d, Dispatch::dense); });
   add("dispatch/top2_grouped/" + shape + "/64/16", [d](auto& s) { lora_mixture<Top2LoRA64>(s, d, d, Dispatch::grouped); });
-  add("mov_soft/" + std::to_string(tokens) + "/" + std::to_string(width) + "/30",
+  add("mov_soft/" + std::to_string(sizes.tokens) + "/" + std::to_string(width) + "/30",
       [width](auto& s) { ia3_mixture<SoftMoV30>(s, width); });
 
   std::map<std::string, double> targets;  // none at smoke sizes: there the ratios mean nothing

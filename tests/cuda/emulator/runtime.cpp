@@ -418,8 +418,6 @@ cudaError_t run(const char* kernel, dim3 grid, dim3 threads, std::size_t shared_
   if (block.fibers.size() < std::size_t(n)) block.fibers.resize(std::size_t(n));
   block.threads = n;
   block.body = &body;
-  block.warp_barriers.assign(std::size_t(warps), Barrier{});
-  block.warp_live.assign(std::size_t(warps), 0);
   block.fault.clear();
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
@@ -427,10 +425,9 @@ cudaError_t run(const char* kernel, dim3 grid, dim3 threads, std::size_t shared_
         block.shared.assign(shared_bytes + 16, 0xff);
         block.barrier = Barrier{};
         block.live = n;
-        for (int w = 0; w < warps; ++w) {
-          block.warp_barriers[std::size_t(w)] = Barrier{};
-          block.warp_live[std::size_t(w)] = w + 1 < warps ? 32 : n - 32 * w;
-        }
+        block.warp_barriers.assign(std::size_t(warps), Barrier{});
+        block.warp_live.assign(std::size_t(warps), 32);
+        block.warp_live.back() = n - 32 * (warps - 1);
         for (int i = 0; i < n; ++i) {
           Fiber& fiber = block.fibers[std::size_t(i)];
           fiber.where.thread = uint3{unsigned(i) % threads.x, unsigned(i) / threads.x % threads.y,

@@ -20,10 +20,6 @@
 #include <moet/cuda/kernels/emulation.cuh>
 #include <vector>
 
-namespace moet::cuda_emulation {
-void clear_faults();  // runtime.cpp: forget a reported fault (only this test needs it)
-}
-
 namespace {
 
 using namespace moet::cuda_emulation;

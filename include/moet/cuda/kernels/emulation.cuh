@@ -59,6 +59,8 @@ void* dynamic_shared();
 bool is_device_pointer(const void* p);
 /// Records the fault of a launch whose argument `index` points outside device memory.
 void host_pointer_argument(const char* kernel, int index);
+/// Forgets a reported fault, which is otherwise sticky as on a device (the emulation's self-test).
+void clear_faults();
 /// Runs `body` on every thread of every block; returns (and records for cudaGetLastError) the
 /// error a device would give for this configuration, without running anything then.
 cudaError_t run(const char* kernel, dim3 grid, dim3 block, std::size_t shared_bytes, cudaStream_t stream,
