@@ -84,14 +84,14 @@ void calm_xattn(benchmark::State& state, Index B, Index LB, Index LA, Index DB, 
   Rng rng(4);
   cpu_impl::CompositionLayer<float> layer(DB, DA, H, rng, 0.02);
   for_each_param(layer, [&](Param<float>& p) { rng.fill_normal(p.value(), 0.0, 0.02); });  // W_O trained, not zero
-  layer.set_geometry(B, LB, LA);
+  const auto geometry = CrossAttentionGeometry::make(B, LB, LA);
   const Matrix<float> h = rng.normal_matrix<float>(B * LB, DB), a = rng.normal_matrix<float>(B * LA, DA),
                       dy = rng.normal_matrix<float>(B * LB, DB);
   const double rate = gemm_gflops();
   double total = 0;
   for (auto _ : state) {
     const auto t0 = std::chrono::steady_clock::now();
-    const auto c = layer.forward(h, a);
+    const auto c = layer.forward(h, a, geometry);
     auto [dh, da] = layer.backward(c, h, a, dy, accumulate);
     benchmark::DoNotOptimize(dh.data());
     benchmark::DoNotOptimize(da.data());

@@ -119,7 +119,7 @@ TokenBatch make_batch(const std::vector<Task>& tasks) {
       b.mask.push_back(real);
       bool predicts_answer = i + 1 >= Index(t.prompt.size()) && i + 1 < Index(ids.size());
       if (predicts_answer && t.interleaved) predicts_answer = is_key(ids[std::size_t(i)]);
-      b.labels.push_back(predicts_answer ? ids[std::size_t(i + 1)] : -100);
+      b.targets.push_back(predicts_answer ? ids[std::size_t(i + 1)] : -100);
     }
   }
   return b;
@@ -173,10 +173,10 @@ double accuracy(Model& model, const std::vector<Task>& tasks, bool raw_ids = fal
     const Matrix<float> logits = logits_of(model, b, raw_ids);
     bool all = true;
     for (Index i = 0; i < seq; ++i)
-      if (b.labels[std::size_t(i)] >= 0) {
+      if (b.targets[std::size_t(i)] >= 0) {
         Index best;
         logits.row(i).maxCoeff(&best);
-        all &= best == b.labels[std::size_t(i)];
+        all &= best == b.targets[std::size_t(i)];
       }
     right += all;
   }
@@ -252,10 +252,10 @@ void pretrain(const char* name, const io::ModelConfig& config, Kind kind, const 
     for (int i = 0; i < s.batch; ++i) tasks.push_back(make_task(kind, w, all, rng));
     const TokenBatch b = kind == Kind::num_math ? anchor_view(make_batch(tasks)) : make_batch(tasks);
     if (noise > 0) {  // Gaussian noise on the embeddings: a model that reads its tokens robustly
-      model.set_batch(b);
-      Matrix<float> h0 = model.embed();
+      const auto g = model.geometry(b);
+      Matrix<float> h0 = model.embed(*g);
       h0 += rng.normal_matrix<float>(h0.rows(), h0.cols(), 0.0, noise);
-      const auto c = model.forward(h0);
+      const auto c = model.forward(g, h0);
       model.backward(c, h0, Matrix<float>::Ones(1, 1), GradMode::overwrite);
       clip_grad_norm(model, 1.0);
       optimizer.step(model);

@@ -61,8 +61,8 @@ TokenBatch countdown_batch(Rng& rng, Index batch) {
     seq.insert(seq.end(), e.answer.begin(), e.answer.end());
     for (std::size_t t = 0; t < seq.size(); ++t) {
       b.ids.push_back(seq[t]);
-      // token t predicts token t + 1: label the positions whose next token is an answer token
-      b.labels.push_back(t + 1 >= e.prompt.size() && t + 1 < seq.size() ? seq[t + 1] : -100);
+      // token t predicts token t + 1: the positions whose next token is an answer token have a target
+      b.targets.push_back(t + 1 >= e.prompt.size() && t + 1 < seq.size() ? seq[t + 1] : -100);
     }
   }
   return b;

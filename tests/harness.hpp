@@ -12,6 +12,7 @@
 #pragma once
 
 #include <algorithm>
+#include <functional>
 #include <cmath>
 #include <sstream>
 #include <string>
@@ -59,10 +60,11 @@ double dot(In<T> a, In<T> b) {
   return s;
 }
 
-/// Input gradients as a list: dx alone, a pair, or a tuple of them.
+/// Input gradients as a list: dx alone, a pair, or a tuple of them (or the list itself).
 template <class R>
 std::vector<Matrix<double>> as_list(R&& r) {
-  if constexpr (requires { r.first; r.second; }) return {r.first, r.second};
+  if constexpr (std::is_same_v<std::remove_cvref_t<R>, std::vector<Matrix<double>>>) return r;
+  else if constexpr (requires { r.first; r.second; }) return {r.first, r.second};
   else if constexpr (requires { std::tuple_size<std::remove_cvref_t<R>>::value; })
     return std::apply([](auto&... g) { return std::vector<Matrix<double>>{Matrix<double>(g)...}; }, r);
   else return {Matrix<double>(r)};
@@ -219,6 +221,43 @@ GradReport check_gradients(Layer& layer, Rng& rng, std::tuple<Inputs...> inputs,
       },
       inputs);
   return rec.report;
+}
+
+/// A model whose forward takes a batch geometry first (decoders, composed models), bound to one,
+/// so that the harness can call forward(inputs...) and backward(ctx, inputs..., d_output, mode):
+///   auto bound = testing::bind_batch(model, model.geometry(batch));
+///   check_gradients(bound, rng, h0);
+/// With several inputs (a composed model: h0 and each augmenting model's stacked states) the
+/// inputs after the first go to forward as one list. The model's parameters are visited through
+/// the reference.
+template <class Model, class Geometry>
+struct BoundToBatch {
+  BOOST_HANA_DEFINE_STRUCT(BoundToBatch, (std::reference_wrapper<Model>, model), (Geometry, geometry));
+
+  template <class X, class... Rest>
+  auto forward(const X& h0, const Rest&... rest) const {
+    if constexpr (sizeof...(Rest) == 0) return model.get().forward(geometry, h0);
+    else return model.get().forward(geometry, h0, std::vector<In<double>>{In<double>(rest)...});
+  }
+  /// args: the inputs, d_output, mode; backward reads the first input (h0) again.
+  template <class C, class... Args>
+  std::vector<Matrix<double>> backward(const C& c, const Args&... args) {
+    const auto all = std::forward_as_tuple(args...);
+    constexpr std::size_t n = sizeof...(Args);
+    auto grads = model.get().backward(c, std::get<0>(all), std::get<n - 2>(all), std::get<n - 1>(all));
+    if constexpr (requires { grads.second.size(); grads.second[0]; }) {
+      std::vector<Matrix<double>> list{std::move(grads.first)};
+      for (auto& g : grads.second) list.push_back(std::move(g));
+      return list;
+    } else {
+      return {std::move(grads)};
+    }
+  }
+};
+
+template <class Model, class Geometry>
+BoundToBatch<Model, Geometry> bind_batch(Model& model, Geometry geometry) {
+  return {std::ref(model), std::move(geometry)};
 }
 
 /// Shorthand for one input.

@@ -40,15 +40,26 @@ using Pair = Compose<Decoder<Llama>, Decoder<GPT2>, CrossAttention<>, Every<1>>;
 /// embeddings (10 tokens x 8) and both pairs' augmenting states, stacked (20 x 6).
 template <class Model>
 void check_pair_gradients(Model& pair, Rng& rng) {
-  pair.set_batch(batch());
+  auto bound = testing::bind_batch(pair, pair.geometry(batch()));
   testing::GradCheckOptions o;
   o.max_entries_per_tensor = 30;
   const auto report = testing::check_gradients(
-      pair, rng, std::make_tuple(rng.normal_matrix<double>(10, 8), rng.normal_matrix<double>(20, 6)), o);
+      bound, rng, std::make_tuple(rng.normal_matrix<double>(10, 8), rng.normal_matrix<double>(20, 6)), o);
   INFO(report.summary());
   REQUIRE(report.ok);
   REQUIRE(report.checked > 300);
 }
+
+/// A composition layer with one batch geometry, as the harness calls layers.
+struct LayerWithGeometry {
+  BOOST_HANA_DEFINE_STRUCT(LayerWithGeometry, (std::reference_wrapper<cpu_impl::CompositionLayer<double>>, layer),
+                           (std::shared_ptr<const CrossAttentionGeometry>, geometry));
+  auto forward(const Matrix<double>& h, const Matrix<double>& a) const { return layer.get().forward(h, a, geometry); }
+  template <class C>
+  auto backward(const C& c, const Matrix<double>& h, const Matrix<double>& a, const Matrix<double>& dy, GradMode mode) {
+    return layer.get().backward(c, h, a, dy, mode);
+  }
+};
 
 }  // namespace
 
@@ -59,10 +70,10 @@ TEST_CASE("The composition layer passes the gradient check (cross-causal, padded
   cpu_impl::CompositionLayer<double> layer(8, 6, 2, rng, 0.3, theta);
   REQUIRE(layer.rotary() == (theta > 0));
   // With rotary positions: the anchor's first sequence left-padded (its positions start late).
-  layer.set_geometry(2, 5, 5, {1, 1, 0, 1, 1, 1, 1, 1, 1, 0}, theta > 0 ? std::vector<Index>{0, 0, 1, 2, 3, 0, 1, 2, 3, 4} : std::vector<Index>{},
-                     theta > 0 ? std::vector<Index>{0, 1, 2, 2, 3, 0, 1, 2, 3, 4} : std::vector<Index>{});
+  LayerWithGeometry bound{std::ref(layer), CrossAttentionGeometry::make(2, 5, 5, {1, 1, 0, 1, 1, 1, 1, 1, 1, 0},
+                                                                          {0, 0, 1, 2, 3, 0, 1, 2, 3, 4}, {0, 1, 2, 2, 3, 0, 1, 2, 3, 4})};
   const auto report = testing::check_gradients(
-      layer, rng, std::make_tuple(rng.normal_matrix<double>(10, 8), rng.normal_matrix<double>(10, 6)));
+      bound, rng, std::make_tuple(rng.normal_matrix<double>(10, 8), rng.normal_matrix<double>(10, 6)));
   INFO(report.summary());
   REQUIRE(report.ok);
   REQUIRE(report.checked > 300);
@@ -77,11 +88,9 @@ TEST_CASE("Rotary cross-attention scores depend on the distance between position
   const Matrix<double> h = rng.normal_matrix<double>(4, 8), a = rng.normal_matrix<double>(4, 6);
   auto output = [&](cpu_impl::CompositionLayer<double>& l, Index shift) {
     std::vector<Index> pos{shift, shift + 1, shift + 2, shift + 3};
-    l.set_geometry(1, 4, 4, {}, pos, pos);
-    return l.forward(h, a).y;
+    return l.forward(h, a, CrossAttentionGeometry::make(1, 4, 4, {}, pos, pos)).y;
   };
-  plain.set_geometry(1, 4, 4);
-  const Matrix<double> without = plain.forward(h, a).y, with = output(rotary, 0);
+  const Matrix<double> without = plain.forward(h, a, CrossAttentionGeometry::make(1, 4, 4)).y, with = output(rotary, 0);
   REQUIRE((with - without).cwiseAbs().maxCoeff() > 1e-3);                    // the positions matter
   REQUIRE((output(rotary, 7) - with).cwiseAbs().maxCoeff() < 1e-12);        // a common shift does not
   REQUIRE(with.topRows(1).isApprox(without.topRows(1), 1e-12));             // position 0 reads only position 0: distance 0
@@ -145,7 +154,7 @@ TEST_CASE("A fresh composition is exactly the anchor; training touches only the 
   REQUIRE(i == frozen_before.size());
   REQUIRE(pair.logits(b) != pair.anchor.logits(b));
   // m_A keeps no gradient buffers and no context: its parameters are all frozen.
-  REQUIRE(count_parameters(pair.augment).trainable == 0);
+  REQUIRE(count_parameters(pair.augment()).trainable == 0);
   REQUIRE(count_parameters(pair).trainable == count_parameters(pair.composition).trainable);
 }
 
@@ -200,17 +209,20 @@ TEST_CASE("Bad compositions and batches are rejected with a clear message", "[ca
   const ComposeOptions odd_heads{.pairs = {{0, 0}}, .rotary_theta = 100};
   REQUIRE_THROWS_WITH(EightHeads::model<float>(llama_config(2), gpt2_config(2), rng, odd_heads),
                       Contains("head_dim must be even, got 1"));
+  REQUIRE_THROWS_WITH(CrossAttentionGeometry::make(1, 3, 3, {}, {0, 1}, {}), Contains("2 anchor positions for 1 x 3 tokens"));
   {
     cpu_impl::CompositionLayer<float> layer(8, 6, 2, rng, 0.1, 100.0);
-    REQUIRE_THROWS_WITH(layer.set_geometry(1, 3, 3, {}, {0, 1}, {}), Contains("2 anchor positions for 1 x 3 tokens"));
+    const Matrix<float> h = Matrix<float>::Zero(3, 8), a = Matrix<float>::Zero(3, 6);
+    REQUIRE_THROWS_WITH(layer.forward(h, a, CrossAttentionGeometry::make(1, 4, 3)),
+                        Contains("anchor states h has shape (3, 8), expected (4, 8)"));
   }
 
   Listed::model<float> pair(llama_config(2), gpt2_config(2), rng, {.pairs = {{1, 0}}});
   TokenBatch shorter = batch();
   shorter.seq = 4, shorter.batch = 2;
   shorter.ids.resize(8), shorter.mask.resize(8);
-  REQUIRE_THROWS_AS(pair.set_batch(ComposedBatch{batch(), shorter}), shape_error);
-  REQUIRE_THROWS_WITH(pair.set_batch(ComposedBatch{batch(), shorter}),
+  REQUIRE_THROWS_AS(pair.geometry(ComposedBatch{batch(), shorter}), shape_error);
+  REQUIRE_THROWS_WITH(pair.forward(ComposedBatch{batch(), shorter}),
                       Contains("the augmenting model's batch is 2 x 4 tokens but the anchor's is 2 x 5"));
   REQUIRE_THROWS_WITH(pair.decode(*std::make_unique<ComposedCache<float>>(pair.start_cache()), {1, 2}, {1}),
                       Contains("1 augmenting ids for 2 anchor ids"));

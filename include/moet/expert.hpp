@@ -21,6 +21,7 @@
 #include <cmath>
 #include <concepts>
 #include <string>
+#include <type_traits>
 
 #include <boost/hana/define_struct.hpp>
 
@@ -147,6 +148,10 @@ struct IA3 {
 namespace detail {
 template <class S>
 inline constexpr bool is_scaling_expert = std::is_same_v<S, IA3>;
+template <class S>
+struct is_lora : std::false_type {};
+template <int R>
+struct is_lora<LoRA<R>> : std::true_type {};
 }
 
 /// Wraps an expert spec; checked once here so that a wrong type gives one message.

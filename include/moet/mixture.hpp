@@ -17,6 +17,11 @@
 
 namespace moet {
 
+/// Spec of a frozen linear layer y = x W0 + b (the base every additive mixture wraps).
+struct FrozenLinear {
+  static std::string name() { return "FrozenLinear"; }
+};
+
 /// How a top-k mixture of LoRA experts computes the experts (see docs/design.md).
 enum class Dispatch {
   automatic,  ///< by the cost model

@@ -13,7 +13,8 @@
 // projection it replaces. Activation slots (keys, values, ffn_hidden) take IA3 mixtures that
 // scale the projected keys and values and the MLP's hidden activation; their router reads the
 // normalised block input (attention) or the normalised residual (MLP), as in MoV. A slot is
-// placed on every layer, or on a list: at<q, Spec, layers<0, 3>>.
+// placed on every layer, or on a list: at<q, Spec, layers<0, 3>>; it may appear several times
+// with disjoint lists and different mixtures (per-layer mixtures), each with its own options.
 #pragma once
 
 #include <string>
@@ -69,6 +70,16 @@ struct layers {
   }
 };
 
+/// The options of a slot's mixture: the model-wide ones (ModelOptions) as they are. A slot
+/// names its own with a type whose static apply(MixtureOptions<S>&) changes them after the
+/// model-wide ones are filled in, e.g. for a user's expert type:
+///   struct WideBottleneck { static void apply(moet::MixtureOptions<Bottleneck<16>>& o) { o.expert.init_stddev = 0.1; } };
+///   at<q, Mixture<Router<Soft>, Expert<Bottleneck<16>>, 4>, all_layers, WideBottleneck>
+struct model_options {
+  template <class Options>
+  static void apply(Options&) {}
+};
+
 namespace detail {
 template <class M>
 struct mixture_traits {
@@ -87,10 +98,25 @@ template <>
 struct is_layer_list<all_layers> : std::true_type {};
 template <int... I>
 struct is_layer_list<layers<I...>> : std::true_type {};
+
+/// Whether two layer lists share a layer.
+template <class A, class B>
+struct layers_overlap : std::true_type {};  // all_layers overlaps everything
+template <int... I, int... J>
+struct layers_overlap<layers<I...>, layers<J...>> : std::bool_constant<((layers<J...>::contains(I)) || ...)> {};
+
+template <class Configure, class Spec>
+constexpr bool configures() {
+  if constexpr (!mixture_traits<Spec>::is_mixture) return true;  // reported by its own message
+  else return requires(MixtureOptions<typename mixture_traits<Spec>::expert>& o) { Configure::apply(o); };
+}
 }  // namespace detail
 
-/// Places `Spec` (a Mixture<...>) into slot `Slot` of the layers in `Layers`.
-template <class Slot, class Spec, class Layers = all_layers>
+/// Places `Spec` (a Mixture<...>) into slot `Slot` of the layers in `Layers`, its options made
+/// by `Configure` (see model_options). A slot may appear several times with disjoint layer
+/// lists and different specs (per-layer mixtures, as MoLA): at<q, MoLoRA<2, 4>, layers<0, 1>>,
+/// at<q, MoLoRA<8, 4>, layers<2, 3>>.
+template <class Slot, class Spec, class Layers = all_layers, class Configure = model_options>
 struct at {
   static_assert(detail::mixture_traits<Spec>::is_mixture, "moet::at<Slot, Spec>: Spec must be a moet::Mixture<...>");
   static_assert(!Slot::linear || !detail::mixture_traits<Spec>::scaling,
@@ -99,9 +125,13 @@ struct at {
   static_assert(Slot::linear || detail::mixture_traits<Spec>::scaling,
                 "moet::at: activation slots (keys, values, ffn_hidden) take IA3 mixtures");
   static_assert(detail::is_layer_list<Layers>::value, "moet::at: Layers must be moet::all_layers or moet::layers<...>");
+  static_assert(detail::configures<Configure, Spec>(),
+                "moet::at<Slot, Spec, Layers, Configure>: Configure needs a static apply(MixtureOptions<S>&) for the "
+                "mixture's expert type S (see moet::model_options)");
   using slot = Slot;
   using spec = Spec;
   using where = Layers;
+  using configure = Configure;
 };
 
 template <class... At>
@@ -138,17 +168,40 @@ struct ModelOptions {
   bool recompute = false;  ///< keep only each block's input in forward; backward recomputes the block
 };
 
-namespace detail {
-template <class Slot, class... At>
-struct find_slot {
-  using type = void;
+/// A list of types.
+template <class... X>
+struct type_list {
+  static constexpr std::size_t size = sizeof...(X);
 };
-template <class Slot, class First, class... Rest>
-struct find_slot<Slot, First, Rest...> {
-  using type = std::conditional_t<std::is_same_v<typename First::slot, Slot>, First, typename find_slot<Slot, Rest...>::type>;
+
+namespace detail {
+template <class Slot, class List, class... At>
+struct entries_of;
+template <class Slot, class... Found>
+struct entries_of<Slot, type_list<Found...>> {
+  using type = type_list<Found...>;
+};
+template <class Slot, class... Found, class First, class... Rest>
+struct entries_of<Slot, type_list<Found...>, First, Rest...> {
+  using type = typename std::conditional_t<std::is_same_v<typename First::slot, Slot>,
+                                           entries_of<Slot, type_list<Found..., First>, Rest...>,
+                                           entries_of<Slot, type_list<Found...>, Rest...>>::type;
 };
 template <class Slot, class... At>
 inline constexpr int slot_count = (0 + ... + int(std::is_same_v<typename At::slot, Slot>));
+
+/// Whether entries a and b put the same slot on a common layer.
+template <class A, class B>
+inline constexpr bool clash = std::is_same_v<typename A::slot, typename B::slot> &&
+                              (layers_overlap<typename A::where, typename B::where>::value ||
+                               layers_overlap<typename B::where, typename A::where>::value);
+/// Number of pairs (a, b), a before b, that clash.
+template <class... At>
+struct clashes;
+template <>
+struct clashes<> : std::integral_constant<int, 0> {};
+template <class First, class... Rest>
+struct clashes<First, Rest...> : std::integral_constant<int, (0 + ... + int(clash<First, Rest>)) + clashes<Rest...>::value> {};
 }  // namespace detail
 
 template <class Arch, class SlotList = Slots<>>
@@ -157,14 +210,16 @@ struct Decoder;
 template <class Arch, class... At>
 struct Decoder<Arch, Slots<At...>> {
   static_assert(std::is_same_v<Arch, GPT2> || std::is_same_v<Arch, Llama>, "moet::Decoder<Arch, ...>: Arch is moet::GPT2 or moet::Llama");
-  static_assert(((detail::slot_count<typename At::slot, At...> == 1) && ...),
-                "moet::Decoder: each slot may appear once in Slots<...> (use layers<...> to choose layers)");
+  static_assert(detail::clashes<At...>::value == 0,
+                "moet::Decoder: a slot appears twice in Slots<...> on a common layer; entries of one slot need disjoint "
+                "layers<...> lists (all_layers overlaps every other entry)");
   static_assert(Arch::llama || detail::slot_count<slot::ffn_gate, At...> == 0, "moet::Decoder<GPT2>: GPT-2 has no ffn_gate slot");
 
   using arch = Arch;
-  /// The at<Slot, Spec, Layers> entry for Slot, or void.
+  using slot_entries = type_list<At...>;
+  /// The at<Slot, Spec, Layers, Configure> entries for Slot, in declaration order.
   template <class Slot>
-  using entry = typename detail::find_slot<Slot, At...>::type;
+  using entries = typename detail::entries_of<Slot, type_list<>, At...>::type;
 
   static std::string name() { return std::string("Decoder<") + Arch::name + ">"; }
 

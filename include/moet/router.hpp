@@ -8,6 +8,7 @@
 #pragma once
 
 #include <string>
+#include <vector>
 
 #include "core/error.hpp"
 #include "core/util.hpp"
@@ -88,5 +89,31 @@ struct AuxLosses {
   double load_balance = 0.0;  ///< E * sum_i f_i P_i  (1 when perfectly balanced)
   double z_loss = 0.0;        ///< mean over rows of logsumexp(z)^2
 };
+
+/// What a router's forward sums over the rows that count (a padded batch's real tokens): every
+/// backend gathers these and forms the auxiliary losses from them with aux_losses() below.
+struct RoutingStatistics {
+  const double* slots_per_expert = nullptr;  ///< (E) routing slots each expert received (top-1 for Soft)
+  const double* probability_sums = nullptr;  ///< (E) sum over counted rows of softmax(z)_i
+  double lse_squared = 0.0;                  ///< sum over counted rows of logsumexp(z)^2
+  double rows = 0.0;                         ///< rows counted
+};
+
+/// The auxiliary losses of one pass, with f_i = slots_i / (rows K) and P_i = probability_sums_i / rows:
+///   load_balance = E sum_i f_i P_i      z_loss = lse_squared / rows
+/// `usage`, when given, receives f (size E). No counted rows: zero losses and usage.
+inline AuxLosses aux_losses(int experts, int k, const RoutingStatistics& s, std::vector<double>* usage = nullptr) {
+  AuxLosses a;
+  if (usage) usage->assign(static_cast<std::size_t>(experts), 0.0);
+  if (s.rows <= 0) return a;
+  const double slots = s.rows * (k > 0 ? k : 1);
+  for (int e = 0; e < experts; ++e) {
+    const double f = s.slots_per_expert[e] / slots;
+    if (usage) (*usage)[std::size_t(e)] = f;
+    a.load_balance += double(experts) * f * s.probability_sums[e] / s.rows;
+  }
+  a.z_loss = s.lse_squared / s.rows;
+  return a;
+}
 
 }  // namespace moet

@@ -1,15 +1,18 @@
 // Generic parameter visiting. Any object is walked recursively: a Param is reported as
 // trainable, a Frozen as frozen; a type declared with BOOST_HANA_DEFINE_STRUCT is walked member
-// by member; std::vector / std::array of such things element by element, a std::optional when engaged; anything else is
-// ignored. So count, zero-grad, the optimizer step and the parameter report work on every
+// by member; std::vector / std::array / std::tuple of such things element by element, a std::optional when engaged, a
+// std::variant's active alternative, a std::reference_wrapper's referent; anything else is ignored. So count, zero-grad, the optimizer step and the parameter report work on every
 // composed type, including user-defined experts, without any registration.
 #pragma once
 
 #include <array>
 #include <cstdio>
+#include <functional>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <type_traits>
+#include <variant>
 #include <vector>
 
 #include <boost/hana/accessors.hpp>
@@ -45,6 +48,21 @@ struct is_optional : std::false_type {};
 template <class X>
 struct is_optional<std::optional<X>> : std::true_type {};
 
+template <class X>
+struct is_variant : std::false_type {};
+template <class... X>
+struct is_variant<std::variant<X...>> : std::true_type {};
+
+template <class X>
+struct is_reference_wrapper : std::false_type {};
+template <class X>
+struct is_reference_wrapper<std::reference_wrapper<X>> : std::true_type {};
+
+template <class X>
+struct is_tuple : std::false_type {};
+template <class... X>
+struct is_tuple<std::tuple<X...>> : std::true_type {};
+
 template <class Object, class OnParam, class OnFrozen>
 void visit(Object& object, OnParam& on_param, OnFrozen& on_frozen) {
   using X = std::remove_const_t<Object>;
@@ -54,6 +72,12 @@ void visit(Object& object, OnParam& on_param, OnFrozen& on_frozen) {
     on_frozen(object);
   } else if constexpr (is_optional<X>::value) {
     if (object) visit(*object, on_param, on_frozen);
+  } else if constexpr (is_reference_wrapper<X>::value) {
+    visit(object.get(), on_param, on_frozen);
+  } else if constexpr (is_variant<X>::value) {
+    std::visit([&](auto& alternative) { visit(alternative, on_param, on_frozen); }, object);
+  } else if constexpr (is_tuple<X>::value) {
+    std::apply([&](auto&... element) { (visit(element, on_param, on_frozen), ...); }, object);
   } else if constexpr (is_sequence<X>::value) {
     for (auto& element : object) visit(element, on_param, on_frozen);
   } else if constexpr (boost::hana::Struct<X>::value) {

@@ -10,8 +10,10 @@
 
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
+#include "../core/backend.hpp"
 #include "../core/visit.hpp"
 #include "../mixture.hpp"
 #include "routed_linear.hpp"
@@ -47,19 +49,25 @@ class ExpertMixture {
   ExpertMixture(In<T> weight, Rng& rng, const Options& options = {}) : ExpertMixture(Bias{}, weight, std::nullopt, rng, options) {}
   ExpertMixture(In<T> weight, In<T> bias, Rng& rng, const Options& options = {})
       : ExpertMixture(Bias{}, weight, std::optional<In<T>>(bias), rng, options) {}
+  /// The device-first form every backend's layers share (the CPU's device is empty).
+  template <class... Args>
+  explicit ExpertMixture(CpuDevice, Args&&... args) : ExpertMixture(std::forward<Args>(args)...) {}
   ExpertMixture(ExpertMixture&&) noexcept = default;
 
   Index d_in() const { return base.d_in(); }
   Index d_out() const { return base.d_out(); }
+  Frozen<T>& frozen_weight() { return base.base_weight; }
+  Frozen<T>& frozen_bias() { return base.base_bias; }
 
-  Context forward(In<T> x) const {
+  /// rows: the token rows whose routing counts for the auxiliary losses (empty: all).
+  Context forward(In<T> x, RowMask rows = {}) const {
     detail::expect_cols(name(), "input x", x.rows(), x.cols(), d_in(), "tokens x d_in");
     const Index N = x.rows(), D = d_out();
     Context c;
     c.tokens = N;
     c.d_out = D;
     base.forward(x, D + E, c.z);
-    c.routing = Math::route(c.z.rightCols(E), options_.router);
+    c.routing = Math::route(c.z.rightCols(E), options_.router, rows);
     if constexpr (grouped) {
       c.groups = TokenGroups::of(c.routing.selected, E);
       for (Index e = 0; e < E; ++e) c.inputs.push_back(c.groups.gather(x, e));

@@ -4,9 +4,11 @@
 
 #include <optional>
 #include <string>
+#include <utility>
 
 #include <boost/hana/define_struct.hpp>
 
+#include "../core/backend.hpp"
 #include "../core/error.hpp"
 #include "../core/param.hpp"
 #include "../core/visit.hpp"
@@ -25,9 +27,16 @@ class FrozenLinear {
   FrozenLinear(In<T> w, In<T> b) : weight(make_frozen(name(), "weight", w)), bias(make_frozen(name(), "bias", b)) {
     detail::expect_shape(name(), "bias", b.rows(), b.cols(), 1, w.cols(), "1 x d_out");
   }
+  /// The device-first form every backend's layers share (the CPU's device is empty).
+  template <class... Args>
+  explicit FrozenLinear(CpuDevice, Args&&... args) : FrozenLinear(std::forward<Args>(args)...) {}
+  FrozenLinear(FrozenLinear&&) noexcept = default;
 
   Index d_in() const { return weight.rows(); }
   Index d_out() const { return weight.cols(); }
+  /// The frozen W0 and bias (1, d_out; empty without bias), as every additive layer names them.
+  Frozen<T>& frozen_weight() { return weight; }
+  Frozen<T>& frozen_bias() { return bias; }
 
   Context forward(In<T> x) const {
     detail::expect_cols(name(), "input x", x.rows(), x.cols(), d_in(), "tokens x d_in");

@@ -18,6 +18,7 @@
 #include <string>
 #include <utility>
 
+#include "../core/backend.hpp"
 #include "../core/visit.hpp"
 #include "../mixture.hpp"
 #include "routing.hpp"
@@ -63,6 +64,9 @@ class Ia3Mixture {
         scales.value().data()[i] += T(rng.normal(0.0, options.expert.init_stddev));
   }
 
+  /// The device-first form every backend's layers share (the CPU's device is empty).
+  template <class... Args>
+  explicit Ia3Mixture(CpuDevice, Args&&... args) : Ia3Mixture(std::forward<Args>(args)...) {}
   Ia3Mixture(Ia3Mixture&&) noexcept = default;
 
   Index width() const { return heads_ * head_dim_; }
@@ -70,24 +74,25 @@ class Ia3Mixture {
   Index head_dim() const { return head_dim_; }
   const Options& options() const { return options_; }
 
-  /// Self-routed: h (tokens, width) is also the router input.
-  Context forward(In<T> h) const {
+  /// Self-routed: h (tokens, width) is also the router input. rows: the token rows whose
+  /// routing counts for the auxiliary losses (empty: all).
+  Context forward(In<T> h, RowMask rows = {}) const {
     if (external())
       throw value_error(detail::concat(name(), ": this mixture routes on a separate input of width ", router_in_,
                                        "; call forward(h, router_input)"));
     check_h(h);
-    return forward_impl(h, h, false);
+    return forward_impl(h, h, false, rows);
   }
 
   /// Routed on the caller's r (tokens, router_width).
-  Context forward(In<T> h, In<T> router_input) const {
+  Context forward(In<T> h, In<T> router_input, RowMask rows = {}) const {
     if (!external())
       throw value_error(detail::concat(name(), ": this mixture routes on h itself (Options::expert.router_width = 0); "
                                               "call forward(h)"));
     check_h(h);
     detail::expect_shape(name(), "router input r", router_input.rows(), router_input.cols(), h.rows(), router_in_,
                          "tokens x router_width");
-    return forward_impl(h, router_input, true);
+    return forward_impl(h, router_input, true, rows);
   }
 
   /// Self-routed backward: returns dh.
@@ -142,13 +147,13 @@ class Ia3Mixture {
     return r.block(t0, ext ? 0 : j * head_dim_, n, router_in_);
   }
 
-  Context forward_impl(In<T> h, In<T> r, bool ext) const {
+  Context forward_impl(In<T> h, In<T> r, bool ext, RowMask rows) const {
     Context c;
     const Index N = h.rows(), G = groups(), B = block_tokens(), D = head_dim_;
     c.tokens = N;
     c.external_router_input = ext;
     c.y.resize(N, width());
-    c.routing = Math::start(N * G, E, options_.router);
+    c.routing = Math::start(N * G, E, options_.router, rows, G);
     const Matrix<T> mix = mixing_vectors();
     MOET_OMP(omp parallel if (N > B))
     {

@@ -11,11 +11,6 @@
 
 namespace moet {
 
-/// Spec of a frozen linear layer y = x W0 + b (the base every adapter wraps).
-struct FrozenLinear {
-  static std::string name() { return "FrozenLinear"; }
-};
-
 namespace detail {
 /// Stands in for the layer of a spec that already failed a static_assert, so that the one
 /// readable message is not followed by a cascade.
@@ -23,11 +18,6 @@ struct invalid_layer {
   template <class... Args>
   explicit invalid_layer(Args&&...) {}
 };
-
-template <class S>
-struct is_lora : std::false_type {};
-template <int R>
-struct is_lora<LoRA<R>> : std::true_type {};
 }  // namespace detail
 
 template <class Policy, class S, int E, class T>

@@ -21,7 +21,9 @@
 #include <algorithm>
 #include <optional>
 #include <string>
+#include <utility>
 
+#include "../core/backend.hpp"
 #include "../core/visit.hpp"
 #include "../mixture.hpp"
 #include "routed_linear.hpp"
@@ -61,11 +63,16 @@ class LoraMixture {
   LoraMixture(In<T> weight, In<T> bias, Rng& rng, const Options& options = {})
       : LoraMixture(Bias{}, weight, std::optional<In<T>>(bias), rng, options) {}
 
+  /// The device-first form every backend's layers share (the CPU's device is empty).
+  template <class... Args>
+  explicit LoraMixture(CpuDevice, Args&&... args) : LoraMixture(std::forward<Args>(args)...) {}
   LoraMixture(LoraMixture&&) noexcept = default;
 
   Index d_in() const { return base.d_in(); }
   Index d_out() const { return base.d_out(); }
   T scale() const { return scale_; }
+  Frozen<T>& frozen_weight() { return base.base_weight; }
+  Frozen<T>& frozen_bias() { return base.base_bias; }
   const Options& options() const { return options_; }
 
   /// The path a forward pass takes with these options.
@@ -81,14 +88,15 @@ class LoraMixture {
     else return double(K) * (6.0 * R + 60.0) < 3.0 * double(E) * R;
   }
 
-  Context forward(In<T> x) const {
+  /// rows: the token rows whose routing counts for the auxiliary losses (empty: all).
+  Context forward(In<T> x, RowMask rows = {}) const {
     detail::expect_cols(name(), "input x", x.rows(), x.cols(), d_in(), "tokens x d_in");
     Context c;
     c.tokens = x.rows();
     c.d_out = d_out();
     c.grouped = uses_grouped();
-    if (c.grouped) forward_grouped(x, c);
-    else forward_dense(x, c);
+    if (c.grouped) forward_grouped(x, c, rows);
+    else forward_dense(x, c, rows);
     return c;
   }
 
@@ -128,10 +136,10 @@ class LoraMixture {
     return options;
   }
 
-  void forward_dense(In<T> x, Context& c) const {
+  void forward_dense(In<T> x, Context& c, RowMask rows) const {
     const Index N = x.rows(), D = d_out();
     base.forward(x, D + E + ER, c.z);
-    c.routing = Math::route(c.z.middleCols(D, E), options_.router);
+    c.routing = Math::route(c.z.middleCols(D, E), options_.router, rows);
     c.mixed.resize(N, ER);
     MOET_OMP(omp parallel for schedule(static) if (N * ER > 32768))
     for (Index t = 0; t < N; ++t)
@@ -184,10 +192,10 @@ class LoraMixture {
     return dx;
   }
 
-  void forward_grouped(In<T> x, Context& c) const {
+  void forward_grouped(In<T> x, Context& c, RowMask rows) const {
     const Index N = x.rows(), D = d_out();
     base.forward(x, D + E, c.z);
-    c.routing = Math::route(c.z.rightCols(E), options_.router);
+    c.routing = Math::route(c.z.rightCols(E), options_.router, rows);
     c.groups = TokenGroups::of(c.routing.selected, E);
     c.mixed.resize(N * K, R);
     Matrix<T> expert_out(N * K, D);  // each slot's g (alpha/R) U B, group order

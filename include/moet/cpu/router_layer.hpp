@@ -3,9 +3,11 @@
 #pragma once
 
 #include <string>
+#include <utility>
 
 #include <boost/hana/define_struct.hpp>
 
+#include "../core/backend.hpp"
 #include "../core/random.hpp"
 #include "../core/visit.hpp"
 #include "../router.hpp"
@@ -31,14 +33,20 @@ class RouterLayer {
     rng.fill_normal(router_kernel.value(), 0.0, options.init_stddev);
   }
 
+  /// The device-first form every backend's layers share (the CPU's device is empty).
+  template <class... Args>
+  explicit RouterLayer(CpuDevice, Args&&... args) : RouterLayer(std::forward<Args>(args)...) {}
+  RouterLayer(RouterLayer&&) noexcept = default;
+
   Index d_in() const { return router_kernel.rows(); }
   Index experts() const { return router_kernel.cols(); }
 
-  Context forward(In<T> x) const {
+  /// rows: the token rows whose routing counts for the auxiliary losses (empty: all).
+  Context forward(In<T> x, RowMask rows = {}) const {
     detail::expect_cols(name(), "input x", x.rows(), x.cols(), d_in(), "tokens x d_in");
     const Matrix<T> logits = x * router_kernel.value();
     Context c;
-    c.routing = Math::route(logits, options_);
+    c.routing = Math::route(logits, options_, rows);
     return c;
   }
 

@@ -12,12 +12,15 @@
 //                     dp_ti += w E f_i / N
 //   softmax           dz = p * (dp - <dp, p>)
 //   z-loss            L = mean_t lse_t^2    dz_ti += w (2 / N) lse_t p_ti
+// The auxiliary losses average over the rows that count (RowMask: a padded batch's real tokens;
+// N is their number); rows that do not count get no auxiliary gradient.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
+#include "../core/shapes.hpp"
 #include "../core/tensor.hpp"
 #include "../core/util.hpp"
 #include "../router.hpp"
@@ -35,9 +38,12 @@ struct Routing {
   IndexMatrix selected;  // (rows, K) chosen expert ids, best first; (rows, 0) for Soft
   std::vector<T> lse;    // (rows) logsumexp of the logits
   std::vector<double> usage;  // (E) f_i: share of routing slots sent to each expert
+  std::vector<unsigned char> counted;  // (rows) 1: the row counts for the aux losses; empty: every row
+  Index counted_rows = 0;
   AuxLosses aux;
 
   Index rows() const { return probs.rows(); }
+  bool counts(Index row) const { return counted.empty() || counted[std::size_t(row)]; }
   Index experts() const { return probs.cols(); }
   /// The weighted auxiliary loss whose gradient backward adds.
   double aux_loss() const { return options.load_balance_weight * aux.load_balance + options.z_loss_weight * aux.z_loss; }
@@ -61,13 +67,23 @@ struct RouterMath {
   static constexpr int K = Policy::k;  // 0 for Soft
   static constexpr bool top_k = K > 0;
 
-  static Routing<T> start(Index rows, Index experts, const RouterOptions& options) {
+  /// `mask` flags the token rows that count for the aux losses; routing row r belongs to token
+  /// r / groups (an IA3 mixture routes each head of a token on its own row).
+  static Routing<T> start(Index rows, Index experts, const RouterOptions& options, RowMask mask = {}, Index groups = 1) {
     Routing<T> r;
     r.options = options;
     r.probs.resize(rows, experts);
     r.gates.resize(rows, experts);
     r.selected.resize(rows, K);
     r.lse.assign(static_cast<std::size_t>(rows), T(0));
+    r.counted_rows = rows;
+    if (!mask.all()) {
+      if (mask.rows * groups != rows)
+        throw shape_error(detail::concat("router: the row mask has ", mask.rows, " flags for ", rows / groups, " tokens"));
+      r.counted.resize(static_cast<std::size_t>(rows));
+      r.counted_rows = 0;
+      for (Index i = 0; i < rows; ++i) r.counted_rows += r.counted[std::size_t(i)] = mask.flags[i / groups] ? 1 : 0;
+    }
     return r;
   }
 
@@ -82,34 +98,27 @@ struct RouterMath {
   /// Aux losses and usage over all rows; call once after every row is routed.
   static void finish(Routing<T>& r) {
     const Index rows = r.rows(), E = r.experts();
-    r.usage.assign(static_cast<std::size_t>(E), 0.0);
-    r.aux = {};
-    if (rows == 0) return;
-    std::vector<double> mean_prob(static_cast<std::size_t>(E), 0.0);
+    std::vector<double> slots(static_cast<std::size_t>(E), 0.0), prob_sums(static_cast<std::size_t>(E), 0.0);
     double lse_sq = 0.0;
     for (Index t = 0; t < rows; ++t) {
-      for (Index e = 0; e < E; ++e) mean_prob[e] += double(r.probs(t, e));
+      if (!r.counts(t)) continue;
+      for (Index e = 0; e < E; ++e) prob_sums[e] += double(r.probs(t, e));
       if constexpr (top_k) {
-        for (int j = 0; j < K; ++j) r.usage[r.selected(t, j)] += 1.0;
+        for (int j = 0; j < K; ++j) slots[r.selected(t, j)] += 1.0;
       } else {
         Index best = 0;
         for (Index e = 1; e < E; ++e)
           if (r.probs(t, e) > r.probs(t, best)) best = e;
-        r.usage[best] += 1.0;
+        slots[best] += 1.0;
       }
       lse_sq += double(r.lse[t]) * double(r.lse[t]);
     }
-    const double slots = double(rows) * (top_k ? K : 1);
-    for (Index e = 0; e < E; ++e) {
-      r.usage[e] /= slots;
-      r.aux.load_balance += double(E) * r.usage[e] * mean_prob[e] / double(rows);
-    }
-    r.aux.z_loss = lse_sq / double(rows);
+    r.aux = aux_losses(int(E), K, {slots.data(), prob_sums.data(), lse_sq, double(r.counted_rows)}, &r.usage);
   }
 
-  /// logits: (rows, E).
-  static Routing<T> route(In<T> logits, const RouterOptions& options) {
-    Routing<T> r = start(logits.rows(), logits.cols(), options);
+  /// logits: (rows, E); mask: the rows that count for the aux losses.
+  static Routing<T> route(In<T> logits, const RouterOptions& options, RowMask mask = {}) {
+    Routing<T> r = start(logits.rows(), logits.cols(), options, mask);
     const Index rows = logits.rows();
     MOET_OMP(omp parallel for schedule(static) if (rows * logits.cols() > 32768))
     for (Index t = 0; t < rows; ++t) route_row(r, t, logits.row(t).data());
@@ -201,14 +210,15 @@ struct RouterMath {
         for (int j = 0; j < K; ++j) dprob[chosen[j]] = C(dgates[chosen[j]]);
       }
     }
-    const C rows = C(r.rows());
-    if (r.options.load_balance_weight != 0.0) {
+    const bool aux = r.counts(row);  // rows that do not count get no aux-loss gradient
+    const C rows = C(r.counted_rows);
+    if (aux && r.options.load_balance_weight != 0.0) {
       const C w = C(r.options.load_balance_weight) * C(E) / rows;
       for (Index e = 0; e < E; ++e) dprob[e] += w * C(r.usage[e]);
     }
     C dot = 0;
     for (Index e = 0; e < E; ++e) dot += dprob[e] * C(probs[e]);
-    const C z_coef = C(r.options.z_loss_weight) * C(2) / rows * C(r.lse[row]);
+    const C z_coef = aux ? C(r.options.z_loss_weight) * C(2) / rows * C(r.lse[row]) : C(0);
     for (Index e = 0; e < E; ++e) dlogits[e] = T(C(probs[e]) * (dprob[e] - dot + z_coef));
   }
 };

@@ -31,7 +31,7 @@
 
 namespace moet {
 
-struct FrozenLinear;  // the spec (cpu/layers.hpp)
+struct FrozenLinear;  // the spec (mixture.hpp)
 
 namespace cuda_impl {
 template <class S>

@@ -62,23 +62,19 @@ struct DeviceRouting {
 
   /// Share of routing slots each expert received (f_i).
   std::vector<double> usage() const {
-    const std::vector<double> s = download(stats.view(), stream);
-    std::vector<double> u(static_cast<std::size_t>(experts), 0.0);
-    const double slots = double(rows) * (k > 0 ? k : 1);
-    if (rows > 0)
-      for (int e = 0; e < experts; ++e) u[e] = s[e] / slots;
+    std::vector<double> u;
+    statistics(&u);
     return u;
   }
 
-  /// The unweighted auxiliary losses, as cpu_impl::RouterMath::finish forms them.
-  AuxLosses aux() const {
-    AuxLosses a;
-    if (rows == 0) return a;
+  /// The unweighted auxiliary losses, formed by the one formula both backends use (aux_losses).
+  AuxLosses aux() const { return statistics(nullptr); }
+
+  /// The losses from the device statistics (2E + 1 numbers copied to the host); usage: f.
+  AuxLosses statistics(std::vector<double>* usage) const {
+    if (rows == 0) return aux_losses(experts, k, {}, usage);
     const std::vector<double> s = download(stats.view(), stream);
-    const double slots = double(rows) * (k > 0 ? k : 1);
-    for (int e = 0; e < experts; ++e) a.load_balance += double(experts) * (s[e] / slots) * s[experts + e] / double(rows);
-    a.z_loss = s[2 * experts] / double(rows);
-    return a;
+    return aux_losses(experts, k, {s.data(), s.data() + experts, s[std::size_t(2 * experts)], double(rows)}, usage);
   }
 
   double aux_loss() const {
@@ -91,6 +87,7 @@ struct DeviceRouting {
 /// The part of every routed CUDA layer's context that reports on routing.
 struct RoutedContext {
   DeviceRouting routing;
+
   double aux_loss() const { return routing.aux_loss(); }
   AuxLosses aux() const { return routing.aux(); }
   std::vector<double> expert_usage() const { return routing.usage(); }

@@ -10,11 +10,15 @@
 
 #include <nlohmann/json.hpp>
 
+#include "../core/rope.hpp"
+#include "../core/shapes.hpp"
 #include "safetensors.hpp"
 
 namespace moet::io {
 
 enum class Architecture { gpt2, llama };
+
+using moet::Activation;
 
 struct ModelConfig {
   Architecture architecture = Architecture::gpt2;
@@ -27,9 +31,17 @@ struct ModelConfig {
   Index max_positions = 0;  // n_positions / max_position_embeddings
   double norm_eps = 1e-5;   // layer_norm_epsilon / rms_norm_eps
   double rope_theta = 10000.0;
-  bool tied_embeddings = true;  // GPT-2 always; Llama: tie_word_embeddings (default false)
+  bool tied_embeddings = true;  // GPT-2: tie_word_embeddings (default true); Llama: (default false)
+  Index explicit_head_dim = 0;  // Llama head_dim when given (0: d_model / heads)
+  bool attention_bias = false;  // Llama attention_bias: q, k, v, o have biases (GPT-2's always do)
+  bool mlp_bias = false;        // Llama mlp_bias: gate, up, down have biases (GPT-2's always do)
+  Activation activation = Activation::gelu_tanh;  // GPT-2 activation_function (Llama gates with silu)
+  RopeScaling rope_scaling;     // Llama rope_scaling (core/rope.hpp)
 
-  Index head_dim() const { return d_model / heads; }
+  Index head_dim() const { return explicit_head_dim > 0 ? explicit_head_dim : d_model / heads; }
+  /// Whether the attention projections (q, k, v, o) and the MLP's carry biases.
+  bool has_attention_bias() const { return architecture == Architecture::gpt2 || attention_bias; }
+  bool has_mlp_bias() const { return architecture == Architecture::gpt2 || mlp_bias; }
 };
 
 namespace detail_config {

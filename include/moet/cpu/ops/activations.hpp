@@ -1,6 +1,8 @@
 // Elementwise activations of the frozen MLPs:
 //   GELU (tanh approximation, GPT-2):  y = x/2 (1 + tanh(u)),  u = sqrt(2/pi) (x + 0.044715 x^3)
 //   SwiGLU (Llama):                    y = silu(gate) * up,     silu(a) = a sigmoid(a)
+//   and the other activation_function values of GPT-2 checkpoints, elementwise:
+//   GELU (exact)  y = x/2 (1 + erf(x / sqrt 2)),  ReLU,  SiLU
 #pragma once
 
 #include <algorithm>
@@ -11,6 +13,7 @@
 
 #include "../../core/error.hpp"
 #include "../../core/param.hpp"
+#include "../../core/shapes.hpp"
 #include "../../core/util.hpp"
 
 namespace moet::cpu_impl {
@@ -47,6 +50,46 @@ struct GeluTanh {
           dy.middleRows(r0, n).array() * (T(0.5) * (T(1) + th) + T(0.5) * v * (T(1) - th.square()) * k * (T(1) + T(3) * c * v.square()));
     }
     return dx;
+  }
+};
+
+/// y = f(x) elementwise for the activations without a block-vectorised path (exact GELU, ReLU,
+/// SiLU); dy f'(x) backward.
+template <class T>
+struct Elementwise {
+  Activation kind;
+
+  static T value(Activation kind, T x) {
+    switch (kind) {
+      case Activation::gelu: return T(0.5) * x * (T(1) + std::erf(x * T(std::numbers::sqrt2 / 2)));
+      case Activation::relu: return x > T(0) ? x : T(0);
+      case Activation::silu: return x / (T(1) + std::exp(-x));
+      case Activation::gelu_tanh: break;
+    }
+    throw value_error("Elementwise: gelu_tanh has its own op (GeluTanh)");
+  }
+  static T derivative(Activation kind, T x) {
+    switch (kind) {
+      case Activation::gelu: {
+        const T cdf = T(0.5) * (T(1) + std::erf(x * T(std::numbers::sqrt2 / 2)));
+        return cdf + x * std::exp(T(-0.5) * x * x) * T(std::numbers::inv_sqrtpi / std::numbers::sqrt2);
+      }
+      case Activation::relu: return x > T(0) ? T(1) : T(0);
+      case Activation::silu: {
+        const T s = T(1) / (T(1) + std::exp(-x));
+        return s * (T(1) + x * (T(1) - s));
+      }
+      case Activation::gelu_tanh: break;
+    }
+    throw value_error("Elementwise: gelu_tanh has its own op (GeluTanh)");
+  }
+
+  Matrix<T> forward(In<T> x) const {
+    return x.unaryExpr([k = kind](T v) { return value(k, v); });
+  }
+  Matrix<T> backward(In<T> x, In<T> dy) const {
+    detail::expect_shape("Activation", "output gradient dy", dy.rows(), dy.cols(), x.rows(), x.cols(), "the shape of x");
+    return x.binaryExpr(dy, [k = kind](T v, T d) { return d * derivative(k, v); });
   }
 };
 

@@ -20,14 +20,12 @@
 
 #include "../../core/error.hpp"
 #include "../../core/param.hpp"
+#include "../../core/shapes.hpp"
 #include "../../core/util.hpp"
 
 namespace moet::cpu_impl {
 
-struct AttentionShape {
-  Index batch = 1, seq = 1, heads = 1, kv_heads = 1, head_dim = 1;
-  Index kv_seq = 0;  ///< key/value positions per sequence; 0 means seq
-};
+using moet::AttentionShape;
 
 template <class T>
 class CausalAttention {

@@ -8,6 +8,7 @@
 
 #include <boost/hana/define_struct.hpp>
 
+#include "../../core/backend.hpp"
 #include "../../core/error.hpp"
 #include "../../core/param.hpp"
 #include "../../core/util.hpp"
@@ -22,6 +23,8 @@ class Embedding {
 
   /// table: (count, d), copied in.
   explicit Embedding(In<T> table) : table(make_frozen(name(), "table", table)) {}
+  Embedding(CpuDevice, In<T> table) : Embedding(table) {}
+  Embedding(Embedding&&) noexcept = default;
 
   Index count() const { return table.rows(); }
   Index width() const { return table.cols(); }

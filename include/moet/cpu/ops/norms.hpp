@@ -8,9 +8,11 @@
 
 #include <cmath>
 #include <string>
+#include <utility>
 
 #include <boost/hana/define_struct.hpp>
 
+#include "../../core/backend.hpp"
 #include "../../core/error.hpp"
 #include "../../core/param.hpp"
 #include "../../core/util.hpp"
@@ -40,6 +42,11 @@ class Normalization {
   Normalization(In<T> weight, double eps) : eps_(eps), weight("weight", 1, weight.cols()), bias("bias", 0, 0) {
     init(weight, weight.topRows(0));
   }
+
+  /// The device-first form every backend's layers share (the CPU's device is empty).
+  template <class... Args>
+  explicit Normalization(CpuDevice, Args&&... args) : Normalization(std::forward<Args>(args)...) {}
+  Normalization(Normalization&&) noexcept = default;
 
   Index width() const { return weight.cols(); }
 

@@ -1,0 +1,185 @@
+// ops<cpu, T>: what the CPU backend supplies to the models written once in include/moet/model/
+// (the decoder, CALM). A model is dataflow over these names and never touches Eigen itself; a new
+// backend or storage type (CUDA, bf16 on the CPU) is a new ops<B, T> plus its layers. The list,
+// with what each must do, is in docs/design.md ("What a backend provides").
+//
+// Tensors are row-major, tokens as rows: `Tensor` owns, `View` reads without copying. Layers that
+// hold frozen weights are built from `HostMatrix` values (the checkpoint's or the random init's).
+#pragma once
+
+#include <algorithm>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "../core/backend.hpp"
+#include "../core/param.hpp"
+#include "../core/shapes.hpp"
+#include "../core/tensor.hpp"
+#include "composition_layer.hpp"
+#include "layers.hpp"
+#include "ops/activations.hpp"
+#include "ops/attention.hpp"
+#include "ops/embedding.hpp"
+#include "ops/lm_head_loss.hpp"
+#include "ops/norms.hpp"
+#include "ops/rotary.hpp"
+
+namespace moet {
+
+template <class T>
+struct ops<cpu, T> {
+  static_assert(std::is_floating_point_v<T>, "ops<cpu, T>: the CPU backend computes in float or double");
+  using Backend = cpu;
+  using Scalar = T;
+  using Device = CpuDevice;
+
+  // --- tensors ---------------------------------------------------------------------------------
+  using Tensor = Matrix<T>;      // (rows, cols), owning
+  using View = In<T>;            // read-only, any row-major storage with unit inner stride
+  using HostMatrix = Matrix<T>;  // what layers with frozen weights are built from
+  using Frozen = moet::Frozen<T>;
+
+  /// A frozen tensor holding a copy of `value`; `layer` and `what` name it in errors.
+  static Frozen frozen(Device, const std::string& layer, const char* what, const HostMatrix& value) {
+    return make_frozen<T>(layer, what, value);
+  }
+
+  static Tensor zeros(Index rows, Index cols) { return Tensor::Zero(rows, cols); }
+  static bool empty(const Tensor& t) { return t.size() == 0; }
+  /// a + b
+  static Tensor add(View a, View b) { return a + b; }
+  /// dst += src; an empty dst becomes a copy of src.
+  static void add_into(Tensor& dst, View src) {
+    if (dst.size() == 0) dst = src;
+    else dst += src;
+  }
+  static void add_into(Tensor& dst, Tensor&& src) {
+    if (dst.size() == 0) dst = std::move(src);
+    else dst += src;
+  }
+  /// s * t for the (1, 1) scale s (a loss gradient).
+  static Tensor scaled(View t, View s) {
+    detail::expect_shape("ops<cpu>", "loss gradient", s.rows(), s.cols(), 1, 1, "1 x 1");
+    return s(0, 0) * t;
+  }
+  /// d(loss) = 1.
+  static Tensor scalar_one() { return Tensor::Ones(1, 1); }
+  /// Rows [first, first + n) of m.
+  static View rows(View m, Index first, Index n) { return m.middleRows(first, n); }
+  /// dst rows [first, first + src.rows()) = src.
+  static void copy_rows(Tensor& dst, Index first, View src) { dst.middleRows(first, src.rows()) = src; }
+  /// Row `row` of m on the host (sampling reads the last row of the logits).
+  static std::vector<double> row_to_host(View m, Index row) {
+    std::vector<double> out(static_cast<std::size_t>(m.cols()));
+    for (Index c = 0; c < m.cols(); ++c) out[std::size_t(c)] = double(m(row, c));
+    return out;
+  }
+  /// A (1, 1) tensor's value on the host.
+  static double scalar(View m) { return double(m(0, 0)); }
+
+  // --- layers and ops the blocks are made of ----------------------------------------------------
+  using LayerNorm = cpu_impl::LayerNorm<T>;
+  using RMSNorm = cpu_impl::RMSNorm<T>;
+  using Embedding = cpu_impl::Embedding<T>;
+  using Rotary = cpu_impl::Rotary<T>;
+  using Attention = cpu_impl::CausalAttention<T>;
+  using CrossEntropy = cpu_impl::CrossEntropy<T>;
+  using Composition = cpu_impl::CompositionLayer<T>;
+
+  /// Positions of a batch's tokens as rotary reads them.
+  using Positions = std::vector<Index>;
+
+  /// Causal attention over `shape` whose keys are real where valid is 1 (batch * kv_seq flags).
+  static Attention attention(const AttentionShape& shape, const std::vector<unsigned char>& valid) {
+    return Attention(shape, valid);
+  }
+
+  static Tensor rotate(const Rotary& rope, View x, const Positions& positions) {
+    return std::move(rope.forward(x, positions).y);
+  }
+  /// The gradient through a rotation (its transpose).
+  static Tensor rotate_backward(const Rotary& rope, View dy, const Positions& positions) {
+    return rope.backward({}, dy, positions, dy, GradMode::accumulate);
+  }
+
+  /// The MLP's activation, elementwise.
+  static Tensor activation(Activation kind, View x) {
+    if (kind == Activation::gelu_tanh) return std::move(cpu_impl::GeluTanh<T>{}.forward(x).y);
+    return cpu_impl::Elementwise<T>{kind}.forward(x);
+  }
+  static Tensor activation_backward(Activation kind, View x, View dy) {
+    if (kind == Activation::gelu_tanh) return cpu_impl::GeluTanh<T>{}.backward({}, x, dy, GradMode::accumulate);
+    return cpu_impl::Elementwise<T>{kind}.backward(x, dy);
+  }
+  static Tensor swiglu(View gate, View up) { return std::move(cpu_impl::SwiGLU<T>{}.forward(gate, up).y); }
+  /// {d_gate, d_up}
+  static std::pair<Tensor, Tensor> swiglu_backward(View gate, View up, View dy) {
+    return cpu_impl::SwiGLU<T>{}.backward({}, gate, up, dy, GradMode::accumulate);
+  }
+
+  /// Token rows of `wte` plus, with learned positions, the rows of `wpe` at each token's position.
+  static Tensor embed(const Embedding& wte, const Embedding* wpe, const std::vector<int>& ids, const Positions& positions) {
+    Tensor h = wte.lookup(ids);
+    if (wpe)
+      for (std::size_t t = 0; t < ids.size(); ++t) {
+        if (positions[t] < 0 || positions[t] >= wpe->count())
+          throw value_error(detail::concat("Embedding: position ", positions[t], " is outside the ", wpe->count(),
+                                           " learned positions"));
+        h.row(Index(t)) += wpe->table.value().row(positions[t]);
+      }
+    return h;
+  }
+
+  // --- the LM head and its loss, fused -------------------------------------------------------
+  using LossContext = typename CrossEntropy::Context;
+
+  static CrossEntropy loss(const std::vector<int>& targets) { return CrossEntropy(targets); }
+  /// Forward of the fused head + loss over h (tokens, d); with dh, d(loss)/dh for d(loss) = 1.
+  static LossContext head_loss(const CrossEntropy& loss, const Frozen& weight, View h, Tensor* dh) {
+    return cpu_impl::lm_head_loss_forward<T>(loss, weight.value(), h, dh);
+  }
+  static Tensor head_loss_backward(const CrossEntropy& loss, const Frozen& weight, const LossContext& c, View h, View d_loss) {
+    return cpu_impl::lm_head_loss_backward<T>(loss, weight.value(), c, h, d_loss);
+  }
+  /// h W^T: (tokens, vocab).
+  static Tensor head_logits(View h, const Frozen& weight) { return h * weight.value().transpose(); }
+
+  // --- auxiliary losses of a pass, accumulated as the pass runs ---------------------------------
+  using AuxSum = double;
+  template <class Context>
+  static void add_aux(AuxSum& sum, const Context& c) {
+    sum += c.aux_loss();
+  }
+  static double aux_value(AuxSum sum) { return sum; }
+
+  // --- decoding caches -------------------------------------------------------------------------
+  /// Keys or values of one layer for the positions decoded so far: (capacity, width) storage of
+  /// which the first `rows` are used. Appending copies only the new rows; the storage doubles
+  /// when full, so a sequence of n tokens copies O(n) rows in all.
+  class KvBuffer {
+   public:
+    explicit KvBuffer(Index width = 0, Index capacity = 0) : data_(capacity, width) {}
+    Index rows() const { return rows_; }
+    Index width() const { return data_.cols(); }
+    Index capacity() const { return data_.rows(); }
+    const T* data() const { return data_.data(); }
+    void append(View r) {
+      detail::expect_cols("KvBuffer", "new rows", r.rows(), r.cols(), width(), "tokens x width");
+      if (rows_ + r.rows() > capacity()) {
+        Tensor grown(std::max<Index>({Index(16), 2 * capacity(), rows_ + r.rows()}), width());
+        grown.topRows(rows_) = data_.topRows(rows_);
+        data_.swap(grown);
+      }
+      data_.middleRows(rows_, r.rows()) = r;
+      rows_ += r.rows();
+    }
+    View view() const { return data_.topRows(rows_); }
+
+   private:
+    Tensor data_;
+    Index rows_ = 0;
+  };
+};
+
+}  // namespace moet

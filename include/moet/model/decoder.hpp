@@ -1,0 +1,507 @@
+// The decoder, written once over a backend's ops: embeddings, blocks, final norm and the fused
+// LM head + loss, with training passes, loss and logits, cached decoding and generation, and the
+// Hugging Face names of its frozen tensors. `Decoder<Arch, Slots<...>>::model<T, Backend>` is
+// this class; the backend supplies ops<Backend, T> and its layers.
+//
+// The model holds parameters only. A forward's context owns the batch geometry (mask,
+// positions, targets), the embedded input when forward embedded it, and every activation its
+// backward reads, so two forwards may be in flight and their backwards run in any order.
+#pragma once
+
+#include <algorithm>
+#include <map>
+#include <memory>
+#include <numeric>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <boost/hana/define_struct.hpp>
+
+#include "../core/error.hpp"
+#include "../core/param.hpp"
+#include "../core/random.hpp"
+#include "../core/visit.hpp"
+#include "../io/config.hpp"
+#include "../model.hpp"
+#include "../optim/adamw.hpp"
+#include "../optim/clip.hpp"
+#include "batch.hpp"
+#include "block.hpp"
+#include "sampling.hpp"
+
+namespace moet {
+
+struct TrainStepResult {
+  double loss = 0;       ///< the language-model loss (without auxiliary losses)
+  double aux_loss = 0;   ///< the routers' weighted auxiliary losses
+  double grad_norm = 0;  ///< global gradient norm before clipping
+  bool clipped = false;
+};
+
+namespace model_impl {
+
+/// What a forward keeps for backward: everything, only each block's input (backward recomputes
+/// the block), or nothing (loss and logits).
+enum class Keep { nothing, inputs, everything };
+
+/// A decoding cache: each layer's rotated, scaled keys and values of the positions so far
+/// (one sequence).
+template <class Ops>
+struct KvCache {
+  std::vector<KvLayer<Ops>> layers;
+  Index length = 0;
+};
+
+template <class Spec, class T, class Backend>
+class DecoderModel {
+  using Ops = ops<Backend, T>;
+  using Tensor = typename Ops::Tensor;
+  using View = typename Ops::View;
+  using Host = typename Ops::HostMatrix;
+  using Arch = typename Spec::arch;
+  static constexpr bool llama = Arch::llama;
+
+ public:
+  using Scalar = T;
+  using BackendTag = Backend;
+  using Device = typename Ops::Device;
+  using BlockType = Block<Spec, T, Backend>;
+  using Norm = typename BlockType::Norm;
+  using Inputs = BlockInputs<Ops>;
+  using Geometry = std::shared_ptr<const BatchGeometry>;
+  using Cache = KvCache<Ops>;
+
+  /// A run of blocks [first, last) as its backward needs it.
+  struct BlockRun {
+    Index first = 0, last = 0;
+    Keep kept = Keep::nothing;
+    std::vector<Tensor> outputs;                                     // blocks first .. last-2: the next block's input
+    std::vector<std::optional<typename BlockType::Context>> blocks;  // empty under recomputation
+  };
+
+  struct Context {
+    Geometry batch;    // the batch this pass ran on
+    Tensor h0;         // the embedded batch, when forward(TokenBatch) embedded it
+    BlockRun run;
+    Tensor top;        // the last block's output
+    typename Norm::Context final_norm;
+    typename Ops::CrossEntropy loss_function;
+    typename Ops::LossContext loss;
+    Tensor d_final;    // d(loss)/d(final norm output) for d(loss) = 1, formed with the loss
+    typename Ops::AuxSum aux{};
+
+    View output() const { return loss.output(); }  // (1, 1)
+    double aux_loss() const { return Ops::aux_value(aux); }
+  };
+
+  static std::string name() { return Spec::name(); }
+
+  /// A model with random frozen weights (load a checkpoint over them with moet::load_base).
+  DecoderModel(Device device, const io::ModelConfig& config, Rng& rng, const ModelOptions& options = {},
+               double init_stddev = 0.02)
+      : device_(device),
+        config_(checked(config)),
+        options_(options),
+        wte(device, rng.normal_matrix<typename Host::Scalar>(config.vocab, config.d_model, 0.0, init_stddev)),
+        final_norm(BlockType::make_norm(device, config)) {
+    if constexpr (llama) {
+      rope_q_.emplace(device, config.heads, config.head_dim(), config.rope_theta, config.rope_scaling);
+      rope_k_.emplace(device, config.kv_heads, config.head_dim(), config.rope_theta, config.rope_scaling);
+    } else {
+      wpe.emplace(device, rng.normal_matrix<typename Host::Scalar>(config.max_positions, config.d_model, 0.0, init_stddev));
+    }
+    blocks.reserve(std::size_t(config.layers));
+    for (Index i = 0; i < config.layers; ++i) blocks.emplace_back(device, config, i, rng, options, init_stddev);
+    if (!config.tied_embeddings)
+      lm_head.emplace(Ops::frozen(device, name(), "lm_head",
+                                  rng.normal_matrix<typename Host::Scalar>(config.vocab, config.d_model, 0.0, init_stddev)));
+  }
+  /// The CPU shorthand: no device handle.
+  DecoderModel(const io::ModelConfig& config, Rng& rng, const ModelOptions& options = {}, double init_stddev = 0.02)
+    requires std::is_same_v<Device, CpuDevice>
+      : DecoderModel(CpuDevice{}, config, rng, options, init_stddev) {}
+  DecoderModel(DecoderModel&&) noexcept = default;
+
+  const io::ModelConfig& config() const { return config_; }
+  const ModelOptions& options() const { return options_; }
+  Device device() const { return device_; }
+  /// Activation recomputation for later forwards (a model setting, not a batch's).
+  void set_recompute(bool on) { options_.recompute = on; }
+
+  /// The (vocab, d_model) output embedding: the token table when tied, else lm_head.
+  const typename Ops::Frozen& head_weight() const { return lm_head ? *lm_head : wte.table; }
+
+  // --- batches -----------------------------------------------------------------------------------
+
+  /// Checks a batch against this model and makes its geometry (the model keeps nothing of it).
+  Geometry geometry(const TokenBatch& b) const {
+    return make_geometry(name(), {config_.vocab, llama ? 0 : config_.max_positions}, b);
+  }
+
+  /// What the blocks read of a batch (made per pass; it points into `g` and this model).
+  Inputs inputs(const BatchGeometry& g) const {
+    return {Ops::attention({g.batch, g.seq, config_.heads, config_.kv_heads, config_.head_dim(), g.seq}, g.mask), &g.positions,
+            opt_ptr(rope_q_), opt_ptr(rope_k_), g.padded() ? RowMask{g.mask.data(), g.tokens()} : RowMask{}};
+  }
+
+  /// The embedded batch h0 (tokens, d_model): token rows (+ learned positions).
+  Tensor embed(const BatchGeometry& g) const { return Ops::embed(wte, opt_ptr(wpe), g.ids, g.positions); }
+
+  // --- training passes -----------------------------------------------------------------------------
+
+  /// Forward of a batch to its mean token loss; the context owns the batch and its embedding, so
+  /// backward(c, mode) needs nothing else.
+  Context forward(const TokenBatch& b, bool for_backward = true) const {
+    Geometry g = geometry(b);
+    Tensor h0 = embed(*g);
+    Context c = forward(std::move(g), h0, for_backward);
+    c.h0 = std::move(h0);
+    return c;
+  }
+
+  /// Forward from an embedded batch h0 (tokens, d_model) of geometry g (the gradient harness's
+  /// view; the caller keeps h0 for backward). Unless for_backward is false, the LM head's
+  /// gradient is formed in the same pass (see lm_head_loss_forward).
+  Context forward(Geometry g, View h0, bool for_backward = true) const {
+    check_geometry(g);
+    detail::expect_shape(name(), "embedded batch h0", h0.rows(), h0.cols(), g->tokens(), config_.d_model, "tokens x d_model");
+    Context c;
+    c.batch = std::move(g);
+    const Inputs in = inputs(*c.batch);
+    c.top = run_blocks(h0, 0, Index(blocks.size()), in, options_.recompute ? Keep::inputs : Keep::everything, &c.run, &c.aux);
+    finish(c, c.top, for_backward);
+    return c;
+  }
+
+  /// d_loss: (1, 1). Returns d h0; adds (or writes) the adapters' gradients.
+  Tensor backward(const Context& c, View h0, View d_loss, GradMode mode) {
+    check_geometry(c.batch);
+    const Inputs in = inputs(*c.batch);
+    Tensor dh = Ops::empty(c.d_final) ? Ops::head_loss_backward(c.loss_function, head_weight(), c.loss, c.final_norm.output(), d_loss)
+                                      : Ops::scaled(c.d_final, d_loss);
+    dh = final_norm.backward(c.final_norm, c.top, dh, mode);
+    return backward_blocks(c.run, h0, std::move(dh), in, mode);
+  }
+
+  /// Backward of forward(batch), from d(loss) = 1.
+  void backward(const Context& c, GradMode mode) {
+    if (Ops::empty(c.h0))
+      throw value_error(name() + ": this context comes from forward(geometry, h0), which leaves h0 with the caller; "
+                                 "call backward(c, h0, d_loss, mode)");
+    backward(c, c.h0, Ops::scalar_one(), mode);
+  }
+
+  /// forward, backward, clip the global gradient norm to max_grad_norm (<= 0: no clipping), step.
+  template <class Optimizer>
+  TrainStepResult train_step(const TokenBatch& b, Optimizer& optimizer, double max_grad_norm = 1.0) {
+    const Context c = forward(b);
+    backward(c, GradMode::overwrite);
+    TrainStepResult r;
+    r.loss = Ops::scalar(c.output());
+    r.aux_loss = c.aux_loss();
+    const ClipResult clip = clip_grad_norm(*this, max_grad_norm);
+    r.grad_norm = clip.norm;
+    r.clipped = clip.clipped;
+    optimizer.step(*this);
+    return r;
+  }
+
+  /// Mean loss of a batch without backward (nothing is kept).
+  double loss(const TokenBatch& b) const {
+    Geometry g = geometry(b);
+    const Tensor h0 = embed(*g);
+    Context c;
+    c.batch = std::move(g);
+    c.top = run_blocks(h0, 0, Index(blocks.size()), inputs(*c.batch), Keep::nothing, nullptr, &c.aux);
+    finish(c, c.top, false);
+    return Ops::scalar(c.output());
+  }
+
+  // --- the block loop, for models built on this one (CALM) -------------------------------------
+
+  /// Runs blocks [first, last) on h and returns the last one's output. With a run, it keeps what
+  /// backward_blocks needs (`keep`); with aux, adds the routers' auxiliary losses.
+  Tensor run_blocks(View h, Index first, Index last, const Inputs& in, Keep keep, BlockRun* run,
+                    typename Ops::AuxSum* aux) const {
+    if (first < 0 || last > Index(blocks.size()) || first > last)
+      throw value_error(detail::concat(name(), ": blocks [", first, ", ", last, ") are not within the ", blocks.size(), " layers"));
+    if (run) {
+      *run = BlockRun{first, last, keep, {}, {}};
+      if (keep != Keep::nothing) {
+        run->outputs.reserve(std::size_t(std::max<Index>(0, last - first - 1)));
+        run->blocks.resize(std::size_t(last - first));
+      }
+    }
+    if (first == last) return Tensor(h);
+    Tensor out;
+    for (Index i = first; i < last; ++i) {
+      typename BlockType::Context ctx;
+      const View x = i == first ? h : View(run && keep != Keep::nothing ? run->outputs.back() : out);
+      Tensor y = blocks[std::size_t(i)].forward(x, in, ctx);
+      if (aux) BlockType::add_aux(*aux, ctx);
+      if (run && keep == Keep::everything) run->blocks[std::size_t(i - first)].emplace(std::move(ctx));
+      if (i + 1 == last) return y;
+      if (run && keep != Keep::nothing) run->outputs.push_back(std::move(y));
+      else out = std::move(y);
+    }
+    return out;  // not reached
+  }
+
+  /// Backward of a run of blocks: dh is the gradient of its output, h its input. Returns dh.
+  Tensor backward_blocks(const BlockRun& run, View h, Tensor dh, const Inputs& in, GradMode mode) {
+    if (run.first == run.last) return dh;
+    if (run.kept == Keep::nothing)
+      throw value_error(name() + ": backward through blocks whose forward kept nothing for it");
+    for (Index i = run.last; i-- > run.first;) {
+      const View x = i == run.first ? h : View(run.outputs[std::size_t(i - run.first - 1)]);
+      const auto& kept = run.blocks[std::size_t(i - run.first)];
+      if (kept) {
+        dh = blocks[std::size_t(i)].backward(*kept, x, dh, in, mode);
+      } else {  // recompute this block's activations
+        typename BlockType::Context ctx;
+        blocks[std::size_t(i)].forward(x, in, ctx);
+        dh = blocks[std::size_t(i)].backward(ctx, x, dh, in, mode);
+      }
+    }
+    return dh;
+  }
+
+  // --- inference -------------------------------------------------------------------------------
+
+  /// Logits of every position of a batch: (batch*seq, vocab).
+  Tensor logits(const TokenBatch& b) const {
+    const Geometry g = geometry(without_targets(b));
+    const Tensor top = run_blocks(embed(*g), 0, Index(blocks.size()), inputs(*g), Keep::nothing, nullptr, nullptr);
+    return head_logits(top);
+  }
+
+  /// An empty decoding cache; `capacity` reserves room for that many positions (it grows anyway).
+  Cache start_cache(Index capacity = 0) const {
+    Cache cache;
+    const Index kvw = config_.kv_heads * config_.head_dim();
+    for (std::size_t i = 0; i < blocks.size(); ++i)
+      cache.layers.push_back({typename Ops::KvBuffer(kvw, capacity), typename Ops::KvBuffer(kvw, capacity)});
+    return cache;
+  }
+
+  /// Feeds `ids` (one sequence) after the cached positions; returns their logits (ids.size(), vocab).
+  Tensor decode(Cache& cache, const std::vector<int>& ids) const {
+    return head_logits(decode_hidden(cache, ids, [](Index, Tensor&) {}));
+  }
+
+  /// decode without the head: the last block's output for `ids`. after_block(i, h) is called
+  /// on the embeddings (i = -1) and after block i, and may change h (a composition hooks in here).
+  template <class Hook>
+  Tensor decode_hidden(Cache& cache, const std::vector<int>& ids, Hook&& after_block) const {
+    const Index n = Index(ids.size());
+    detail::expect_positive(name(), "tokens to decode", n);
+    if (cache.layers.size() != blocks.size())
+      throw value_error(detail::concat(name(), ": the cache has ", cache.layers.size(), " layers, expected ", blocks.size(),
+                                       " (use start_cache())"));
+    for (std::size_t t = 0; t < ids.size(); ++t)
+      if (ids[t] < 0 || ids[t] >= config_.vocab)
+        throw value_error(detail::concat(name(), ": token id ", ids[t], " is outside the vocabulary [0, ", config_.vocab, ")"));
+    if (!llama && cache.length + n > config_.max_positions)
+      throw value_error(detail::concat(name(), ": decoding past the ", config_.max_positions, " learned positions"));
+    std::vector<Index> positions(ids.size());
+    std::iota(positions.begin(), positions.end(), cache.length);
+    const Index K = cache.length + n;
+    const Inputs in{Ops::attention({1, n, config_.heads, config_.kv_heads, config_.head_dim(), K},
+                                   std::vector<unsigned char>(std::size_t(K), 1)),
+                    &positions, opt_ptr(rope_q_), opt_ptr(rope_k_), RowMask{}};
+    Tensor h = Ops::embed(wte, opt_ptr(wpe), ids, positions);
+    after_block(Index(-1), h);
+    for (std::size_t i = 0; i < blocks.size(); ++i) {
+      typename BlockType::Context ctx;
+      h = blocks[i].forward(h, in, ctx, &cache.layers[i]);
+      after_block(Index(i), h);
+    }
+    cache.length = K;
+    return h;
+  }
+
+  /// Logits of final hidden states h (before the final norm): (rows, vocab).
+  Tensor head_logits(View h) const { return Ops::head_logits(final_norm.forward(h).output(), head_weight()); }
+
+  /// The final norm, the head and the loss over the last block's output `top` (c.batch set); a
+  /// composition finishes its anchor so.
+  void finish(Context& c, View top, bool for_backward) const {
+    c.final_norm = final_norm.forward(top);
+    c.loss_function = Ops::loss(c.batch->targets);
+    c.loss = Ops::head_loss(c.loss_function, head_weight(), c.final_norm.output(), for_backward ? &c.d_final : nullptr);
+  }
+
+  /// Continues `prompt` by up to max_new_tokens tokens with a KV cache; returns the new tokens.
+  std::vector<int> generate(const std::vector<int>& prompt, const SamplingOptions& s) const {
+    Cache cache = start_cache(Index(prompt.size()) + s.max_new_tokens);
+    return sample_loop(name(), prompt, s, [&](const std::vector<int>& ids) {
+      const Tensor l = decode(cache, ids);
+      return Ops::row_to_host(l, l.rows() - 1);
+    });
+  }
+
+  // --- checkpoints and adapters --------------------------------------------------------------
+
+  /// One frozen tensor in Hugging Face naming: its parts in moet's (in, out) layout, joined along
+  /// columns; transposed: stored (out, in) as nn.Linear does; vector: stored 1-D.
+  struct BaseTensor {
+    std::string name;
+    std::vector<typename Ops::Frozen*> parts;
+    bool transposed = false;
+    bool vector = false;
+  };
+
+  /// Every frozen tensor of the base model with its Hugging Face name.
+  std::vector<BaseTensor> base_tensors(const std::string& gpt2_prefix = "transformer.") {
+    std::vector<BaseTensor> out;
+    auto add = [&](std::string n, std::vector<typename Ops::Frozen*> parts, bool transposed = false, bool vector = false) {
+      out.push_back({std::move(n), std::move(parts), transposed, vector});
+    };
+    if constexpr (llama) {
+      const bool ab = config_.attention_bias, mb = config_.mlp_bias;
+      add("model.embed_tokens.weight", {&wte.table});
+      for (std::size_t i = 0; i < blocks.size(); ++i) {
+        auto& b = blocks[i];
+        const std::string p = "model.layers." + std::to_string(i) + ".";
+        auto linear = [&](const std::string& n, auto& s, bool bias) {
+          add(p + n + ".weight", {&s.weight()}, true);
+          if (bias) add(p + n + ".bias", {&s.bias()}, false, true);
+        };
+        add(p + "input_layernorm.weight", {&b.norm1.weight}, false, true);
+        linear("self_attn.q_proj", b.template slot<slot::q>(), ab);
+        linear("self_attn.k_proj", b.template slot<slot::k>(), ab);
+        linear("self_attn.v_proj", b.template slot<slot::v>(), ab);
+        linear("self_attn.o_proj", b.template slot<slot::o>(), ab);
+        add(p + "post_attention_layernorm.weight", {&b.norm2.weight}, false, true);
+        linear("mlp.gate_proj", b.template slot<slot::ffn_gate>(), mb);
+        linear("mlp.up_proj", b.template slot<slot::ffn_up>(), mb);
+        linear("mlp.down_proj", b.template slot<slot::ffn_down>(), mb);
+      }
+      add("model.norm.weight", {&final_norm.weight}, false, true);
+      if (lm_head) add("lm_head.weight", {&*lm_head});
+    } else {
+      const std::string& t = gpt2_prefix;
+      add(t + "wte.weight", {&wte.table});
+      add(t + "wpe.weight", {&wpe->table});
+      for (std::size_t i = 0; i < blocks.size(); ++i) {
+        auto& b = blocks[i];
+        auto &q = b.template slot<slot::q>(), &k = b.template slot<slot::k>(), &v = b.template slot<slot::v>();
+        const std::string p = t + "h." + std::to_string(i) + ".";
+        add(p + "ln_1.weight", {&b.norm1.weight}, false, true);
+        add(p + "ln_1.bias", {&b.norm1.bias}, false, true);
+        add(p + "attn.c_attn.weight", {&q.weight(), &k.weight(), &v.weight()});
+        add(p + "attn.c_attn.bias", {&q.bias(), &k.bias(), &v.bias()}, false, true);
+        add(p + "attn.c_proj.weight", {&b.template slot<slot::o>().weight()});
+        add(p + "attn.c_proj.bias", {&b.template slot<slot::o>().bias()}, false, true);
+        add(p + "ln_2.weight", {&b.norm2.weight}, false, true);
+        add(p + "ln_2.bias", {&b.norm2.bias}, false, true);
+        add(p + "mlp.c_fc.weight", {&b.template slot<slot::ffn_up>().weight()});
+        add(p + "mlp.c_fc.bias", {&b.template slot<slot::ffn_up>().bias()}, false, true);
+        add(p + "mlp.c_proj.weight", {&b.template slot<slot::ffn_down>().weight()});
+        add(p + "mlp.c_proj.bias", {&b.template slot<slot::ffn_down>().bias()}, false, true);
+      }
+      add(t + "ln_f.weight", {&final_norm.weight}, false, true);
+      add(t + "ln_f.bias", {&final_norm.bias}, false, true);
+      if (lm_head) add("lm_head.weight", {&*lm_head});
+    }
+    return out;
+  }
+
+  /// Folds every plain-LoRA slot (LoRAAdapter<R>) into the frozen weights and restarts it
+  /// (ReLoRA): the model's function is unchanged; returns how many slots were merged. Start a
+  /// new optimizer afterwards, its moments belong to the old factors.
+  int merge_lora_into_base(Rng& rng) {
+    int merged = 0;
+    for (auto& b : blocks) b.for_each_slot([&](auto, auto& s) { merged += s.merge_into_base(rng) ? 1 : 0; });
+    return merged;
+  }
+
+  /// Every trainable tensor with a stable name: "layers.<i>.<slot>.<parameter>" (a name that
+  /// repeats within a slot gets ".1", ".2", ...).
+  template <class F>
+  void for_each_named_param(F&& f) {
+    for (std::size_t i = 0; i < blocks.size(); ++i) {
+      const std::string p = "layers." + std::to_string(i) + ".";
+      blocks[i].for_each_slot([&]<class S>(S, auto& s) {
+        std::vector<std::string> seen;
+        for_each_param(s, [&](auto& param) {
+          const auto repeats = std::count(seen.begin(), seen.end(), param.name());
+          seen.push_back(param.name());
+          f(p + S::name + "." + param.name() + (repeats ? "." + std::to_string(repeats) : ""), param);
+        });
+      });
+    }
+  }
+
+  /// Which adapter sits where, e.g. {"layers.0.q": "Mixture<Router<Soft>, Expert<LoRA<4>>, 10>", ...}.
+  std::map<std::string, std::string> adapter_layout() const {
+    std::map<std::string, std::string> out;
+    for (std::size_t i = 0; i < blocks.size(); ++i)
+      blocks[i].for_each_slot([&]<class S>(S, const auto& s) {
+        if (s.adapted()) out["layers." + std::to_string(i) + "." + S::name] = s.spec_name();
+      });
+    return out;
+  }
+
+ private:
+  const io::ModelConfig& checked(const io::ModelConfig& c) const {
+    if ((c.architecture == io::Architecture::llama) != llama)
+      throw value_error(detail::concat(name(), ": the config describes a ", c.architecture == io::Architecture::llama ? "llama" : "gpt2",
+                                       " model, expected ", Arch::name));
+    for (auto [what, v] : {std::pair{"vocab", c.vocab}, {"d_model", c.d_model}, {"layers", c.layers}, {"heads", c.heads},
+                           {"kv_heads", c.kv_heads}, {"d_ff", c.d_ff}, {"max_positions", c.max_positions}})
+      detail::expect_positive(name(), what, v);
+    if (c.explicit_head_dim < 0) throw value_error(detail::concat(name(), ": head_dim must be positive, got ", c.explicit_head_dim));
+    if ((c.explicit_head_dim == 0 && c.d_model % c.heads) || c.heads % c.kv_heads)
+      throw value_error(detail::concat(name(), ": d_model ", c.d_model, ", heads ", c.heads, " and kv_heads ", c.kv_heads,
+                                       " do not divide"));
+    if constexpr (!llama) {
+      if (c.kv_heads != c.heads) throw value_error(name() + ": GPT-2 has as many key/value heads as heads");
+      if (c.explicit_head_dim != 0 && c.explicit_head_dim * c.heads != c.d_model)
+        throw value_error(detail::concat(name(), ": GPT-2's head size is d_model / heads = ", c.d_model / c.heads, ", got head_dim ",
+                                         c.explicit_head_dim));
+    }
+    check_placement(c, typename Spec::slot_entries{});
+    return c;
+  }
+
+  template <class... At>
+  void check_placement(const io::ModelConfig& c, type_list<At...>) const {
+    auto check = [&]<class E>(E) {
+      if constexpr (requires { E::where::max(); })
+        if (E::where::max() >= c.layers)
+          throw value_error(detail::concat(name(), ": slot ", E::slot::name, " is placed on layer ", E::where::max(),
+                                           " but the model has ", c.layers, " layers"));
+    };
+    (check(At{}), ...);
+  }
+
+  void check_geometry(const Geometry& g) const {
+    if (!g) throw value_error(name() + ": no batch geometry (make one with geometry(batch))");
+  }
+
+  template <class X>
+  static const X* opt_ptr(const std::optional<X>& x) {
+    return x ? &*x : nullptr;
+  }
+
+  [[no_unique_address]] Device device_;
+  io::ModelConfig config_;
+  ModelOptions options_;
+  std::optional<typename Ops::Rotary> rope_q_, rope_k_;  // Llama
+
+ public:
+  BOOST_HANA_DEFINE_STRUCT(DecoderModel, (typename Ops::Embedding, wte), (std::optional<typename Ops::Embedding>, wpe),
+                           (std::vector<BlockType>, blocks), (Norm, final_norm), (std::optional<typename Ops::Frozen>, lm_head));
+};
+
+}  // namespace model_impl
+
+template <class Arch, class SlotList, class T, class Backend>
+struct LayerFor<Decoder<Arch, SlotList>, T, Backend> {
+  using type = model_impl::DecoderModel<Decoder<Arch, SlotList>, T, Backend>;
+};
+
+}  // namespace moet

@@ -1,0 +1,77 @@
+// Choosing the next token from a row of logits, and the decoding loop every model shares. Both
+// work on host values: a backend hands over the last row of its logits (ops::row_to_host).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "../core/error.hpp"
+#include "../core/random.hpp"
+
+namespace moet {
+
+/// Decoding settings: greedy when temperature is 0, else temperature and nucleus (top-p) sampling.
+struct SamplingOptions {
+  int max_new_tokens = 16;
+  double temperature = 0.0;
+  double top_p = 1.0;
+  std::uint64_t seed = 0;
+  int eos = -1;  ///< stop after emitting this token; -1: never
+};
+
+/// Greedy when temperature is 0; else softmax(logits / temperature) cut to the top-p nucleus.
+/// Logits that are not finite numbers (NaN from a NaN weight) are refused by name: no order
+/// exists among them to pick from. +inf is a certain token; -inf an impossible one.
+inline int sample_token(const std::vector<double>& logits, const SamplingOptions& s, Rng& rng) {
+  const std::size_t V = logits.size();
+  if (V == 0) throw value_error("sample_token: no logits to sample from");
+  for (std::size_t i = 0; i < V; ++i)
+    if (std::isnan(logits[i]))
+      throw value_error(detail::concat("sample_token: logit ", i, " of ", V, " is NaN (a non-finite weight or input?); "
+                                       "cannot choose a token"));
+  const std::size_t best = std::size_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
+  if (s.temperature == 0 || std::isinf(logits[best])) return int(best);
+  if (logits[best] == -INFINITY) throw value_error("sample_token: every logit is -inf; cannot choose a token");
+  std::vector<double> p(V);
+  const double m = logits[best];
+  double sum = 0;
+  for (std::size_t i = 0; i < V; ++i) sum += p[i] = std::exp((logits[i] - m) / s.temperature);
+  std::vector<std::size_t> order(V);
+  std::iota(order.begin(), order.end(), std::size_t(0));
+  std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return p[a] > p[b]; });
+  double kept = 0;
+  std::size_t n = 0;
+  while (n < order.size() && kept < s.top_p * sum) kept += p[order[n++]];
+  double u = rng.uniform() * kept;
+  for (std::size_t i = 0; i < n; ++i) {
+    u -= p[order[i]];
+    if (u < 0) return int(order[i]);
+  }
+  return int(order[n - 1]);
+}
+
+/// The decoding loop shared by models: step(ids) feeds ids after what came before and returns
+/// the host logits of its last row; each picks the next token.
+template <class Step>
+std::vector<int> sample_loop(const std::string& who, const std::vector<int>& prompt, const SamplingOptions& s, Step&& step) {
+  if (prompt.empty()) throw value_error(who + ": generate needs a non-empty prompt");
+  if (!(s.temperature >= 0) || !std::isfinite(s.temperature) || !(s.top_p > 0 && s.top_p <= 1))
+    throw value_error(detail::concat(who, ": sampling needs temperature >= 0 and 0 < top_p <= 1, got temperature=",
+                                     s.temperature, " top_p=", s.top_p));
+  Rng rng(s.seed);
+  std::vector<double> logits = step(prompt);
+  std::vector<int> out;
+  for (int i = 0; i < s.max_new_tokens; ++i) {
+    const int next = sample_token(logits, s, rng);
+    out.push_back(next);
+    if (next == s.eos || i + 1 == s.max_new_tokens) break;
+    logits = step(std::vector<int>{next});
+  }
+  return out;
+}
+
+}  // namespace moet
