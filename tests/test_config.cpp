@@ -51,3 +51,66 @@ TEST_CASE("Bad configs are rejected with the field named", "[io][config][errors]
   rejects("{" + llama + R"(,"num_attention_heads":2,"tie_word_embeddings":1})", "'tie_word_embeddings' must be true or false");
   REQUIRE_THROWS_WITH(load_model_config("/nonexistent/config.json"), Contains("cannot open"));
 }
+
+TEST_CASE("Math-changing config fields are applied or refused by name", "[io][config][hf]") {
+  const std::string llama = R"("model_type":"llama","vocab_size":10,"hidden_size":8,"num_hidden_layers":1,"intermediate_size":16,"num_attention_heads":2)";
+  const ModelConfig plain = parse_model_config("{" + llama + "}");
+  REQUIRE(plain.rope_scaling.type == RopeScaling::Type::none);
+  REQUIRE_FALSE(plain.attention_bias);
+  REQUIRE_FALSE(plain.mlp_bias);
+  REQUIRE(plain.head_dim() == 4);
+
+  const ModelConfig applied = parse_model_config(
+      "{" + llama + R"(,"head_dim":6,"attention_bias":true,"mlp_bias":true,"hidden_act":"silu","max_position_embeddings":64,
+                       "rope_scaling":{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,
+                                       "original_max_position_embeddings":16}})");
+  REQUIRE(applied.head_dim() == 6);
+  REQUIRE(applied.attention_bias);
+  REQUIRE(applied.mlp_bias);
+  REQUIRE(applied.rope_scaling.type == RopeScaling::Type::llama3);
+  REQUIRE(applied.rope_scaling.factor == 8.0);
+  REQUIRE(applied.rope_scaling.original_max_positions == 16);
+  const ModelConfig linear = parse_model_config("{" + llama + R"(,"rope_scaling":{"type":"linear","factor":2}})");
+  REQUIRE(linear.rope_scaling.type == RopeScaling::Type::linear);
+  REQUIRE(linear.rope_scaling.factor == 2.0);
+  const ModelConfig dynamic =
+      parse_model_config("{" + llama + R"(,"max_position_embeddings":128,"rope_scaling":{"rope_type":"dynamic","factor":4}})");
+  REQUIRE(dynamic.rope_scaling.type == RopeScaling::Type::dynamic);
+  REQUIRE(dynamic.rope_scaling.original_max_positions == 128);
+  REQUIRE(parse_model_config("{" + llama + R"(,"rope_scaling":{"rope_type":"default"}})").rope_scaling.type ==
+          RopeScaling::Type::none);
+
+  const std::string gpt2 = R"("model_type":"gpt2","vocab_size":10,"n_embd":8,"n_layer":2,"n_head":2,"n_positions":16)";
+  REQUIRE(parse_model_config("{" + gpt2 + "}").activation == Activation::gelu_tanh);
+  for (auto [name, kind] : {std::pair{"gelu_new", Activation::gelu_tanh}, {"gelu_pytorch_tanh", Activation::gelu_tanh},
+                            {"gelu_fast", Activation::gelu_tanh}, {"gelu", Activation::gelu}, {"relu", Activation::relu},
+                            {"silu", Activation::silu}, {"swish", Activation::silu}})
+    REQUIRE(parse_model_config("{" + gpt2 + R"(,"activation_function":")" + name + "\"}").activation == kind);
+  REQUIRE_FALSE(parse_model_config("{" + gpt2 + R"(,"tie_word_embeddings":false})").tied_embeddings);
+  // Fields that do not change the function are accepted (dropout: moet trains without it).
+  REQUIRE_NOTHROW(parse_model_config("{" + gpt2 + R"(,"resid_pdrop":0.1,"embd_pdrop":0.1,"attn_pdrop":0.1,"scale_attn_weights":true})"));
+
+  auto rejects = [](const std::string& text, const std::string& message) {
+    INFO(text);
+    REQUIRE_THROWS_AS(parse_model_config(text), format_error);
+    REQUIRE_THROWS_WITH(parse_model_config(text), Contains(message));
+  };
+  rejects("{" + gpt2 + R"(,"activation_function":"quick_gelu"})", "field 'activation_function' is 'quick_gelu'");
+  rejects("{" + gpt2 + R"(,"scale_attn_weights":false})", "field 'scale_attn_weights' is false");
+  rejects("{" + gpt2 + R"(,"scale_attn_by_inverse_layer_idx":true})", "field 'scale_attn_by_inverse_layer_idx' is true");
+  rejects("{" + gpt2 + R"(,"add_cross_attention":true})", "field 'add_cross_attention' is true");
+  rejects("{" + llama + R"(,"rope_scaling":{"rope_type":"yarn","factor":4}})", "rope_scaling' has type 'yarn'");
+  rejects("{" + llama + R"(,"rope_scaling":{"rope_type":"longrope","factor":4}})", "type 'longrope'");
+  rejects("{" + llama + R"(,"rope_scaling":{"rope_type":"linear"}})", "of type 'linear' needs 'factor'");
+  rejects("{" + llama + R"(,"rope_scaling":{"rope_type":"linear","factor":0.5}})", "'rope_scaling.factor' must be >= 1");
+  rejects("{" + llama + R"(,"rope_scaling":{"rope_type":"llama3","factor":8,"low_freq_factor":1,"high_freq_factor":4}})",
+          "needs 'original_max_position_embeddings'");
+  rejects("{" + llama + R"(,"rope_scaling":{"factor":2}})", "has no 'rope_type'");
+  rejects("{" + llama + R"(,"rope_scaling":"linear"})", "'rope_scaling' must be an object or null");
+  rejects("{" + llama + R"(,"hidden_act":"gelu"})", "field 'hidden_act' is \"gelu\"");
+  rejects("{" + llama + R"(,"partial_rotary_factor":0.5})", "field 'partial_rotary_factor' is 0.5");
+  rejects("{" + llama + R"(,"sliding_window":4096})", "field 'sliding_window' is 4096");
+  rejects("{" + llama + R"(,"head_dim":5})", "head dim 5 must be even");
+  rejects("{" + llama + R"(,"head_dim":0})", "field 'head_dim' must be a positive integer");
+  rejects("{" + llama + R"(,"attention_bias":"yes"})", "'attention_bias' must be true or false");
+}

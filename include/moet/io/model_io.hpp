@@ -50,9 +50,11 @@ Matrix<T> join_columns(const std::vector<Frozen<T>*>& parts) {
 inline std::string model_config_json(const io::ModelConfig& c) {
   nlohmann::ordered_json j;
   if (c.architecture == io::Architecture::gpt2) {
+    static const char* const activations[] = {"gelu_new", "gelu", "relu", "silu"};
     j = {{"model_type", "gpt2"},        {"architectures", {"GPT2LMHeadModel"}}, {"vocab_size", c.vocab},
          {"n_embd", c.d_model},         {"n_layer", c.layers},                  {"n_head", c.heads},
-         {"n_inner", c.d_ff},           {"n_positions", c.max_positions},       {"layer_norm_epsilon", c.norm_eps}};
+         {"n_inner", c.d_ff},           {"n_positions", c.max_positions},       {"layer_norm_epsilon", c.norm_eps},
+         {"activation_function", activations[int(c.activation)]}, {"tie_word_embeddings", c.tied_embeddings}};
   } else {
     j = {{"model_type", "llama"},
          {"architectures", {"LlamaForCausalLM"}},
@@ -65,7 +67,20 @@ inline std::string model_config_json(const io::ModelConfig& c) {
          {"max_position_embeddings", c.max_positions},
          {"rms_norm_eps", c.norm_eps},
          {"rope_theta", c.rope_theta},
-         {"tie_word_embeddings", c.tied_embeddings}};
+         {"tie_word_embeddings", c.tied_embeddings},
+         {"attention_bias", c.attention_bias},
+         {"mlp_bias", c.mlp_bias},
+         {"hidden_act", "silu"}};
+    if (c.explicit_head_dim > 0) j["head_dim"] = c.explicit_head_dim;
+    const RopeScaling& r = c.rope_scaling;
+    if (r.type == RopeScaling::Type::linear || r.type == RopeScaling::Type::dynamic)
+      j["rope_scaling"] = {{"rope_type", r.type == RopeScaling::Type::linear ? "linear" : "dynamic"}, {"factor", r.factor}};
+    else if (r.type == RopeScaling::Type::llama3)
+      j["rope_scaling"] = {{"rope_type", "llama3"},
+                           {"factor", r.factor},
+                           {"low_freq_factor", r.low_freq_factor},
+                           {"high_freq_factor", r.high_freq_factor},
+                           {"original_max_position_embeddings", r.original_max_positions}};
   }
   return j.dump(2) + "\n";
 }
