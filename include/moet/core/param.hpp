@@ -4,8 +4,13 @@
 // instance, the frozen W0, the router kernel and the LoRA "A" matrices can sit side by side in
 // one (d_in, d_out + E + E*R) matrix read by a single GEMM). Layers are movable, not copyable:
 // moving keeps heap buffers where they are, so the views stay valid.
+//
+// A model gathers the gradients of all its parameters into one contiguous buffer after it is
+// built (core/arena.hpp): each Param's gradient view is moved there, and the storage it came
+// from (the Param's own, or a layer's GradStorage) is released.
 #pragma once
 
+#include <new>
 #include <string>
 #include <utility>
 #include <vector>
@@ -31,6 +36,23 @@ void assign_grad(Dst&& dst, const Src& src, GradMode mode) {
 }
 }  // namespace detail
 
+/// A layer's own gradient buffer that several Params view (a fused layer's trainable columns
+/// share one, filled by one GEMM). A model's gradient arena takes the gradients over and
+/// releases it.
+template <class T>
+class GradStorage {
+ public:
+  GradStorage() = default;
+  explicit GradStorage(std::size_t size) : data_(size, T(0)) {}
+  GradStorage(GradStorage&&) noexcept = default;
+  T* data() { return data_.data(); }
+  std::size_t size() const { return data_.size(); }
+  void release() { AlignedVector<T>().swap(data_); }
+
+ private:
+  AlignedVector<T> data_;
+};
+
 template <class T>
 class Param {
  public:
@@ -39,9 +61,10 @@ class Param {
   /// Owns zero-initialised storage of shape (rows, cols).
   Param(std::string name, Index rows, Index cols)
       : name_(std::move(name)),
-        storage_(static_cast<std::size_t>(2 * rows * cols), T(0)),
+        storage_(static_cast<std::size_t>(rows * cols), T(0)),
+        grad_storage_(static_cast<std::size_t>(rows * cols), T(0)),
         value_(storage_.data(), rows, cols, Eigen::OuterStride<>(cols)),
-        grad_(storage_.data() + rows * cols, rows, cols, Eigen::OuterStride<>(cols)) {}
+        grad_(grad_storage_.data(), rows, cols, Eigen::OuterStride<>(cols)) {}
 
   /// Views storage owned by a layer.
   Param(std::string name, MatrixView<T> value, MatrixView<T> grad)
@@ -61,9 +84,17 @@ class Param {
   Index cols() const { return value_.cols(); }
   Index size() const { return value_.size(); }
 
+  /// Points the gradient view at `data` (same shape and stride; the caller has copied the
+  /// values there) and releases the gradient storage this Param owned, if any.
+  void relocate_grad(T* data) {
+    new (&grad_) MatrixView<T>(data, grad_.rows(), grad_.cols(), Eigen::OuterStride<>(grad_.outerStride()));
+    AlignedVector<T>().swap(grad_storage_);
+  }
+
  private:
   std::string name_;
-  AlignedVector<T> storage_;  // empty for views
+  AlignedVector<T> storage_;       // empty for views
+  AlignedVector<T> grad_storage_;  // empty for views and once the gradient lives in an arena
   MatrixView<T> value_;
   MatrixView<T> grad_;
 };

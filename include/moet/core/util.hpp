@@ -36,6 +36,22 @@ decltype(auto) bool_switch(bool condition, F&& f) {
   return f(std::false_type{});
 }
 
+/// Threads a parallel region may use, and this thread's number in one (0 outside).
+inline int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+inline int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
 }  // namespace detail
 
 /// Sets the threads used by moet's loops, Eigen and (when linked) OpenBLAS.

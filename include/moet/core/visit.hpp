@@ -37,6 +37,11 @@ template <class T>
 struct is_frozen<Frozen<T>> : std::true_type {};
 
 template <class X>
+struct is_grad_storage : std::false_type {};
+template <class T>
+struct is_grad_storage<GradStorage<T>> : std::true_type {};
+
+template <class X>
 struct is_sequence : std::false_type {};
 template <class X, class A>
 struct is_sequence<std::vector<X, A>> : std::true_type {};
@@ -63,28 +68,35 @@ struct is_tuple : std::false_type {};
 template <class... X>
 struct is_tuple<std::tuple<X...>> : std::true_type {};
 
+/// Calls leaf(x) for every Param, Frozen and GradStorage inside `object`, in declaration order.
+template <class Object, class Leaf>
+void walk(Object& object, Leaf& leaf) {
+  using X = std::remove_const_t<Object>;
+  if constexpr (is_param<X>::value || is_frozen<X>::value || is_grad_storage<X>::value) {
+    leaf(object);
+  } else if constexpr (is_optional<X>::value) {
+    if (object) walk(*object, leaf);
+  } else if constexpr (is_reference_wrapper<X>::value) {
+    walk(object.get(), leaf);
+  } else if constexpr (is_variant<X>::value) {
+    std::visit([&](auto& alternative) { walk(alternative, leaf); }, object);
+  } else if constexpr (is_tuple<X>::value) {
+    std::apply([&](auto&... element) { (walk(element, leaf), ...); }, object);
+  } else if constexpr (is_sequence<X>::value) {
+    for (auto& element : object) walk(element, leaf);
+  } else if constexpr (boost::hana::Struct<X>::value) {
+    boost::hana::for_each(boost::hana::accessors<X>(), [&](auto accessor) { walk(boost::hana::second(accessor)(object), leaf); });
+  }
+}
+
 template <class Object, class OnParam, class OnFrozen>
 void visit(Object& object, OnParam& on_param, OnFrozen& on_frozen) {
-  using X = std::remove_const_t<Object>;
-  if constexpr (is_param<X>::value) {
-    on_param(object);
-  } else if constexpr (is_frozen<X>::value) {
-    on_frozen(object);
-  } else if constexpr (is_optional<X>::value) {
-    if (object) visit(*object, on_param, on_frozen);
-  } else if constexpr (is_reference_wrapper<X>::value) {
-    visit(object.get(), on_param, on_frozen);
-  } else if constexpr (is_variant<X>::value) {
-    std::visit([&](auto& alternative) { visit(alternative, on_param, on_frozen); }, object);
-  } else if constexpr (is_tuple<X>::value) {
-    std::apply([&](auto&... element) { (visit(element, on_param, on_frozen), ...); }, object);
-  } else if constexpr (is_sequence<X>::value) {
-    for (auto& element : object) visit(element, on_param, on_frozen);
-  } else if constexpr (boost::hana::Struct<X>::value) {
-    boost::hana::for_each(boost::hana::accessors<X>(), [&](auto accessor) {
-      visit(boost::hana::second(accessor)(object), on_param, on_frozen);
-    });
-  }
+  auto leaf = [&](auto& x) {
+    using X = std::remove_const_t<std::remove_reference_t<decltype(x)>>;
+    if constexpr (is_param<X>::value) on_param(x);
+    else if constexpr (is_frozen<X>::value) on_frozen(x);
+  };
+  walk(object, leaf);
 }
 
 }  // namespace detail
@@ -137,9 +149,12 @@ std::string parameter_report(const Model& model) {
          " || trainable%: " + percent;
 }
 
+/// Zeroes every gradient: one pass over a model's gradient arena (core/arena.hpp), or tensor by
+/// tensor for a layer on its own.
 template <class Model>
 void zero_grad(Model& model) {
-  for_each_param(model, [](auto& p) { p.grad().setZero(); });
+  if constexpr (requires { model.gradient_arena().all().setZero(); }) model.gradient_arena().all().setZero();
+  else for_each_param(model, [](auto& p) { p.grad().setZero(); });
 }
 
 }  // namespace moet

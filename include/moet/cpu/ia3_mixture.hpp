@@ -9,7 +9,8 @@
 // MoV is bandwidth-bound, so forward and backward are each one pass over blocks of token rows,
 // the blocks split across threads: logits, routing, the merged vector and the scaling are small
 // single-threaded GEMMs on a block that stays in the core's L2 cache, and the parameter
-// gradients are accumulated per thread. Backward recomputes s instead of storing it.
+// gradients are accumulated per thread, then summed in thread order (so a run repeats to the
+// bit with the same thread count). Backward recomputes s instead of storing it.
 //   ds = dy * h                 dg_e = <ds, l_e>          dl_e += g_e ds
 //   dh = dy * s (+ d_logits W_r^T when r = h)             dW_r += r^T d_logits
 #pragma once
@@ -17,6 +18,7 @@
 #include <algorithm>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "../core/backend.hpp"
 #include "../core/visit.hpp"
@@ -193,10 +195,15 @@ class Ia3Mixture {
     const Index N = c.tokens, G = groups(), B = block_tokens(), D = head_dim_;
     const bool ext = c.external_router_input;
     const Matrix<T> mix = mixing_vectors();
-    MOET_OMP(omp parallel if (N > B))
+    // Per-thread accumulators, summed below in thread order: deterministic, unlike a critical
+    // section that adds in whatever order the threads arrive.
+    const int threads = N > B ? detail::max_threads() : 1;
+    std::vector<Matrix<T>> scale_parts(std::size_t(threads), Matrix<T>::Zero(heads_ * E, D)),
+        kernel_parts(std::size_t(threads), Matrix<T>::Zero(router_in_, E));
+    MOET_OMP(omp parallel if (N > B) num_threads(threads))
     {
-      Matrix<T> d_scales = Matrix<T>::Zero(heads_ * E, D);  // per-thread accumulators
-      Matrix<T> d_kernel = Matrix<T>::Zero(router_in_, E);
+      Matrix<T>& d_scales = scale_parts[std::size_t(detail::thread_id())];
+      Matrix<T>& d_kernel = kernel_parts[std::size_t(detail::thread_id())];
       Matrix<T> ds(B, D), merged(B, D), d_gates(G * B, E), d_logits(B, E);
       MOET_OMP(omp for schedule(static))
       for (Index t0 = 0; t0 < N; t0 += B) {
@@ -221,11 +228,10 @@ class Ia3Mixture {
           d_kernel.noalias() += router_block(r, ext, t0, n, j).transpose() * d_logits.topRows(n);
         }
       }
-      MOET_OMP(omp critical)
-      {
-        scales.grad() += d_scales;
-        router_kernel.grad() += d_kernel;
-      }
+    }
+    for (int t = 0; t < threads; ++t) {
+      scales.grad() += scale_parts[std::size_t(t)];
+      router_kernel.grad() += kernel_parts[std::size_t(t)];
     }
   }
 

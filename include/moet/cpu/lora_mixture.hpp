@@ -123,7 +123,7 @@ class LoraMixture {
   LoraMixture(Bias, In<T> weight, std::optional<In<T>> bias, Rng& rng, const Options& options)
       : options_(validated(options)),
         scale_(T(options.expert.alpha / R)),
-        up_grad_(static_cast<std::size_t>(ER * weight.cols()), T(0)),
+        up_grad_(static_cast<std::size_t>(ER * weight.cols())),
         base(name(), weight, bias, E, ER, ER, options.router.init_stddev, rng),
         lora_down("lora_down", base.extra_value(), base.extra_grad()),
         lora_up("lora_up", base.lower(), MatrixView<T>(up_grad_.data(), ER, weight.cols(), Eigen::OuterStride<>(weight.cols()))) {
@@ -251,11 +251,11 @@ class LoraMixture {
 
   Options options_;
   T scale_;
-  AlignedVector<T> up_grad_;  // (E*R, d_out)
   Matrix<T> dx_dv_;         // backward's largest temporary, kept so that steps do not fault its pages in again
 
  public:
   BOOST_HANA_DEFINE_STRUCT(LoraMixture,
+                           (GradStorage<T>, up_grad_),  // (E*R, d_out): the gradient of B, until an arena takes it
                            (RoutedLinear<T>, base),  // W0, b (frozen) and the router kernel W_r (d_in, E)
                            (Param<T>, lora_down),    // A (d_in, E*R): expert e is columns [e R, (e+1) R)
                            (Param<T>, lora_up));     // B (E*R, d_out): expert e is rows [e R, (e+1) R)

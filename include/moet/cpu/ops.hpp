@@ -12,6 +12,7 @@
 #include <utility>
 #include <vector>
 
+#include "../core/arena.hpp"
 #include "../core/backend.hpp"
 #include "../core/param.hpp"
 #include "../core/shapes.hpp"
@@ -39,6 +40,8 @@ struct ops<cpu, T> {
   using View = In<T>;            // read-only, any row-major storage with unit inner stride
   using HostMatrix = Matrix<T>;  // what layers with frozen weights are built from
   using Frozen = moet::Frozen<T>;
+  /// Where a model keeps its gradients (one buffer; core/arena.hpp).
+  using GradientArena = moet::GradientArena<T>;
 
   /// A frozen tensor holding a copy of `value`; `layer` and `what` name it in errors.
   static Frozen frozen(Device, const std::string& layer, const char* what, const HostMatrix& value) {

@@ -9,7 +9,8 @@
 // gives dx in one GEMM. `below` optional rows under W0 hold a trainable (below, d_out) matrix
 // (the LoRA "B" matrices) so that dy [W0; lower]^T yields dx and dy lower^T in one GEMM too.
 // The trainable columns [W_r | extra] have one contiguous gradient buffer (d_in, E + extra),
-// filled by one GEMM x^T [d_logits | d_extra].
+// filled by one GEMM x^T [d_logits | d_extra]; a model's gradient arena moves it whole (the
+// gradient views are re-pointed, so the buffer is always reached through router_kernel.grad()).
 #pragma once
 
 #include <optional>
@@ -38,7 +39,7 @@ class RoutedLinear {
         below_(below),
         cols_(d_out_ + experts + extra),
         weights_(static_cast<std::size_t>((d_in_ + below) * cols_), T(0)),
-        grads_(static_cast<std::size_t>(d_in_ * (experts + extra)), T(0)),
+        grads_(static_cast<std::size_t>(d_in_ * (experts + extra))),
         base_weight("base_weight", column_block(weights_.data(), d_in_, cols_, 0, d_out_)),
         base_bias("base_bias", bias ? 1 : 0, bias ? d_out_ : 0),
         router_kernel("router_kernel", column_block(weights_.data(), d_in_, cols_, d_out_, experts),
@@ -64,9 +65,10 @@ class RoutedLinear {
   /// The columns right of W0 in the x rows: [W_r | extra] (d_in, E + extra).
   ConstMatrixView<T> right() const { return column_block<T>(weights_.data(), d_in_, cols_, d_out_, experts_ + extra_); }
   MatrixView<T> extra_value() { return column_block(weights_.data(), d_in_, cols_, d_out_ + experts_, extra_); }
-  MatrixView<T> extra_grad() { return column_block(grads_.data(), d_in_, experts_ + extra_, experts_, extra_); }
-  /// Gradients of [W_r | extra] (d_in, E + extra).
-  MatrixView<T> trainable_grad() { return column_block(grads_.data(), d_in_, experts_ + extra_, 0, experts_ + extra_); }
+  MatrixView<T> extra_grad() { return column_block(router_kernel.grad().data(), d_in_, experts_ + extra_, experts_, extra_); }
+  /// Gradients of [W_r | extra] (d_in, E + extra): from the router kernel's gradient view, which
+  /// starts the buffer (wherever a gradient arena has moved it).
+  MatrixView<T> trainable_grad() { return column_block(router_kernel.grad().data(), d_in_, experts_ + extra_, 0, experts_ + extra_); }
 
   /// z = x * weights(cols) (+ bias on the first d_out columns). z: (rows, cols), resized.
   void forward(In<T> x, Index cols, Matrix<T>& z) const {
@@ -86,10 +88,11 @@ class RoutedLinear {
   }
   Index d_in_, d_out_, experts_, extra_, below_, cols_;
   AlignedVector<T> weights_;  // (d_in + below_, cols_)
-  AlignedVector<T> grads_;    // (d_in, experts_ + extra_)
 
  public:
-  BOOST_HANA_DEFINE_STRUCT(RoutedLinear, (Frozen<T>, base_weight), (Frozen<T>, base_bias), (Param<T>, router_kernel));
+  BOOST_HANA_DEFINE_STRUCT(RoutedLinear,
+                           (GradStorage<T>, grads_),  // (d_in, experts + extra): gradients of [W_r | extra]
+                           (Frozen<T>, base_weight), (Frozen<T>, base_bias), (Param<T>, router_kernel));
 };
 
 /// Tokens grouped by the expert that selected them (top-k): slot s in [offsets[e], offsets[e+1])

@@ -124,6 +124,7 @@ class ComposedModel {
     for (const Site& s : sites_)
       composition.emplace_back(device, anchor.config().d_model, augment_config(s.augment).d_model, heads, rng,
                                options.init_stddev, options.rotary_theta);
+    arena_ = typename Ops::GradientArena(*this);
   }
   ComposedModel(Device device, AnchorModel&& anchor_model, typename std::tuple_element_t<0, AugmentModels>&& augment_model, Rng& rng,
                 const ComposeOptions& options = {})
@@ -147,6 +148,9 @@ class ComposedModel {
     requires(std::is_same_v<Device, CpuDevice> && augment_count == 1)
       : ComposedModel(CpuDevice{}, std::move(anchor_model), std::move(augment_model), rng, options) {}
   ComposedModel(ComposedModel&&) noexcept = default;
+
+  /// The composition layers' gradients in one buffer.
+  typename Ops::GradientArena& gradient_arena() { return arena_; }
 
   /// Augmenting model m.
   template <std::size_t M = 0>
@@ -251,10 +255,10 @@ class ComposedModel {
     backward(c, GradMode::overwrite);
     TrainStepResult r;
     r.loss = Ops::scalar(c.output());
-    const ClipResult clip = clip_grad_norm(composition, max_grad_norm);
+    const ClipResult clip = clip_grad_norm(*this, max_grad_norm);  // the composition layers' (nothing else trains)
     r.grad_norm = clip.norm;
     r.clipped = clip.clipped;
-    optimizer.step(composition);
+    optimizer.step(*this);
     return r;
   }
   template <class Optimizer>
@@ -514,6 +518,7 @@ class ComposedModel {
 
   [[no_unique_address]] Device device_;
   std::vector<Site> sites_;
+  typename Ops::GradientArena arena_;
 
  public:
   BOOST_HANA_DEFINE_STRUCT(ComposedModel, (AnchorModel, anchor), (AugmentModels, augments), (std::vector<Composition>, composition));

@@ -117,6 +117,7 @@ class DecoderModel {
     if (!config.tied_embeddings)
       lm_head.emplace(Ops::frozen(device, name(), "lm_head",
                                   rng.normal_matrix<typename Host::Scalar>(config.vocab, config.d_model, 0.0, init_stddev)));
+    arena_ = typename Ops::GradientArena(*this);
   }
   /// The CPU shorthand: no device handle.
   DecoderModel(const io::ModelConfig& config, Rng& rng, const ModelOptions& options = {}, double init_stddev = 0.02)
@@ -126,6 +127,8 @@ class DecoderModel {
 
   const io::ModelConfig& config() const { return config_; }
   const ModelOptions& options() const { return options_; }
+  /// Every trainable gradient in one buffer: zero-grad, clipping and AdamW run one pass over it.
+  typename Ops::GradientArena& gradient_arena() { return arena_; }
   Device device() const { return device_; }
   /// Activation recomputation for later forwards (a model setting, not a batch's).
   void set_recompute(bool on) { options_.recompute = on; }
@@ -491,6 +494,7 @@ class DecoderModel {
   io::ModelConfig config_;
   ModelOptions options_;
   std::optional<typename Ops::Rotary> rope_q_, rope_k_;  // Llama
+  typename Ops::GradientArena arena_;
 
  public:
   BOOST_HANA_DEFINE_STRUCT(DecoderModel, (typename Ops::Embedding, wte), (std::optional<typename Ops::Embedding>, wpe),

@@ -1,6 +1,8 @@
 // AdamW (Loshchilov & Hutter): Adam with bias correction and weight decay decoupled from the
 // gradient. Works on any model the parameter visitor can walk; the state (first and second
-// moments) is made on the first step and belongs to that model.
+// moments) is made on the first step and belongs to that model. On a model with a gradient arena
+// (core/arena.hpp) the moments are two buffers laid out as the arena: the moment updates are one
+// pass over them, and each parameter's value is updated through its view.
 //   m = b1 m + (1 - b1) g,   v = b2 v + (1 - b2) g^2
 //   p -= lr * wd * p;        p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
 #pragma once
@@ -65,16 +67,34 @@ class AdamW {
     const T decay = T(1) - lr * T(options_.weight_decay);
     const T correction1 = T(1) - T(std::pow(options_.beta1, double(steps_)));
     const T correction2 = T(1) - T(std::pow(options_.beta2, double(steps_)));
-    std::size_t i = 0;
-    for_each_param(model, [&](Param<T>& p) {
-      auto m = first_[i].array();
-      auto v = second_[i].array();
-      const auto g = p.grad().array();
+    auto update = [&](Param<T>& p, const auto& m, const auto& v) {
+      p.value().array() = decay * p.value().array() - lr * (m.array() / correction1) / ((v.array() / correction2).sqrt() + eps);
+    };
+    if constexpr (requires { model.gradient_arena().all(); }) {
+      auto& arena = model.gradient_arena();
+      const auto g = arena.all();
+      Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>, Eigen::Aligned64> m(flat_first_.data(), arena.size()),
+          v(flat_second_.data(), arena.size());
       m = b1 * m + (T(1) - b1) * g;
       v = b2 * v + (T(1) - b2) * g.square();
-      p.value().array() = decay * p.value().array() - lr * (m / correction1) / ((v / correction2).sqrt() + eps);
-      ++i;
-    });
+      for_each_param(model, [&](Param<T>& p) {
+        if (p.size() == 0) return;
+        const Index offset = arena.offset_of(p.grad().data()), stride = p.grad().outerStride();
+        update(p, ConstMatrixView<T>(flat_first_.data() + offset, p.rows(), p.cols(), Eigen::OuterStride<>(stride)),
+               ConstMatrixView<T>(flat_second_.data() + offset, p.rows(), p.cols(), Eigen::OuterStride<>(stride)));
+      });
+    } else {
+      std::size_t i = 0;
+      for_each_param(model, [&](Param<T>& p) {
+        auto m = first_[i].array();
+        auto v = second_[i].array();
+        const auto g = p.grad().array();
+        m = b1 * m + (T(1) - b1) * g;
+        v = b2 * v + (T(1) - b2) * g.square();
+        update(p, first_[i], second_[i]);
+        ++i;
+      });
+    }
   }
 
  private:
@@ -82,21 +102,32 @@ class AdamW {
   void check_state(Model& model) {
     std::vector<std::pair<Index, Index>> shapes;
     for_each_param(model, [&](Param<T>& p) { shapes.emplace_back(p.rows(), p.cols()); });
-    if (first_.empty()) {
-      for (auto [r, c] : shapes) {
-        first_.push_back(Matrix<T>::Zero(r, c));
-        second_.push_back(Matrix<T>::Zero(r, c));
+    constexpr bool arena = requires { model.gradient_arena().all(); };
+    if (!started_) {
+      started_ = true, with_arena_ = arena, shapes_ = shapes;
+      if constexpr (arena) {
+        flat_first_.assign(static_cast<std::size_t>(model.gradient_arena().size()), T(0));
+        flat_second_ = flat_first_;
+      } else {
+        for (auto [r, c] : shapes) {
+          first_.push_back(Matrix<T>::Zero(r, c));
+          second_.push_back(Matrix<T>::Zero(r, c));
+        }
       }
       return;
     }
-    std::vector<std::pair<Index, Index>> state;
-    for (const auto& m : first_) state.emplace_back(m.rows(), m.cols());
-    detail::check_adamw_state(shapes, state);
+    detail::check_adamw_state(shapes, shapes_);
+    if (arena != with_arena_)
+      throw value_error("AdamW: this optimizer's state was made for a model with a gradient arena and is now stepped on a layer "
+                        "without one (or the other way round); an optimizer serves the one model it first stepped");
   }
 
   AdamWOptions options_;
   long steps_ = 0;
-  std::vector<Matrix<T>> first_, second_;
+  bool started_ = false, with_arena_ = false;
+  std::vector<std::pair<Index, Index>> shapes_;  // of the model's parameters, from the first step
+  std::vector<Matrix<T>> first_, second_;        // per tensor, for a layer without a gradient arena
+  AlignedVector<T> flat_first_, flat_second_;    // laid out as the model's gradient arena
 };
 
 }  // namespace moet

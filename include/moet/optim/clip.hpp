@@ -15,16 +15,27 @@ struct ClipResult {
   bool clipped = false;
 };
 
-/// max_norm <= 0: only measures.
+/// max_norm <= 0: only measures. On a model with a gradient arena (core/arena.hpp) the norm is
+/// one pass over it, summed in double, and so is the scaling; a layer on its own is walked tensor
+/// by tensor.
 template <class Model>
 ClipResult clip_grad_norm(Model& model, double max_norm) {
   ClipResult r;
   double sq = 0;
-  for_each_param(model, [&](auto& p) { sq += double(p.grad().squaredNorm()); });
+  if constexpr (requires { model.gradient_arena().all(); }) {
+    sq = model.gradient_arena().all().template cast<double>().square().sum();
+  } else {
+    for_each_param(model, [&](auto& p) { sq += double(p.grad().squaredNorm()); });
+  }
   r.norm = std::sqrt(sq);
   if (max_norm > 0 && r.norm > max_norm) {
     const double scale = max_norm / (r.norm + 1e-6);
-    for_each_param(model, [&](auto& p) { p.grad() *= static_cast<typename std::remove_reference_t<decltype(p)>::Scalar>(scale); });
+    if constexpr (requires { model.gradient_arena().all(); }) {
+      auto all = model.gradient_arena().all();
+      all *= static_cast<typename decltype(all)::Scalar>(scale);
+    } else {
+      for_each_param(model, [&](auto& p) { p.grad() *= static_cast<typename std::remove_reference_t<decltype(p)>::Scalar>(scale); });
+    }
     r.clipped = true;
   }
   return r;
