@@ -192,3 +192,39 @@ TEST_CASE("Broken checkpoints give a clear error and leave the model as it was",
     REQUIRE(again.logits(batch) == before);
   }
 }
+
+TEST_CASE("adapter_config.json records what rebuilds each adapter's function, and a different alpha is refused", "[io][model]") {
+  Rng rng(4);
+  Gpt2MoLoRA::model<float> trained(gpt2_config(), rng, {.lora_alpha = 16});
+  for_each_param(trained, [&](auto& p) { rng.fill_normal(p.value(), 0.0, 0.2); });
+  const fs::path dir = scratch("described");
+  save_adapters(trained, dir);
+  std::ifstream in(dir / "adapter_config.json");
+  const auto j = nlohmann::json::parse(in);
+  REQUIRE(j["version"] == 2);
+  const auto& q = j["adapters"]["layers.0.q"];
+  REQUIRE(q["spec"] == "Mixture<Router<Soft>, Expert<LoRA<2>>, 3>");
+  REQUIRE(q["experts"] == 3);
+  REQUIRE(q["router"]["policy"] == "soft");
+  REQUIRE(q["router"]["fp32_softmax"] == true);
+  REQUIRE(q["expert"]["type"] == "lora");
+  REQUIRE(q["expert"]["rank"] == 2);
+  REQUIRE(q["expert"]["alpha"] == 16.0);
+  REQUIRE(q["expert"]["scale"] == 8.0);
+  REQUIRE(q["tensors"]["lora_down"] == nlohmann::json::array({12, 6}));
+  const auto& keys = j["adapters"]["layers.1.keys"];
+  REQUIRE(keys["expert"]["type"] == "ia3");
+  REQUIRE(keys["expert"]["router_width"] == 12);
+
+  Gpt2MoLoRA::model<float> default_alpha(gpt2_config(), rng);  // alpha = R: another function
+  REQUIRE_THROWS_WITH(load_adapters(default_alpha, dir),
+                      Contains("layers.0.q/expert/alpha is 16.0 in the file but 2.0 in this model"));
+  Gpt2MoLoRA::model<float> same(gpt2_config(), rng, {.lora_alpha = 16});
+  REQUIRE_NOTHROW(load_adapters(same, dir));
+
+  // A file from before the options were recorded (version 1) still loads by its layout.
+  nlohmann::ordered_json v1 = nlohmann::ordered_json::parse(std::ifstream(dir / "adapter_config.json"));
+  v1.erase("version"), v1.erase("adapters");
+  std::ofstream(dir / "adapter_config.json") << v1.dump(2);
+  REQUIRE_NOTHROW(load_adapters(default_alpha, dir));
+}

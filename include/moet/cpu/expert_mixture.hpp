@@ -15,6 +15,7 @@
 
 #include "../core/backend.hpp"
 #include "../core/visit.hpp"
+#include "../common/mixture_init.hpp"
 #include "../mixture.hpp"
 #include "routed_linear.hpp"
 #include "routing.hpp"
@@ -32,6 +33,7 @@ class ExpertMixture {
 
  public:
   using Options = MixtureOptions<S>;
+  using spec = Spec;  ///< the Mixture<...> this layer implements
   using Scalar = T;
 
   struct Context : RoutedContext<T> {
@@ -56,6 +58,7 @@ class ExpertMixture {
 
   Index d_in() const { return base.d_in(); }
   Index d_out() const { return base.d_out(); }
+  const Options& options() const { return options_; }
   Frozen<T>& frozen_weight() { return base.base_weight; }
   Frozen<T>& frozen_bias() { return base.base_bias; }
 
@@ -119,13 +122,14 @@ class ExpertMixture {
  private:
   struct Bias {};  // tags the delegated-to constructor
   ExpertMixture(Bias, In<T> weight, std::optional<In<T>> bias, Rng& rng, const Options& options)
-      : options_(validated(options)), base(name(), weight, bias, E, 0, 0, options.router.init_stddev, rng) {
+      : options_(validated(options, weight)),
+        base(name(), weight, bias, E, 0, 0, common::router_init(weight.rows(), E, options.router, rng)) {
     experts.reserve(E);
     for (Index e = 0; e < E; ++e) experts.emplace_back(ExpertShape{base.d_in(), base.d_out()}, options.expert, rng);
   }
 
-  static const Options& validated(const Options& options) {
-    options.router.validate(name());
+  static const Options& validated(const Options& options, In<T> weight) {
+    common::check_additive_mixture(name(), options, weight.rows(), weight.cols());
     return options;
   }
 

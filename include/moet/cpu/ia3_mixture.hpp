@@ -22,6 +22,7 @@
 
 #include "../core/backend.hpp"
 #include "../core/visit.hpp"
+#include "../common/mixture_init.hpp"
 #include "../mixture.hpp"
 #include "routing.hpp"
 
@@ -38,6 +39,7 @@ class Ia3Mixture {
 
  public:
   using Options = MixtureOptions<IA3>;
+  using spec = Spec;  ///< the Mixture<...> this layer implements
   using Scalar = T;
 
   /// routing rows: tokens * heads (self-routed) or tokens (external router input).
@@ -52,56 +54,34 @@ class Ia3Mixture {
   static std::string name() { return Spec::name(); }
 
   /// width = heads * head_dim of the activation this mixture scales.
-  Ia3Mixture(Index width, Rng& rng, const Options& options = {})
-      : options_(validated(width, options)),
-        heads_(options.expert.heads),
-        head_dim_(width / options.expert.heads),
-        router_in_(options.expert.router_width > 0 ? options.expert.router_width : head_dim_),
-        router_kernel("router_kernel", router_in_, E),
-        scales("ia3_scales", heads_ * E, head_dim_) {
-    rng.fill_normal(router_kernel.value(), 0.0, options.router.init_stddev);
-    scales.value().setOnes();
-    if (options.expert.init_stddev > 0)
-      for (Index i = 0; i < scales.size(); ++i)
-        scales.value().data()[i] += T(rng.normal(0.0, options.expert.init_stddev));
-  }
+  Ia3Mixture(Index width, Rng& rng, const Options& options = {}) : Ia3Mixture(common::Ia3Shape(name(), width, options), rng, options) {}
 
   /// The device-first form every backend's layers share (the CPU's device is empty).
   template <class... Args>
   explicit Ia3Mixture(CpuDevice, Args&&... args) : Ia3Mixture(std::forward<Args>(args)...) {}
   Ia3Mixture(Ia3Mixture&&) noexcept = default;
 
-  Index width() const { return heads_ * head_dim_; }
-  Index heads() const { return heads_; }
-  Index head_dim() const { return head_dim_; }
+  Index width() const { return shape_.width(); }
+  Index heads() const { return shape_.heads; }
+  Index head_dim() const { return shape_.head_dim; }
   const Options& options() const { return options_; }
 
   /// Self-routed: h (tokens, width) is also the router input. rows: the token rows whose
   /// routing counts for the auxiliary losses (empty: all).
   Context forward(In<T> h, RowMask rows = {}) const {
-    if (external())
-      throw value_error(detail::concat(name(), ": this mixture routes on a separate input of width ", router_in_,
-                                       "; call forward(h, router_input)"));
-    check_h(h);
+    shape_.check_self_routed(h.rows(), h.cols());
     return forward_impl(h, h, false, rows);
   }
 
   /// Routed on the caller's r (tokens, router_width).
   Context forward(In<T> h, In<T> router_input, RowMask rows = {}) const {
-    if (!external())
-      throw value_error(detail::concat(name(), ": this mixture routes on h itself (Options::expert.router_width = 0); "
-                                              "call forward(h)"));
-    check_h(h);
-    detail::expect_shape(name(), "router input r", router_input.rows(), router_input.cols(), h.rows(), router_in_,
-                         "tokens x router_width");
+    shape_.check_routed_on(h.rows(), h.cols(), router_input.rows(), router_input.cols());
     return forward_impl(h, router_input, true, rows);
   }
 
   /// Self-routed backward: returns dh.
   Matrix<T> backward(const Context& c, In<T> h, In<T> dy, GradMode mode) {
-    if (c.external_router_input)
-      throw value_error(detail::concat(name(), ": the context comes from forward(h, r); call backward(c, h, r, dy, mode)"));
-    check_backward(c, h, dy);
+    shape_.check_backward(c.external_router_input, false, c.tokens, h.rows(), h.cols(), dy.rows(), dy.cols());
     Matrix<T> dh(c.tokens, width());
     backward_impl(c, h, h, dy, mode, dh, dh);
     return dh;
@@ -109,31 +89,31 @@ class Ia3Mixture {
 
   /// Backward for forward(h, r): returns {dh, dr}.
   std::pair<Matrix<T>, Matrix<T>> backward(const Context& c, In<T> h, In<T> router_input, In<T> dy, GradMode mode) {
-    if (!c.external_router_input)
-      throw value_error(detail::concat(name(), ": the context comes from forward(h); call backward(c, h, dy, mode)"));
-    check_backward(c, h, dy);
-    detail::expect_shape(name(), "router input r", router_input.rows(), router_input.cols(), c.tokens, router_in_,
-                         "the r given to forward");
+    shape_.check_backward(c.external_router_input, true, c.tokens, h.rows(), h.cols(), dy.rows(), dy.cols());
+    shape_.check_backward_router_input(c.tokens, router_input.rows(), router_input.cols());
     std::pair<Matrix<T>, Matrix<T>> grads{Matrix<T>(c.tokens, width()), Matrix<T>::Zero(c.tokens, router_in_)};
     backward_impl(c, h, router_input, dy, mode, grads.first, grads.second);
     return grads;
   }
 
  private:
-  static const Options& validated(Index width, const Options& options) {
-    options.expert.validate(name(), width);
-    options.router.validate(name());
-    return options;
+  /// Validated shape first (a bad option throws before any random draw), then the initial values
+  /// every backend draws alike (common/mixture_init.hpp).
+  Ia3Mixture(common::Ia3Shape shape, Rng& rng, const Options& options)
+      : options_(options),
+        shape_(std::move(shape)),
+        heads_(shape_.heads),
+        head_dim_(shape_.head_dim),
+        router_in_(shape_.router_in),
+        router_kernel("router_kernel", router_in_, E),
+        scales("ia3_scales", heads_ * E, head_dim_) {
+    const common::Ia3Init init(shape_, E, options, rng);
+    router_kernel.value() = init.router.cast<T>();
+    scales.value().setOnes();
+    if (init.noise.size()) scales.value() += init.noise.cast<T>();
   }
 
-  bool external() const { return options_.expert.router_width > 0; }
-  Index groups() const { return external() ? 1 : heads_; }  // routing rows per token
-
-  void check_h(In<T> h) const { detail::expect_cols(name(), "input h", h.rows(), h.cols(), width(), "tokens x heads*head_dim"); }
-  void check_backward(const Context& c, In<T> h, In<T> dy) const {
-    detail::expect_shape(name(), "input h", h.rows(), h.cols(), c.tokens, width(), "the h given to forward");
-    detail::expect_shape(name(), "output gradient dy", dy.rows(), dy.cols(), c.tokens, width(), "tokens x width");
-  }
+  Index groups() const { return shape_.groups(); }  // routing rows per token
 
   /// Tokens per block: about 256 Ki values of h, so that a block of h, dy and the block's
   /// intermediates stay in one core's L2 cache while its small GEMMs run.
@@ -236,7 +216,8 @@ class Ia3Mixture {
   }
 
   Options options_;
-  Index heads_, head_dim_, router_in_;
+  common::Ia3Shape shape_;
+  Index heads_, head_dim_, router_in_;  // of shape_, for the loops below
 
  public:
   BOOST_HANA_DEFINE_STRUCT(Ia3Mixture,

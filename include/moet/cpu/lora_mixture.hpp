@@ -25,6 +25,7 @@
 
 #include "../core/backend.hpp"
 #include "../core/visit.hpp"
+#include "../common/mixture_init.hpp"
 #include "../mixture.hpp"
 #include "routed_linear.hpp"
 #include "routing.hpp"
@@ -41,6 +42,7 @@ class LoraMixture {
 
  public:
   using Options = MixtureOptions<LoRA<R>>;
+  using spec = Spec;  ///< the Mixture<...> this layer implements
   using Scalar = T;
 
   struct Context : RoutedContext<T> {
@@ -120,20 +122,20 @@ class LoraMixture {
 
  private:
   struct Bias {};  // tags the delegated-to constructor
+  /// Checks first (a bad option throws before any random draw), then the initial values every
+  /// backend draws alike (common/mixture_init.hpp).
   LoraMixture(Bias, In<T> weight, std::optional<In<T>> bias, Rng& rng, const Options& options)
-      : options_(validated(options)),
+      : LoraMixture(Bias{}, weight, bias, options,
+                    (common::check_additive_mixture(name(), options, weight.rows(), weight.cols()),
+                     common::LoraInit<R>(weight.rows(), E, options, rng))) {}
+  LoraMixture(Bias, In<T> weight, std::optional<In<T>> bias, const Options& options, const common::LoraInit<R>& init)
+      : options_(options),
         scale_(T(options.expert.alpha / R)),
         up_grad_(static_cast<std::size_t>(ER * weight.cols())),
-        base(name(), weight, bias, E, ER, ER, options.router.init_stddev, rng),
+        base(name(), weight, bias, E, ER, ER, init.router),
         lora_down("lora_down", base.extra_value(), base.extra_grad()),
         lora_up("lora_up", base.lower(), MatrixView<T>(up_grad_.data(), ER, weight.cols(), Eigen::OuterStride<>(weight.cols()))) {
-    LoRA<R>::init_down(lora_down.value(), options.expert, rng);
-  }
-
-  static const Options& validated(const Options& options) {
-    options.expert.validate(name());
-    options.router.validate(name());
-    return options;
+    lora_down.value() = init.down.template cast<T>();
   }
 
   void forward_dense(In<T> x, Context& c, RowMask rows) const {

@@ -29,9 +29,10 @@ namespace moet::cpu_impl {
 template <class T>
 class RoutedLinear {
  public:
-  /// weight: (d_in, d_out); bias: (1, d_out) or none.
+  /// weight: (d_in, d_out); bias: (1, d_out) or none; router: the router kernel's initial
+  /// values (d_in, experts), drawn by common::router_init.
   RoutedLinear(const std::string& layer, In<T> weight, std::optional<In<T>> bias, Index experts, Index extra,
-               Index below, double router_stddev, Rng& rng)
+               Index below, const Matrix<double>& router)
       : d_in_(checked(layer, "d_in (rows of W0)", weight.rows())),
         d_out_(checked(layer, "d_out (columns of W0)", weight.cols())),
         experts_(experts),
@@ -47,7 +48,8 @@ class RoutedLinear {
     if (bias) detail::expect_shape(layer, "bias", bias->rows(), bias->cols(), 1, d_out_, "1 x d_out");
     base_weight.mutable_value() = weight;
     if (bias) base_bias.mutable_value() = *bias;
-    rng.fill_normal(router_kernel.value(), 0.0, router_stddev);
+    detail::expect_shape(layer, "router kernel", router.rows(), router.cols(), d_in_, experts, "d_in x experts");
+    router_kernel.value() = router.cast<T>();
   }
 
   RoutedLinear(RoutedLinear&&) noexcept = default;

@@ -10,6 +10,7 @@
 #include "../core/backend.hpp"
 #include "../core/random.hpp"
 #include "../core/visit.hpp"
+#include "../common/mixture_init.hpp"
 #include "../router.hpp"
 #include "routing.hpp"
 
@@ -30,7 +31,7 @@ class RouterLayer {
 
   RouterLayer(Index d_in, Index experts, Rng& rng, const RouterOptions& options = {})
       : options_(validated(d_in, experts, options)), router_kernel("router_kernel", d_in, experts) {
-    rng.fill_normal(router_kernel.value(), 0.0, options.init_stddev);
+    router_kernel.value() = common::router_init(d_in, experts, options, rng).template cast<T>();
   }
 
   /// The device-first form every backend's layers share (the CPU's device is empty).

@@ -20,6 +20,7 @@
 
 #include "../core/random.hpp"
 #include "../core/tensor.hpp"
+#include "../common/mixture_init.hpp"
 #include "../mixture.hpp"
 #include "context.hpp"
 #include "kernels.hpp"
@@ -49,26 +50,9 @@ class Ia3Mixture {
 
   static std::string name() { return Spec::name(); }
 
-  /// width = heads * head_dim. Parameters are drawn from `rng` in the CPU layer's order.
+  /// width = heads * head_dim. Parameters are drawn from `rng` as on the CPU (common/mixture_init.hpp).
   Ia3Mixture(CudaContext& ctx, Index width, Rng& rng, const Options& options = {})
-      : ctx_(&ctx),
-        options_(validated(width, options)),
-        heads_(options.expert.heads),
-        head_dim_(width / options.expert.heads),
-        router_in_(options.expert.router_width > 0 ? options.expert.router_width : width / options.expert.heads),
-        kernel_value_(router_in_, E, ctx.stream()),
-        kernel_grad_(DeviceMatrix<float>::zeros(router_in_, E, ctx.stream())),
-        scales_value_(heads_ * E, head_dim_, ctx.stream()),
-        scales_grad_(DeviceMatrix<float>::zeros(heads_ * E, head_dim_, ctx.stream())),
-        router_kernel("router_kernel", kernel_value_.view(), kernel_grad_.view()),
-        scales("ia3_scales", scales_value_.view(), scales_grad_.view()) {
-    Matrix<double> w(router_in_, E), l = Matrix<double>::Ones(heads_ * E, head_dim_);
-    rng.fill_normal(w, 0.0, options.router.init_stddev);
-    if (options.expert.init_stddev > 0)
-      for (Index i = 0; i < l.size(); ++i) l.data()[i] += rng.normal(0.0, options.expert.init_stddev);
-    upload(router_kernel.value(), w.data(), w.cols(), ctx.stream());
-    upload(scales.value(), l.data(), l.cols(), ctx.stream());
-  }
+      : Ia3Mixture(ctx, validated(width, options), rng, options) {}
 
   Ia3Mixture(Ia3Mixture&&) noexcept = default;
 
@@ -79,61 +63,58 @@ class Ia3Mixture {
 
   /// Self-routed: h (tokens, width) is also the router input.
   Context forward(DeviceView<const T> h) const {
-    if (external())
-      throw value_error(detail::concat(name(), ": this mixture routes on a separate input of width ", router_in_,
-                                       "; call forward(h, router_input)"));
-    check_h(h);
+    shape_.check_self_routed(h.rows, h.cols);
     return forward_impl(h, h, false);
   }
 
   /// Routed on the caller's r (tokens, router_width).
   Context forward(DeviceView<const T> h, DeviceView<const T> router_input) const {
-    if (!external())
-      throw value_error(detail::concat(name(), ": this mixture routes on h itself (Options::expert.router_width = 0); "
-                                              "call forward(h)"));
-    check_h(h);
-    detail::expect_shape(name(), "router input r", router_input.rows, router_input.cols, h.rows, router_in_,
-                         "tokens x router_width");
+    shape_.check_routed_on(h.rows, h.cols, router_input.rows, router_input.cols);
     return forward_impl(h, router_input, true);
   }
 
   /// Self-routed backward: returns dh.
   DeviceMatrix<T> backward(const Context& c, DeviceView<const T> h, DeviceView<const T> dy, GradMode mode) {
-    if (c.external_router_input)
-      throw value_error(detail::concat(name(), ": the context comes from forward(h, r); call backward(c, h, r, dy, mode)"));
-    check_backward(c, h, dy);
+    shape_.check_backward(c.external_router_input, false, c.tokens, h.rows, h.cols, dy.rows, dy.cols);
     return std::move(backward_impl(c, h, h, dy, mode).first);
   }
 
   /// Backward for forward(h, r): returns {dh, dr}.
   std::pair<DeviceMatrix<T>, DeviceMatrix<T>> backward(const Context& c, DeviceView<const T> h, DeviceView<const T> router_input,
                                                        DeviceView<const T> dy, GradMode mode) {
-    if (!c.external_router_input)
-      throw value_error(detail::concat(name(), ": the context comes from forward(h); call backward(c, h, dy, mode)"));
-    check_backward(c, h, dy);
-    detail::expect_shape(name(), "router input r", router_input.rows, router_input.cols, c.tokens, router_in_,
-                         "the r given to forward");
+    shape_.check_backward(c.external_router_input, true, c.tokens, h.rows, h.cols, dy.rows, dy.cols);
+    shape_.check_backward_router_input(c.tokens, router_input.rows, router_input.cols);
     return backward_impl(c, h, router_input, dy, mode);
   }
 
  private:
-  static const Options& validated(Index width, const Options& options) {
+  Ia3Mixture(CudaContext& ctx, common::Ia3Shape shape, Rng& rng, const Options& options)
+      : ctx_(&ctx),
+        options_(options),
+        shape_(std::move(shape)),
+        heads_(shape_.heads),
+        head_dim_(shape_.head_dim),
+        router_in_(shape_.router_in),
+        kernel_value_(router_in_, E, ctx.stream()),
+        kernel_grad_(DeviceMatrix<float>::zeros(router_in_, E, ctx.stream())),
+        scales_value_(heads_ * E, head_dim_, ctx.stream()),
+        scales_grad_(DeviceMatrix<float>::zeros(heads_ * E, head_dim_, ctx.stream())),
+        router_kernel("router_kernel", kernel_value_.view(), kernel_grad_.view()),
+        scales("ia3_scales", scales_value_.view(), scales_grad_.view()) {
+    const common::Ia3Init init(shape_, E, options, rng);
+    Matrix<double> l = Matrix<double>::Ones(heads_ * E, head_dim_);
+    if (init.noise.size()) l += init.noise;
+    upload(router_kernel.value(), init.router.data(), init.router.cols(), ctx.stream());
+    upload(scales.value(), l.data(), l.cols(), ctx.stream());
+  }
+
+  static common::Ia3Shape validated(Index width, const Options& options) {
     check_routing_limits<E, Policy>();
-    options.expert.validate(name(), width);
-    options.router.validate(name());
-    return options;
+    return common::Ia3Shape(name(), width, options);
   }
 
-  bool external() const { return options_.expert.router_width > 0; }
-  Index groups() const { return external() ? 1 : heads_; }
-
-  void check_h(DeviceView<const T> h) const {
-    detail::expect_cols(name(), "input h", h.rows, h.cols, width(), "tokens x heads*head_dim");
-  }
-  void check_backward(const Context& c, DeviceView<const T> h, DeviceView<const T> dy) const {
-    detail::expect_shape(name(), "input h", h.rows, h.cols, c.tokens, width(), "the h given to forward");
-    detail::expect_shape(name(), "output gradient dy", dy.rows, dy.cols, c.tokens, width(), "tokens x width");
-  }
+  bool external() const { return shape_.external; }
+  Index groups() const { return shape_.groups(); }
 
   Ia3Shape shape(Index tokens) const {
     Ia3Shape s;
@@ -220,6 +201,7 @@ class Ia3Mixture {
 
   CudaContext* ctx_;
   Options options_;
+  common::Ia3Shape shape_;
   Index heads_, head_dim_, router_in_;
   DeviceMatrix<T> kernel_value_;
   DeviceMatrix<float> kernel_grad_;

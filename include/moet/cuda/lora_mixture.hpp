@@ -37,6 +37,7 @@
 
 #include "../core/random.hpp"
 #include "../core/tensor.hpp"
+#include "../common/mixture_init.hpp"
 #include "../mixture.hpp"
 #include "context.hpp"
 #include "kernels.hpp"
@@ -241,19 +242,14 @@ class LoraMixture {
     cudaStream_t stream = ctx.stream();
     upload(base_weight.mutable_value(), w.data(), w.cols(), stream);
     if (b) upload(base_bias.mutable_value(), b->data(), b->cols(), stream);
-    Matrix<double> router(d_in_, E), down(d_in_, ER);  // drawn in the CPU layer's order
-    rng.fill_normal(router, 0.0, options.router.init_stddev);
-    LoRA<R>::init_down(down, options.expert, rng);
-    upload(router_kernel.value(), router.data(), router.cols(), stream);
-    upload(lora_down.value(), down.data(), down.cols(), stream);
+    const common::LoraInit<R> init(d_in_, E, options, rng);  // as the CPU layer draws them
+    upload(router_kernel.value(), init.router.data(), init.router.cols(), stream);
+    upload(lora_down.value(), init.down.data(), init.down.cols(), stream);
   }
 
   static const Options& validated(const Options& options, const Matrix<double>& w) {
     check_routing_limits<E, Policy>();
-    options.expert.validate(name());
-    options.router.validate(name());
-    detail::expect_positive(name(), "d_in (rows of W0)", w.rows());
-    detail::expect_positive(name(), "d_out (columns of W0)", w.cols());
+    common::check_additive_mixture(name(), options, w.rows(), w.cols());
     if (R > 512 && options.dispatch == Dispatch::grouped)
       throw value_error(detail::concat(name(), ": the CUDA grouped path takes LoRA ranks up to 512, got ", R));
     return options;

@@ -9,6 +9,7 @@
 
 #include "../core/random.hpp"
 #include "../core/tensor.hpp"
+#include "../common/mixture_init.hpp"
 #include "../router.hpp"
 #include "context.hpp"
 #include "kernels.hpp"
@@ -37,8 +38,7 @@ class RouterLayer {
         value_(d_in, experts, ctx.stream()),
         grad_(DeviceMatrix<float>::zeros(d_in, experts, ctx.stream())),
         router_kernel("router_kernel", value_.view(), grad_.view()) {
-    Matrix<double> w(d_in, experts);
-    rng.fill_normal(w, 0.0, options.init_stddev);
+    const Matrix<double> w = common::router_init(d_in, experts, options, rng);
     upload(value_.view(), w.data(), w.cols(), ctx.stream());
   }
 

@@ -13,6 +13,7 @@
 #include <fstream>
 #include <map>
 #include <string>
+#include <variant>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -167,12 +168,56 @@ void save_pretrained(Model& model, const std::filesystem::path& dir, const SaveO
   std::ofstream(dir / "model.safetensors.index.json") << index.dump(2) << "\n";
 }
 
-/// The layout an adapter file records: architecture, sizes and which mixture sits in which slot.
+namespace detail_io {
+
+/// What rebuilds one adapter's function: its spec, router, expert options and dispatch (the
+/// options that change the function are compared when a file is loaded: function_fields).
+template <class Layer>
+nlohmann::ordered_json describe_adapter(const Layer& layer) {
+  using Spec = typename Layer::spec;
+  using Policy = typename Spec::router::policy;
+  using S = typename Spec::expert_spec;
+  const auto& o = layer.options();
+  nlohmann::ordered_json j;
+  j["spec"] = Spec::name();
+  j["experts"] = Spec::experts;
+  j["router"] = {{"policy", Policy::k ? "top_k" : "soft"},
+                 {"k", Policy::k},
+                 {"renormalize", Policy::renorm == Renorm::on},
+                 {"fp32_softmax", o.router.fp32_softmax},
+                 {"load_balance_weight", o.router.load_balance_weight},
+                 {"z_loss_weight", o.router.z_loss_weight}};
+  if constexpr (detail::is_lora<S>::value)
+    j["expert"] = {{"type", "lora"}, {"rank", S::rank}, {"alpha", o.expert.alpha}, {"scale", o.expert.alpha / S::rank}};
+  else if constexpr (detail::is_scaling_expert<S>)
+    j["expert"] = {{"type", "ia3"}, {"heads", o.expert.heads}, {"router_width", o.expert.router_width}};
+  else
+    j["expert"] = {{"type", S::name()}};
+  static const char* const dispatch[] = {"automatic", "dense", "grouped"};
+  j["dispatch"] = dispatch[int(o.dispatch)];
+  return j;
+}
+
+/// The fields of an adapter description that change its function (the rest are recorded for
+/// information: aux-loss weights train, dispatch chooses an equal computation).
+inline const std::vector<std::string>& function_fields() {
+  static const std::vector<std::string> fields{"/spec", "/experts", "/router/k", "/router/renormalize", "/expert/type",
+                                               "/expert/rank", "/expert/alpha", "/expert/heads", "/expert/router_width"};
+  return fields;
+}
+
+}  // namespace detail_io
+
+/// What an adapter file records (adapter_config.json): the base's architecture and sizes, which
+/// mixture sits in which slot of which layer ("slots"), and per adapted slot everything that
+/// rebuilds its function and the shapes of its tensors ("adapters"); docs/models.md describes it.
 template <class Model>
-nlohmann::ordered_json adapter_layout_json(const Model& model) {
+nlohmann::ordered_json adapter_layout_json(Model& model) {
+  using T = typename Model::Scalar;
   const auto& c = model.config();
   nlohmann::ordered_json j;
   j["format"] = "moet-adapters";
+  j["version"] = 2;
   j["architecture"] = c.architecture == io::Architecture::gpt2 ? "gpt2" : "llama";
   j["d_model"] = c.d_model;
   j["layers"] = c.layers;
@@ -180,6 +225,26 @@ nlohmann::ordered_json adapter_layout_json(const Model& model) {
   j["heads"] = c.heads;
   j["kv_heads"] = c.kv_heads;
   j["slots"] = model.adapter_layout();
+  nlohmann::ordered_json adapters = nlohmann::ordered_json::object();
+  for (std::size_t i = 0; i < model.blocks.size(); ++i)
+    model.blocks[i].for_each_slot([&]<class S>(S, auto& slot) {
+      if (!slot.adapted()) return;
+      const std::string where = "layers." + std::to_string(i) + "." + S::name;
+      std::visit(
+          [&](const auto& layer) {
+            if constexpr (requires { layer.options(); typename std::remove_cvref_t<decltype(layer)>::spec; })
+              adapters[where] = detail_io::describe_adapter(layer);
+          },
+          slot.layer_);
+    });
+  model.for_each_named_param([&](const std::string& name, Param<T>& p) {
+    // "layers.<i>.<slot>.<param>[.<n>]": the slot is the first three parts
+    std::size_t cut = 0;
+    for (int parts = 0; parts < 3; ++parts) cut = name.find('.', cut) + 1;
+    const std::string where = name.substr(0, cut - 1);
+    adapters[where]["tensors"][name.substr(cut)] = {p.rows(), p.cols()};
+  });
+  j["adapters"] = adapters;
   return j;
 }
 
@@ -214,9 +279,17 @@ void load_adapters(Model& model, const std::filesystem::path& dir) {
     throw format_error(where + ": adapter_config.json is malformed JSON: " + e.what());
   }
   const auto expected = adapter_layout_json(model);
-  if (saved != expected) {
+  // Version 1 files (before the adapters' options were recorded) carry no "version" and no
+  // "adapters": their layout is compared, their options cannot be.
+  auto layout_only = [](nlohmann::ordered_json j) {
+    j.erase("version");
+    j.erase("adapters");
+    return j;
+  };
+  const auto expected_layout = layout_only(expected);
+  if (layout_only(saved) != expected_layout) {
     std::string difference;
-    for (const auto& [key, value] : expected.items())
+    for (const auto& [key, value] : expected_layout.items())
       if (key != "slots" && (!saved.contains(key) || saved[key] != value)) {
         difference = key + " is " + (saved.contains(key) ? saved[key].dump() : "absent") + " in the file but " + value.dump() +
                      " in this model";
@@ -239,6 +312,19 @@ void load_adapters(Model& model, const std::filesystem::path& dir) {
     }
     throw format_error(where + ": saved for a different adapter layout: " + difference);
   }
+  if (saved.contains("adapters") && saved["adapters"].is_object())
+    for (const auto& [slot, described] : expected["adapters"].items()) {
+      if (!saved["adapters"].contains(slot)) continue;  // the layouts agree: only a malformed file lacks it
+      const auto& file = saved["adapters"][slot];
+      for (const std::string& field : detail_io::function_fields()) {
+        const nlohmann::ordered_json::json_pointer ptr(field);
+        if (!described.contains(ptr)) continue;
+        if (!file.contains(ptr) || file[ptr] != described[ptr])
+          throw format_error(where + ": saved for a different adapter: " + slot + field + " is " +
+                             (file.contains(ptr) ? file[ptr].dump() : "absent") + " in the file but " + described[ptr].dump() +
+                             " in this model (the adapters would compute another function)");
+      }
+    }
   const io::SafetensorsFile file(dir / "adapter_model.safetensors");
   std::vector<std::pair<Param<T>*, Matrix<T>>> staged;
   model.for_each_named_param([&](const std::string& name, Param<T>& p) {
