@@ -6,7 +6,7 @@
 
 #include <moet/models.hpp>
 
-#include "harness.hpp"
+#include "model_harness.hpp"
 
 using namespace moet;
 using Catch::Matchers::Contains;
@@ -40,11 +40,8 @@ using Pair = Compose<Decoder<Llama>, Decoder<GPT2>, CrossAttention<>, Every<1>>;
 /// embeddings (10 tokens x 8) and both pairs' augmenting states, stacked (20 x 6).
 template <class Model>
 void check_pair_gradients(Model& pair, Rng& rng) {
-  auto bound = testing::bind_batch(pair, pair.geometry(batch()));
-  testing::GradCheckOptions o;
-  o.max_entries_per_tensor = 30;
-  const auto report = testing::check_gradients(
-      bound, rng, std::make_tuple(rng.normal_matrix<double>(10, 8), rng.normal_matrix<double>(20, 6)), o);
+  const auto report = testing::check_model_gradients(
+      pair, rng, batch(), std::make_tuple(rng.normal_matrix<double>(10, 8), rng.normal_matrix<double>(20, 6)));
   INFO(report.summary());
   REQUIRE(report.ok);
   REQUIRE(report.checked > 300);

@@ -5,7 +5,7 @@
 
 #include <moet/models.hpp>
 
-#include "harness.hpp"
+#include "model_harness.hpp"
 
 using namespace moet;
 using Catch::Matchers::Contains;
@@ -56,12 +56,9 @@ TEST_CASE("Three composed models: sites, and the gradient check through every co
   REQUIRE(model.composition[0].d_augment() == 6);
   REQUIRE(Three::name() == "Compose<Decoder<llama>, Decoder<gpt2>, Decoder<llama>>");
 
-  auto bound = testing::bind_batch(model, model.geometry(batch()));
-  testing::GradCheckOptions o;
-  o.max_entries_per_tensor = 25;
-  const auto report = testing::check_gradients(
-      bound, rng,
-      std::make_tuple(rng.normal_matrix<double>(10, 8), rng.normal_matrix<double>(20, 6), rng.normal_matrix<double>(10, 12)), o);
+  const auto report = testing::check_model_gradients(
+      model, rng, batch(),
+      std::make_tuple(rng.normal_matrix<double>(10, 8), rng.normal_matrix<double>(20, 6), rng.normal_matrix<double>(10, 12)), 25);
   INFO(report.summary());
   REQUIRE(report.ok);
   REQUIRE(report.checked > 400);

@@ -8,7 +8,7 @@
 
 #include <set>
 
-#include "harness.hpp"
+#include "model_harness.hpp"
 
 using namespace moet;
 using namespace moet::slot;
@@ -48,23 +48,14 @@ TokenBatch padded_batch(int vocab) {
   return b;
 }
 
-ModelOptions double_options() {
-  ModelOptions o;
-  o.router.fp32_softmax = false;
-  o.router.load_balance_weight = 0.01;
-  o.router.z_loss_weight = 0.001;
-  return o;
-}
+ModelOptions double_options() { return testing::double_model_options(); }
 
 template <class Spec>
 void check_model_gradients(const io::ModelConfig& config, std::uint64_t seed) {
   Rng rng(seed);
   typename Spec::template model<double> model(config, rng, double_options(), 0.3);
-  auto bound = testing::bind_batch(model, model.geometry(padded_batch(int(config.vocab))));
-  Matrix<double> h0 = rng.normal_matrix<double>(10, config.d_model);
-  testing::GradCheckOptions o;
-  o.max_entries_per_tensor = 40;
-  const auto report = testing::check_gradients(bound, rng, h0, o);
+  const auto report =
+      testing::check_model_gradients(model, rng, padded_batch(int(config.vocab)), rng.normal_matrix<double>(10, config.d_model), 40);
   INFO(report.summary());
   REQUIRE(report.ok);
   REQUIRE(report.checked > 500);

@@ -11,7 +11,7 @@
 #include <filesystem>
 #include <numbers>
 
-#include "harness.hpp"
+#include "model_harness.hpp"
 
 using namespace moet;
 using namespace moet::slot;
@@ -60,10 +60,8 @@ TokenBatch batch_of(Index batch, Index seq, int vocab) {
 
 template <class Model>
 void check_gradients_of(Model& model, Rng& rng, Index vocab) {
-  auto bound = testing::bind_batch(model, model.geometry(batch_of(2, 4, int(vocab))));
-  testing::GradCheckOptions go;
-  go.max_entries_per_tensor = 30;
-  const auto report = testing::check_gradients(bound, rng, rng.normal_matrix<double>(8, model.config().d_model), go);
+  const auto report =
+      testing::check_model_gradients(model, rng, batch_of(2, 4, int(vocab)), rng.normal_matrix<double>(8, model.config().d_model));
   INFO(report.summary());
   REQUIRE(report.ok);
 }

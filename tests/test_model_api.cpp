@@ -11,7 +11,7 @@
 #include <set>
 
 #include "../examples/bottleneck_expert.hpp"
-#include "harness.hpp"
+#include "model_harness.hpp"
 
 using namespace moet;
 using namespace moet::slot;
@@ -33,13 +33,7 @@ io::ModelConfig llama_config(Index layers = 4) {
   return c;
 }
 
-ModelOptions double_options() {
-  ModelOptions o;
-  o.router.fp32_softmax = false;
-  o.router.load_balance_weight = 0.01;
-  o.router.z_loss_weight = 0.001;
-  return o;
-}
+ModelOptions double_options() { return testing::double_model_options(); }
 
 TokenBatch batch_of(Index batch, Index seq, int vocab, int salt, std::vector<unsigned char> mask = {}) {
   TokenBatch b{batch, seq, {}, std::move(mask), {}};
@@ -121,10 +115,8 @@ TEST_CASE("Two forwards in flight: backwards in reverse order give each batch's 
 TEST_CASE("Per-layer mixtures (several specs in one slot) pass the gradient check", "[grad][model]") {
   Rng rng(22);
   MoLA::model<double> model(llama_config(), rng, double_options(), 0.3);
-  auto bound = testing::bind_batch(model, model.geometry(batch_of(2, 5, 13, 3, {0, 0, 1, 1, 1, 1, 1, 1, 1, 0})));
-  testing::GradCheckOptions o;
-  o.max_entries_per_tensor = 30;
-  const auto report = testing::check_gradients(bound, rng, rng.normal_matrix<double>(10, 8), o);
+  const auto report = testing::check_model_gradients(model, rng, batch_of(2, 5, 13, 3, {0, 0, 1, 1, 1, 1, 1, 1, 1, 0}),
+                                                     rng.normal_matrix<double>(10, 8));
   INFO(report.summary());
   REQUIRE(report.ok);
   REQUIRE(report.checked > 500);
@@ -142,6 +134,11 @@ TEST_CASE("Per-layer mixtures (several specs in one slot) pass the gradient chec
   const Index expected = 2 * lora(d, d, 2, 2) + 2 * lora(d, d, 4, 2) + lora(d, kv, 1, 2) + lora(d, kv, 3, 1) +
                          2 * lora(f, d, 4, 2) + (d * 2 + 2 * f) + (d * 3 + 3 * f);
   REQUIRE(count_parameters(model).trainable == expected);
+  const std::string per_slot = model.adapter_report();
+  INFO(per_slot);
+  REQUIRE_THAT(per_slot, Contains("layers.1.q  " + MoLoRA<2, 2>::name() + "  trainable " + std::to_string(lora(d, d, 2, 2))));
+  REQUIRE_THAT(per_slot, Contains("layers.2.q  " + MoLoRA<4, 2>::name() + "  trainable " + std::to_string(lora(d, d, 4, 2))));
+  REQUIRE_THAT(per_slot, Contains(parameter_report(model)));
   std::set<std::string> names;
   model.for_each_named_param([&](const std::string& n, auto&) { names.insert(n); });
   REQUIRE(names.count("layers.2.q.lora_down") == 1);
@@ -173,10 +170,7 @@ TEST_CASE("A user's expert in a slot gets the options its entry names", "[grad][
   REQUIRE(n > 0);
   REQUIRE(std::sqrt(sq / double(n)) > 0.3);
 
-  auto bound = testing::bind_batch(model, model.geometry(batch_of(2, 4, 11, 2)));
-  testing::GradCheckOptions o;
-  o.max_entries_per_tensor = 30;
-  const auto report = testing::check_gradients(bound, rng, rng.normal_matrix<double>(8, 8), o);
+  const auto report = testing::check_model_gradients(model, rng, batch_of(2, 4, 11, 2), rng.normal_matrix<double>(8, 8));
   INFO(report.summary());
   REQUIRE(report.ok);
 }
@@ -266,10 +260,8 @@ TEST_CASE("Aux losses with padding pass the gradient check", "[grad][model][rout
   using Routed = Decoder<GPT2, Slots<at<q, Mixture<Router<TopK<2>>, Expert<LoRA<2>>, 4>>, at<values, MoV<3>>>>;
   Rng rng(26);
   Routed::model<double> model(gpt2_config(), rng, {.router = {.load_balance_weight = 0.5, .z_loss_weight = 0.1, .fp32_softmax = false}}, 0.3);
-  auto bound = testing::bind_batch(model, model.geometry(batch_of(2, 5, 11, 9, {0, 0, 1, 1, 1, 1, 1, 1, 0, 0})));
-  testing::GradCheckOptions o;
-  o.max_entries_per_tensor = 30;
-  const auto report = testing::check_gradients(bound, rng, rng.normal_matrix<double>(10, 8), o);
+  const auto report = testing::check_model_gradients(model, rng, batch_of(2, 5, 11, 9, {0, 0, 1, 1, 1, 1, 1, 1, 0, 0}),
+                                                     rng.normal_matrix<double>(10, 8));
   INFO(report.summary());
   REQUIRE(report.ok);
 }

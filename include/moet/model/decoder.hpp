@@ -438,6 +438,21 @@ class DecoderModel {
     }
   }
 
+  /// parameter_report per adapted slot, one line each, then the model's:
+  ///   layers.0.q  Mixture<Router<Soft>, Expert<LoRA<2>>, 2>  trainable 52
+  ///   ...
+  ///   trainable params: 1,234 || all params: 56,789 || trainable%: 2.1731
+  std::string adapter_report() const {
+    std::string out;
+    for (std::size_t i = 0; i < blocks.size(); ++i)
+      blocks[i].for_each_slot([&]<class S>(S, const auto& s) {
+        if (s.adapted())
+          out += "layers." + std::to_string(i) + "." + S::name + "  " + s.spec_name() + "  trainable " +
+                 std::to_string(count_parameters(s).trainable) + "\n";
+      });
+    return out + parameter_report(*this);
+  }
+
   /// Which adapter sits where, e.g. {"layers.0.q": "Mixture<Router<Soft>, Expert<LoRA<4>>, 10>", ...}.
   std::map<std::string, std::string> adapter_layout() const {
     std::map<std::string, std::string> out;
