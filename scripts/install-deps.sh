@@ -4,12 +4,15 @@
 #                                    nlohmann-json, OpenBLAS (OpenMP build)
 #   scripts/install-deps.sh --torch  also Debian's python3-torch for bench/compare_pytorch.py, with
 #                                    libblas pointed at OpenBLAS so PyTorch runs at its best
+#   scripts/install-deps.sh --fuzz   also clang and its runtime (libFuzzer, sanitizers) for
+#                                    scripts/fuzz.sh
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
 packages=(g++ make cmake pkg-config libeigen3-dev libboost-dev catch2 libbenchmark-dev nlohmann-json3-dev
           libopenblas-openmp-dev)
 [[ "${1:-}" == "--torch" ]] && packages+=(python3-torch)
+[[ "${1:-}" == "--fuzz" ]] && packages+=(clang libclang-rt-14-dev)
 
 missing=()
 for p in "${packages[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done

@@ -131,7 +131,7 @@ TEST_CASE("Adapters save and load alone, and refuse a different layout", "[io][m
   auto fewer = load_pretrained<NoKeys, float>(base, rng);
   REQUIRE_THROWS_WITH(load_adapters(fewer, adapters), Contains("slot layers.1.keys holds \"Mixture<Router<Soft>, Expert<IA3>, 2>\" "
                                                                "in the file but no adapter in this model"));
-  REQUIRE_THROWS_WITH(load_adapters(fewer, scratch("empty")), Contains("cannot open adapter_config.json"));
+  REQUIRE_THROWS_WITH(load_adapters(fewer, scratch("empty")), Contains("cannot open") && Contains("adapter_config.json: no such file"));
 }
 
 TEST_CASE("Broken checkpoints give a clear error and leave the model as it was", "[io][model][errors]") {

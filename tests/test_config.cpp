@@ -39,12 +39,12 @@ TEST_CASE("Bad configs are rejected with the field named", "[io][config][errors]
   rejects(R"({"model_type":"t5",)" + base + "}", "model_type 't5' is not supported");
   rejects(R"({"model_type":"gpt2","vocab_size":10,"n_layer":2,"n_head":2,"n_positions":16})", "field 'n_embd' is missing");
   rejects(R"({"model_type":"gpt2","vocab_size":10,"n_embd":0,"n_layer":2,"n_head":2,"n_positions":16})",
-          "field 'n_embd' must be a positive integer, got 0");
+          "field 'n_embd' must be a positive integer of at most 2147483647, got 0");
   rejects(R"({"model_type":"gpt2","vocab_size":10,"n_embd":"8","n_layer":2,"n_head":2,"n_positions":16})",
-          "must be a positive integer, got \"8\"");
+          "must be a positive integer of at most 2147483647, got \"8\"");
   rejects(R"({"model_type":"gpt2","vocab_size":10,"n_embd":10,"n_layer":2,"n_head":4,"n_positions":16})",
           "hidden size 10 is not a multiple of the 4 attention heads");
-  rejects(R"({"model_type":"gpt2","layer_norm_epsilon":-1,)" + base + "}", "'layer_norm_epsilon' must be a positive number");
+  rejects(R"({"model_type":"gpt2","layer_norm_epsilon":-1,)" + base + "}", "'layer_norm_epsilon' must be a positive finite number");
   const std::string llama = R"("model_type":"llama","vocab_size":10,"hidden_size":8,"num_hidden_layers":1,"intermediate_size":16)";
   rejects("{" + llama + R"(,"num_attention_heads":4,"num_key_value_heads":3})", "4 attention heads are not a multiple of the 3 key/value heads");
   rejects("{" + llama + R"(,"num_attention_heads":8})", "head dim 1 must be even");

@@ -196,7 +196,7 @@ TEST_CASE("Bad batches are rejected with a clear message and change nothing", "[
   REQUIRE_THROWS_WITH(model.generate({}, {}), Catch::Contains("non-empty prompt"));
   REQUIRE_THROWS_WITH(model.generate({1}, {4, 1.0, 0.0, 0, -1}), Catch::Contains("0 < top_p <= 1"));
   auto cache = model.start_cache();
-  REQUIRE_THROWS_WITH(model.decode(cache, std::vector<int>(11, 1)), Catch::Contains("decoding past the 10 learned positions"));
+  REQUIRE_THROWS_WITH(model.decode(cache, std::vector<int>(11, 1)), Catch::Contains("decoding 11 tokens after 0 runs past the 10 learned positions"));
   REQUIRE(cache.length == 0);
   using Misplaced = Decoder<GPT2, Slots<at<q, MoLoRA<2, 2>, layers<2>>>>;
   REQUIRE_THROWS_WITH(Misplaced::model<float>(tiny_gpt2(), rng), Catch::Contains("slot q is placed on layer 2 but the model has 2 layers"));

@@ -36,6 +36,18 @@ void operator delete(void* p) noexcept { shifted_free(p); }
 void operator delete[](void* p) noexcept { shifted_free(p); }
 void operator delete(void* p, std::size_t) noexcept { shifted_free(p); }
 void operator delete[](void* p, std::size_t) noexcept { shifted_free(p); }
+// The no-throw forms too: a library (or a sanitizer's runtime) that allocates with new(nothrow)
+// and frees with plain delete must get both from the same allocator.
+void* operator new(std::size_t size, const std::nothrow_t&) noexcept {
+  try {
+    return shifted_alloc(size);
+  } catch (...) {
+    return nullptr;
+  }
+}
+void* operator new[](std::size_t size, const std::nothrow_t& tag) noexcept { return operator new(size, tag); }
+void operator delete(void* p, const std::nothrow_t&) noexcept { shifted_free(p); }
+void operator delete[](void* p, const std::nothrow_t&) noexcept { shifted_free(p); }
 
 using namespace moet;
 

@@ -28,6 +28,13 @@ class value_error : public error {
   using error::error;
 };
 
+/// A computation produced NaN or infinity where a finite number is needed (a training step's
+/// loss or gradient norm); thrown before anything is updated.
+class numeric_error : public error {
+ public:
+  using error::error;
+};
+
 namespace detail {
 
 template <class... Parts>

@@ -178,6 +178,8 @@ struct ops<cpu, T> {
       rows_ += r.rows();
     }
     View view() const { return data_.topRows(rows_); }
+    /// Forgets the rows past `rows` (a failed decode call rewinds to where it started).
+    void truncate(Index rows) { rows_ = std::clamp<Index>(rows, 0, rows_); }
 
    private:
     Tensor data_;

@@ -27,7 +27,13 @@ class CudaAdamW {
     detail::check_adamw_options(options);
   }
 
-  void set_lr(double lr) { options_.lr = lr; }
+  /// A new learning rate (a schedule); checked as the constructor checks it, the old one kept on error.
+  void set_lr(double lr) {
+    AdamWOptions o = options_;
+    o.lr = lr;
+    detail::check_adamw_options(o);
+    options_ = o;
+  }
   const AdamWOptions& options() const { return options_; }
   long steps() const { return steps_; }
 

@@ -45,6 +45,9 @@ struct ModelConfig {
   bool has_mlp_bias() const { return architecture == Architecture::gpt2 || mlp_bias; }
 };
 
+/// The largest size a config.json may give (vocabulary, widths, layers, heads, positions): 2^31 - 1.
+inline constexpr long long max_config_size = 2147483647;
+
 namespace detail_config {
 
 class Reader {
@@ -55,10 +58,16 @@ class Reader {
 
   bool has(const char* key) const { return j_.contains(key) && !j_[key].is_null(); }
 
+  /// A size: a positive integer of at most max_config_size (so that products of two sizes, and
+  /// token ids, cannot overflow; a larger one is no real model).
   Index positive(const char* key) const {
     if (!has(key)) fail(std::string("field '") + key + "' is missing");
     const auto& v = j_[key];
-    if (!v.is_number_integer() || v.get<long long>() <= 0) fail(std::string("field '") + key + "' must be a positive integer, got " + v.dump());
+    const bool integer = v.is_number_integer();
+    const bool in_range = integer && (v.is_number_unsigned() ? v.get<unsigned long long>() - 1 < (unsigned long long)max_config_size
+                                                              : v.get<long long>() > 0 && v.get<long long>() <= max_config_size);
+    if (!in_range)
+      fail(moet::detail::concat("field '", key, "' must be a positive integer of at most ", max_config_size, ", got ", v.dump()));
     return Index(v.get<long long>());
   }
   Index positive_or(const char* key, Index fallback) const { return has(key) ? positive(key) : fallback; }
@@ -66,8 +75,9 @@ class Reader {
   double number_or(const char* key, double fallback, bool must_be_positive = true) const {
     if (!has(key)) return fallback;
     const auto& v = j_[key];
-    if (!v.is_number() || (must_be_positive && !(v.get<double>() > 0)))
-      fail(std::string("field '") + key + "' must be a positive number, got " + v.dump());
+    // Finite: JSON has no infinity, but 1e999 parses as one (and would be written back as null).
+    if (!v.is_number() || !std::isfinite(v.get<double>()) || (must_be_positive && !(v.get<double>() > 0)))
+      fail(std::string("field '") + key + "' must be a positive finite number, got " + v.dump());
     return v.get<double>();
   }
   bool flag_or(const char* key, bool fallback) const {
@@ -114,7 +124,8 @@ inline RopeScaling llama_rope_scaling(const Reader& r, const nlohmann::json& j, 
       if (required) r.fail("field 'rope_scaling' of type '" + type + "' needs '" + key + "'");
       return fallback;
     }
-    if (!o[key].is_number()) r.fail(std::string("field 'rope_scaling.") + key + "' must be a number, got " + o[key].dump());
+    if (!o[key].is_number() || !std::isfinite(o[key].get<double>()))
+      r.fail(std::string("field 'rope_scaling.") + key + "' must be a finite number, got " + o[key].dump());
     return o[key].get<double>();
   };
   if (type == "default") return s;
@@ -160,12 +171,7 @@ inline void refuse_unless(const Reader& r, const nlohmann::json& j, const char* 
 /// model's function is either applied or refused by name; fields that do not (dropout rates,
 /// token ids, initializer ranges, dtypes) are ignored (docs/models.md lists both).
 inline ModelConfig parse_model_config(const std::string& text, const std::string& source = "config.json") {
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(text);
-  } catch (const nlohmann::json::exception& e) {
-    throw format_error("model config " + source + ": malformed JSON: " + e.what());
-  }
+  const nlohmann::json j = parse_json(text, "model config " + source);
   if (!j.is_object()) throw format_error("model config " + source + ": not a JSON object");
   detail_config::Reader r(j, source);
   if (!r.has("model_type") || !j["model_type"].is_string()) r.fail("field 'model_type' is missing");
@@ -222,10 +228,7 @@ inline ModelConfig parse_model_config(const std::string& text, const std::string
 }
 
 inline ModelConfig load_model_config(const std::filesystem::path& path) {
-  std::ifstream in(path);
-  if (!in) throw format_error("model config " + path.string() + ": cannot open");
-  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  return parse_model_config(text, path.string());
+  return parse_model_config(read_text_file(path, "model config"), path.string());
 }
 
 }  // namespace moet::io

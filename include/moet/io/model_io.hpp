@@ -6,7 +6,10 @@
 //   load_adapters(model, dir)            adapter_config.json (the slot layout); loading into a
 //                                        different layout is refused, naming the difference
 // Every load is staged: all tensors are read and checked before any is written into the
-// model, so a bad file leaves the model as it was.
+// model, so a bad file leaves the model as it was. Before a pretrained model is built, its
+// config's size is checked against LoadOptions::max_parameters and against what the checkpoint
+// holds (a 100-byte config cannot make moet allocate gigabytes next to a one-tensor file);
+// values that are not finite are refused by default, naming the tensor and the first bad index.
 #pragma once
 
 #include <filesystem>
@@ -23,9 +26,61 @@
 #include "../core/random.hpp"
 #include "../model.hpp"
 #include "config.hpp"
+#include "files.hpp"
 #include "safetensors.hpp"
 
 namespace moet {
+
+/// How checkpoints and adapters are loaded.
+struct LoadOptions {
+  /// Refuse NaN and infinite values (also those a narrower type overflows to), naming the tensor
+  /// and the first bad index: one pass over the values.
+  bool check_finite = true;
+  /// Refuse a config whose frozen model has more values than this (2^40 by default: 1.1e12).
+  std::uint64_t max_parameters = std::uint64_t(1) << 40;
+};
+
+namespace io {
+
+/// The number of frozen values a config's model holds (every base tensor, the tied embedding
+/// once): what its checkpoint must provide. Computed without overflow; above `limit` it is a
+/// moet::format_error naming both numbers.
+inline std::uint64_t base_parameter_count(const ModelConfig& c, std::uint64_t limit, const std::string& who) {
+  // Sizes are at most 2^31 (config.hpp) and a head count times a head width at most 2^62: in 128
+  // bits no sum or product below can wrap.
+  using Wide = unsigned __int128;
+  const Wide d = Wide(c.d_model), V = Wide(c.vocab), L = Wide(c.layers), ff = Wide(c.d_ff),
+             q = Wide(c.heads) * Wide(c.head_dim()), kv = Wide(c.kv_heads) * Wide(c.head_dim());
+  Wide total = V * d * (c.tied_embeddings ? 1 : 2);
+  if (c.architecture == Architecture::gpt2) {
+    total += Wide(c.max_positions) * d;
+    total += L * (d * (q + 2 * kv + d + 2 * ff)     // c_attn (q, k, v), c_proj, c_fc, the MLP's c_proj
+                  + (q + 2 * kv + d + ff + d + 4 * d));  // their biases, ln_1 and ln_2
+    total += 2 * d;                                      // ln_f
+  } else {
+    total += L * (d * (q + 2 * kv + 2 * ff) + q * d + ff * d  // q, k, v, gate, up; o; down
+                  + (c.attention_bias ? q + 2 * kv + d : 0) + (c.mlp_bias ? 2 * ff + d : 0) + 2 * d);  // biases, norms
+    total += d;                                                                                       // model.norm
+  }
+  if (total > Wide(limit))
+    throw format_error(detail::concat(who, ": the config describes a model of more than ", limit,
+                                      " frozen values (LoadOptions::max_parameters)"));
+  return std::uint64_t(total);
+}
+
+/// Throws a moet::format_error naming `name` and the first value of m (row-major, as stored)
+/// that is NaN or infinite.
+template <class T>
+void require_finite(const Matrix<T>& m, const std::string& name, const std::string& who) {
+  if (m.allFinite()) return;
+  for (Index r = 0; r < m.rows(); ++r)
+    for (Index c = 0; c < m.cols(); ++c)
+      if (!std::isfinite(double(m(r, c))))
+        throw format_error(detail::concat(who, ": tensor '", name, "' holds ", m(r, c), " at index ", r * m.cols() + c, " (row ", r,
+                                          ", column ", c, "); moet refuses non-finite values (LoadOptions::check_finite)"));
+}
+
+}  // namespace io
 
 namespace detail_io {
 template <class T>
@@ -89,7 +144,7 @@ inline std::string model_config_json(const io::ModelConfig& c) {
 /// Copies a checkpoint's frozen tensors into `model` (Hugging Face names; GPT-2 with or
 /// without the "transformer." prefix). Tensors the model does not use are ignored.
 template <class Model>
-void load_base(Model& model, const io::Checkpoint& checkpoint) {
+void load_base(Model& model, const io::Checkpoint& checkpoint, const LoadOptions& load = {}) {
   using T = typename Model::Scalar;
   const std::string prefix = checkpoint.contains("wte.weight") && !checkpoint.contains("transformer.wte.weight") ? "" : "transformer.";
   auto tensors = model.base_tensors(prefix);
@@ -99,8 +154,10 @@ void load_base(Model& model, const io::Checkpoint& checkpoint) {
     Index cols = 0;
     for (auto* p : t.parts) cols += p->cols();
     const Index rows = t.parts[0]->rows();
-    if (t.transposed) staged.push_back(checkpoint.template matrix<T>(t.name, cols, rows).transpose());
-    else staged.push_back(checkpoint.template matrix<T>(t.name, rows, cols));
+    Matrix<T> m = t.transposed ? checkpoint.template matrix<T>(t.name, cols, rows) : checkpoint.template matrix<T>(t.name, rows, cols);
+    if (load.check_finite) io::require_finite(m, t.name, "checkpoint " + checkpoint.file_of(t.name).path());
+    if (t.transposed) staged.push_back(m.transpose());
+    else staged.push_back(std::move(m));
   }
   for (std::size_t i = 0; i < tensors.size(); ++i) {
     Index c = 0;
@@ -112,12 +169,21 @@ void load_base(Model& model, const io::Checkpoint& checkpoint) {
 }
 
 /// A model of type Spec::model<T> from a Hugging Face folder (config.json + weights).
+/// The config's size and the checkpoint's contents are checked before the model is built.
 template <class Spec, class T>
-typename Spec::template model<T> load_pretrained(const std::filesystem::path& dir, Rng& rng, const ModelOptions& options = {}) {
+typename Spec::template model<T> load_pretrained(const std::filesystem::path& dir, Rng& rng, const ModelOptions& options = {},
+                                                 const LoadOptions& load = {}) {
   const io::ModelConfig config = io::load_model_config(dir / "config.json");
   const io::Checkpoint checkpoint(dir);  // opened (and validated) before the model is built
+  const std::string who = "load_pretrained " + dir.string();
+  // A model far larger than its checkpoint is refused before it is built (allocation stays in
+  // proportion to the files); one that is near names the tensor that is missing when loading.
+  const std::uint64_t needed = io::base_parameter_count(config, load.max_parameters, who), held = checkpoint.values();
+  if (needed / 2 > held + (std::uint64_t(1) << 20))
+    throw format_error(detail::concat(who, ": config.json describes a model of ", needed, " frozen values but the checkpoint holds ",
+                                      held, " (a config for another checkpoint?)"));
   typename Spec::template model<T> model(config, rng, options);
-  load_base(model, checkpoint);
+  load_base(model, checkpoint, load);
   return model;
 }
 
@@ -129,13 +195,8 @@ struct SaveOptions {
 /// Writes config.json and the frozen weights in Hugging Face layout.
 template <class Model>
 void save_pretrained(Model& model, const std::filesystem::path& dir, const SaveOptions& options = {}) {
-  namespace fs = std::filesystem;
-  fs::create_directories(dir);
-  {
-    std::ofstream out(dir / "config.json");
-    out << model_config_json(model.config());
-    if (!out) throw format_error("cannot write " + (dir / "config.json").string());
-  }
+  io::make_directory(dir, "save_pretrained");
+  io::write_text_file(dir / "config.json", model_config_json(model.config()), "save_pretrained");
   std::vector<std::vector<io::TensorToWrite>> shards(1);
   std::size_t bytes = 0;
   for (const auto& t : model.base_tensors()) {
@@ -165,7 +226,7 @@ void save_pretrained(Model& model, const std::filesystem::path& dir, const SaveO
     io::write_safetensors(dir / name, shards[s], metadata);
     for (const auto& t : shards[s]) index["weight_map"][t.name] = name;
   }
-  std::ofstream(dir / "model.safetensors.index.json") << index.dump(2) << "\n";
+  io::write_text_file(dir / "model.safetensors.index.json", index.dump(2) + "\n", "save_pretrained");
 }
 
 namespace detail_io {
@@ -252,83 +313,71 @@ nlohmann::ordered_json adapter_layout_json(Model& model) {
 template <class Model>
 void save_adapters(Model& model, const std::filesystem::path& dir) {
   using T = typename Model::Scalar;
-  std::filesystem::create_directories(dir);
+  io::make_directory(dir, "save_adapters");
   std::vector<io::TensorToWrite> tensors;
   model.for_each_named_param([&](const std::string& name, Param<T>& p) {
     tensors.push_back(io::TensorToWrite::from(name, p.value(), detail_io::native_dtype<T>()));
   });
   const auto layout = adapter_layout_json(model);
   io::write_safetensors(dir / "adapter_model.safetensors", tensors, {{"moet_layout", layout.dump()}});
-  std::ofstream out(dir / "adapter_config.json");
-  out << layout.dump(2) << "\n";
-  if (!out) throw format_error("cannot write " + (dir / "adapter_config.json").string());
+  io::write_text_file(dir / "adapter_config.json", layout.dump(2) + "\n", "save_adapters");
 }
 
-/// Loads adapters saved by save_adapters into a model with the same layout.
+/// Loads adapters saved by save_adapters into a model with the same layout. The order of the
+/// keys in adapter_config.json does not matter, and fields moet does not write are ignored; a
+/// file from a newer format version is refused.
 template <class Model>
-void load_adapters(Model& model, const std::filesystem::path& dir) {
+void load_adapters(Model& model, const std::filesystem::path& dir, const LoadOptions& load = {}) {
   using T = typename Model::Scalar;
   const std::string where = "adapter folder " + dir.string();
-  const auto config_path = dir / "adapter_config.json";
-  std::ifstream in(config_path);
-  if (!in) throw format_error(where + ": cannot open adapter_config.json");
-  nlohmann::ordered_json saved;
-  try {
-    saved = nlohmann::ordered_json::parse(in);
-  } catch (const nlohmann::json::exception& e) {
-    throw format_error(where + ": adapter_config.json is malformed JSON: " + e.what());
-  }
-  const auto expected = adapter_layout_json(model);
+  const nlohmann::json saved = io::parse_json(io::read_text_file(dir / "adapter_config.json", where), where + ": adapter_config.json");
+  if (!saved.is_object()) throw format_error(where + ": adapter_config.json is not a JSON object");
+  // Compared as unordered JSON: a file whose keys were sorted (jq -S) is the same file.
+  const nlohmann::json expected = nlohmann::json::parse(adapter_layout_json(model).dump());
   // Version 1 files (before the adapters' options were recorded) carry no "version" and no
   // "adapters": their layout is compared, their options cannot be.
-  auto layout_only = [](nlohmann::ordered_json j) {
-    j.erase("version");
-    j.erase("adapters");
-    return j;
+  const nlohmann::json version = saved.contains("version") ? saved["version"] : nlohmann::json(1);
+  if (!version.is_number_integer() || version.get<long long>() < 1 || version.get<long long>() > expected["version"].get<long long>())
+    throw format_error(where + ": adapter_config.json has version " + version.dump() + ", this moet reads versions 1 to " +
+                       expected["version"].dump());
+  auto differ = [&](const std::string& what) {
+    throw format_error(where + ": saved for a different adapter layout: " + what);
   };
-  const auto expected_layout = layout_only(expected);
-  if (layout_only(saved) != expected_layout) {
-    std::string difference;
-    for (const auto& [key, value] : expected_layout.items())
-      if (key != "slots" && (!saved.contains(key) || saved[key] != value)) {
-        difference = key + " is " + (saved.contains(key) ? saved[key].dump() : "absent") + " in the file but " + value.dump() +
-                     " in this model";
-        break;
-      }
-    if (difference.empty()) {
-      const auto& file_slots = saved.contains("slots") && saved["slots"].is_object() ? saved["slots"] : nlohmann::ordered_json::object();
-      for (const auto& [slot, spec] : expected["slots"].items())
-        if (!file_slots.contains(slot) || file_slots[slot] != spec) {
-          difference = "slot " + slot + " holds " + (file_slots.contains(slot) ? file_slots[slot].dump() : "no adapter") +
-                       " in the file but " + spec.dump() + " in this model";
-          break;
-        }
-      if (difference.empty())
-        for (const auto& [slot, spec] : file_slots.items())
-          if (!expected["slots"].contains(slot)) {
-            difference = "slot " + slot + " holds " + spec.dump() + " in the file but no adapter in this model";
-            break;
-          }
-    }
-    throw format_error(where + ": saved for a different adapter layout: " + difference);
+  for (const auto& [key, value] : expected.items()) {
+    if (key == "version" || key == "adapters" || key == "slots") continue;
+    if (!saved.contains(key) || saved[key] != value)
+      differ(key + " is " + (saved.contains(key) ? saved[key].dump() : "absent") + " in the file but " + value.dump() + " in this model");
   }
-  if (saved.contains("adapters") && saved["adapters"].is_object())
+  const nlohmann::json no_slots = nlohmann::json::object();
+  const auto& file_slots = saved.contains("slots") && saved["slots"].is_object() ? saved["slots"] : no_slots;
+  if (saved.contains("slots") && !saved["slots"].is_object()) differ("slots is " + saved["slots"].dump() + ", expected an object");
+  for (const auto& [slot, spec] : expected["slots"].items())
+    if (!file_slots.contains(slot) || file_slots[slot] != spec)
+      differ("slot " + slot + " holds " + (file_slots.contains(slot) ? file_slots[slot].dump() : "no adapter") + " in the file but " +
+             spec.dump() + " in this model");
+  for (const auto& [slot, spec] : file_slots.items())
+    if (!expected["slots"].contains(slot)) differ("slot " + slot + " holds " + spec.dump() + " in the file but no adapter in this model");
+  if (version.get<long long>() >= 2) {
+    if (!saved.contains("adapters") || !saved["adapters"].is_object())
+      throw format_error(where + ": adapter_config.json (version " + version.dump() + ") needs an \"adapters\" object");
     for (const auto& [slot, described] : expected["adapters"].items()) {
-      if (!saved["adapters"].contains(slot)) continue;  // the layouts agree: only a malformed file lacks it
+      if (!saved["adapters"].contains(slot)) throw format_error(where + ": adapter_config.json does not describe the adapter " + slot);
       const auto& file = saved["adapters"][slot];
       for (const std::string& field : detail_io::function_fields()) {
-        const nlohmann::ordered_json::json_pointer ptr(field);
+        const nlohmann::json::json_pointer ptr(field);
         if (!described.contains(ptr)) continue;
-        if (!file.contains(ptr) || file[ptr] != described[ptr])
+        if (!file.is_object() || !file.contains(ptr) || file[ptr] != described[ptr])
           throw format_error(where + ": saved for a different adapter: " + slot + field + " is " +
-                             (file.contains(ptr) ? file[ptr].dump() : "absent") + " in the file but " + described[ptr].dump() +
-                             " in this model (the adapters would compute another function)");
+                             (file.is_object() && file.contains(ptr) ? file[ptr].dump() : "absent") + " in the file but " +
+                             described[ptr].dump() + " in this model (the adapters would compute another function)");
       }
     }
+  }
   const io::SafetensorsFile file(dir / "adapter_model.safetensors");
   std::vector<std::pair<Param<T>*, Matrix<T>>> staged;
   model.for_each_named_param([&](const std::string& name, Param<T>& p) {
     staged.emplace_back(&p, file.template matrix<T>(name, p.rows(), p.cols()));
+    if (load.check_finite) io::require_finite(staged.back().second, name, where + ": adapter_model.safetensors");
   });
   if (staged.size() != file.tensors().size())
     throw format_error(detail::concat(where, ": adapter_model.safetensors has ", file.tensors().size(), " tensors, expected ",

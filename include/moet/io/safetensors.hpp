@@ -6,7 +6,9 @@
 //   - the header must be a JSON object of tensors {dtype, shape, data_offsets} (plus an optional
 //     "__metadata__" object of strings);
 //   - dtypes must be known (F32, F64, F16, BF16), shapes non-negative, offsets ordered, inside the
-//     data section, of exactly shape x dtype bytes, and not overlapping.
+//     data section, of exactly shape x dtype bytes, and not overlapping; the shape's product is
+//     computed without overflow (a dimension of 2^62 cannot wrap to a small byte count);
+//   - the header nests at most io::max_json_depth deep.
 // Format: https://github.com/huggingface/safetensors (little-endian, row-major).
 #pragma once
 
@@ -23,6 +25,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <memory>
 #include <string>
@@ -32,15 +35,9 @@
 
 #include "../core/error.hpp"
 #include "../core/tensor.hpp"
+#include "files.hpp"
 
 namespace moet {
-
-/// A file is missing, unreadable, corrupt, or does not hold what the model needs.
-class format_error : public error {
- public:
-  using error::error;
-};
-
 namespace io {
 
 static_assert(std::endian::native == std::endian::little, "moet::io reads little-endian safetensors in place");
@@ -109,12 +106,9 @@ struct TensorInfo {
   DType dtype = DType::F32;
   std::vector<std::int64_t> shape;
   std::size_t begin = 0, end = 0;  // byte offsets in the data section
+  std::int64_t count = 0;          // values: the shape's product (checked against the file's size)
 
-  std::int64_t elements() const {
-    std::int64_t n = 1;
-    for (auto d : shape) n *= d;
-    return n;
-  }
+  std::int64_t elements() const { return count; }
 };
 
 /// One memory-mapped .safetensors file.
@@ -127,6 +121,10 @@ class SafetensorsFile {
     if (::fstat(fd, &st) != 0) {
       ::close(fd);
       fail(std::string("cannot stat: ") + std::strerror(errno));
+    }
+    if (!S_ISREG(st.st_mode)) {
+      ::close(fd);
+      fail(S_ISDIR(st.st_mode) ? "is a directory, expected a file" : "is not a regular file");
     }
     size_ = std::size_t(st.st_size);
     if (size_ > 0) {
@@ -201,12 +199,7 @@ class SafetensorsFile {
       fail(detail::concat("header length ", header_len, " exceeds the ", size_ - 8, " bytes after the length field"));
     data_start_ = 8 + std::size_t(header_len);
     const std::size_t data_size = size_ - data_start_;
-    nlohmann::json header;
-    try {
-      header = nlohmann::json::parse(data_ + 8, data_ + data_start_);
-    } catch (const nlohmann::json::exception& e) {
-      fail(std::string("malformed JSON header: ") + e.what());
-    }
+    const nlohmann::json header = parse_json(data_ + 8, data_ + data_start_, "safetensors file " + path_ + ": header");
     if (!header.is_object()) fail("the JSON header is not an object");
     for (auto it = header.begin(); it != header.end(); ++it) {
       if (it.key() == "__metadata__") {
@@ -243,13 +236,10 @@ class SafetensorsFile {
     else fail("tensor '" + name + "' has dtype '" + d + "', expected one of F32, F64, F16, BF16");
     const auto& shape = j["shape"];
     if (!shape.is_array()) fail("tensor '" + name + "': shape is not an array");
-    std::uint64_t elements = 1;
+    std::vector<std::uint64_t> dims;
     for (const auto& s : shape) {
       if (!s.is_number_unsigned()) fail("tensor '" + name + "': shape entries must be non-negative integers");
-      const std::uint64_t v = s.get<std::uint64_t>();
-      if (v != 0 && elements > (std::uint64_t(1) << 62) / v) fail("tensor '" + name + "': shape is too large");
-      elements *= v;
-      t.shape.push_back(std::int64_t(v));
+      dims.push_back(s.get<std::uint64_t>());
     }
     const auto& offsets = j["data_offsets"];
     if (!offsets.is_array() || offsets.size() != 2 || !offsets[0].is_number_unsigned() || !offsets[1].is_number_unsigned())
@@ -258,11 +248,28 @@ class SafetensorsFile {
     if (begin > end || end > data_size)
       fail(detail::concat("tensor '", name, "' has data_offsets [", begin, ", ", end, "] outside the ", data_size,
                           "-byte data section"));
+    // The product is bounded before it is formed, so neither it nor its byte count can wrap (a
+    // dimension of 2^62 with F32 wrapped to 0 bytes); a zero anywhere makes an empty tensor.
+    const std::uint64_t most = std::numeric_limits<std::uint64_t>::max() / dtype_size(t.dtype);
+    const bool empty = std::find(dims.begin(), dims.end(), std::uint64_t(0)) != dims.end();
+    std::uint64_t elements = empty ? 0 : 1;
+    for (const std::uint64_t v : dims) {
+      t.shape.push_back(std::int64_t(std::min<std::uint64_t>(v, std::uint64_t(std::numeric_limits<std::int64_t>::max()))));
+      if (empty) continue;
+      if (elements > most / v) {
+        std::string text = "(";
+        for (std::size_t i = 0; i < dims.size(); ++i) text += (i ? ", " : "") + std::to_string(dims[i]);
+        fail(detail::concat("tensor '", name, "' has ", end - begin, " bytes, but shape ", text, ") of ", d,
+                            " needs 2^64 or more"));
+      }
+      elements *= v;
+    }
     if (end - begin != elements * dtype_size(t.dtype))
       fail(detail::concat("tensor '", name, "' has ", end - begin, " bytes, expected ", elements * dtype_size(t.dtype),
                           " for shape ", shape_text(t.shape), " of ", d));
     t.begin = std::size_t(begin);
     t.end = std::size_t(end);
+    t.count = std::int64_t(elements);
     return t;
   }
 
@@ -285,22 +292,18 @@ class Checkpoint {
  public:
   explicit Checkpoint(const std::filesystem::path& path) {
     namespace fs = std::filesystem;
-    if (!fs::is_directory(path)) {
+    std::error_code ec;
+    if (!fs::is_directory(path, ec)) {
       add(path);
       return;
     }
     const fs::path index = path / "model.safetensors.index.json";
-    if (!fs::exists(index)) {
+    if (!fs::exists(index, ec)) {
       add(path / "model.safetensors");
       return;
     }
-    std::ifstream in(index);
-    nlohmann::json j;
-    try {
-      j = nlohmann::json::parse(in);
-    } catch (const nlohmann::json::exception& e) {
-      throw format_error("checkpoint index " + index.string() + ": malformed JSON: " + e.what());
-    }
+    const std::string who = "checkpoint index " + index.string();
+    const nlohmann::json j = parse_json(read_text_file(index, who), who);
     if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
       throw format_error("checkpoint index " + index.string() + ": needs a \"weight_map\" object");
     std::map<std::string, std::size_t> shard_of_file;
@@ -321,6 +324,12 @@ class Checkpoint {
   }
 
   bool contains(const std::string& name) const { return where_.count(name) > 0; }
+  /// How many values its tensors hold together.
+  std::uint64_t values() const {
+    std::uint64_t n = 0;
+    for (const auto& [name, shard] : where_) n += std::uint64_t(shards_[shard]->info(name).elements());
+    return n;
+  }
   std::vector<std::string> names() const {
     std::vector<std::string> out;
     for (const auto& [name, shard] : where_) out.push_back(name);
@@ -371,9 +380,15 @@ inline void write_safetensors(const std::filesystem::path& path, const std::vect
   if (!metadata.empty()) header["__metadata__"] = metadata;
   std::vector<unsigned char> data;
   for (const auto& t : tensors) {
-    std::int64_t elements = 1;
-    for (auto d : t.shape) elements *= d;
-    if (elements != std::int64_t(t.values.size()))
+    std::uint64_t elements = 1;  // bounded by the values given before it is formed: it cannot wrap
+    for (auto d : t.shape) {
+      if (d < 0 || (d > 0 && elements > t.values.size() / std::uint64_t(d))) {
+        elements = t.values.size() + 1;
+        break;
+      }
+      elements *= std::uint64_t(d);
+    }
+    if (elements != t.values.size())
       throw value_error(detail::concat("write_safetensors: tensor '", t.name, "' has ", t.values.size(),
                                        " values for ", elements, " elements"));
     const std::size_t begin = data.size();

@@ -50,6 +50,28 @@ struct KvLayer {
   typename Ops::KvBuffer k, v;
 };
 
+/// Where a set of KV layers stands: each buffer's row count. A decode call that fails rewinds to
+/// its mark, so a rejected call leaves every cache as it was.
+struct KvMark {
+  std::vector<Index> rows;
+};
+template <class Ops>
+KvMark kv_mark(const std::vector<KvLayer<Ops>>& layers) {
+  KvMark m;
+  for (const auto& l : layers) {
+    m.rows.push_back(l.k.rows());
+    m.rows.push_back(l.v.rows());
+  }
+  return m;
+}
+template <class Ops>
+void kv_rewind(std::vector<KvLayer<Ops>>& layers, const KvMark& m) {
+  for (std::size_t i = 0; i < layers.size() && 2 * i + 1 < m.rows.size(); ++i) {
+    layers[i].k.truncate(m.rows[2 * i]);
+    layers[i].v.truncate(m.rows[2 * i + 1]);
+  }
+}
+
 /// The shape of a slot's frozen tensor: a linear slot's (d_in, d_out) and bias, an activation
 /// slot's width.
 struct SlotShape {

@@ -249,8 +249,11 @@ class ComposedModel {
     backward_anchor(c, c.h0, Ops::scalar_one(), mode, nullptr);
   }
 
+  /// forward, backward, clip, step; a non-finite loss or gradient norm is handled as
+  /// on_non_finite says (NonFinite, model/decoder.hpp).
   template <class Optimizer>
-  TrainStepResult train_step(const ComposedBatch& b, Optimizer& optimizer, double max_grad_norm = 1.0) {
+  TrainStepResult train_step(const ComposedBatch& b, Optimizer& optimizer, double max_grad_norm = 1.0,
+                             NonFinite on_non_finite = NonFinite::raise) {
     const Context c = forward(b);
     backward(c, GradMode::overwrite);
     TrainStepResult r;
@@ -258,13 +261,21 @@ class ComposedModel {
     const ClipResult clip = clip_grad_norm(*this, max_grad_norm);  // the composition layers' (nothing else trains)
     r.grad_norm = clip.norm;
     r.clipped = clip.clipped;
+    if (!detail::finite_step(name(), r, on_non_finite)) {
+      ++skipped_steps_;
+      return r;
+    }
     optimizer.step(*this);
     return r;
   }
   template <class Optimizer>
-  TrainStepResult train_step(const TokenBatch& b, Optimizer& optimizer, double max_grad_norm = 1.0) {
-    return train_step(ComposedBatch{b, {}, {}}, optimizer, max_grad_norm);
+  TrainStepResult train_step(const TokenBatch& b, Optimizer& optimizer, double max_grad_norm = 1.0,
+                             NonFinite on_non_finite = NonFinite::raise) {
+    return train_step(ComposedBatch{b, {}, {}}, optimizer, max_grad_norm, on_non_finite);
   }
+
+  /// Training steps skipped for a non-finite loss or gradient (NonFinite::skip).
+  long skipped_steps() const { return skipped_steps_; }
 
   double loss(const ComposedBatch& b) const { return Ops::scalar(forward(b, false).output()); }
   double loss(const TokenBatch& b) const { return loss(ComposedBatch{b, {}, {}}); }
@@ -303,6 +314,70 @@ class ComposedModel {
         throw shape_error(detail::concat(name(), ": ", aug_ids.size(), " augmenting ids for ", ids.size(), " anchor ids"));
     if (cache.augments.size() != augment_count || cache.composition.size() != sites_.size())
       throw value_error(name() + ": the cache was not made by this model's start_cache()");
+    // Every model checks its ids before any cache moves; a failure past this point (out of
+    // memory) rewinds them all: a rejected call leaves the caches as they were.
+    for (std::size_t m = 0; m < augment_count; ++m)
+      with_augment(m, [&](const auto& model) {
+        model.check_decode(cache.augments[m], per_augment[m]);
+        return 0;
+      });
+    anchor.check_decode(cache.anchor, ids);
+    const Index anchor_length = cache.anchor.length;
+    std::vector<Index> augment_lengths;
+    std::vector<KvMark> marks{kv_mark(cache.anchor.layers), kv_mark(cache.composition)};
+    for (const auto& a : cache.augments) {
+      augment_lengths.push_back(a.length);
+      marks.push_back(kv_mark(a.layers));
+    }
+    try {
+      return decode_unchecked(cache, ids, per_augment);
+    } catch (...) {
+      cache.anchor.length = anchor_length;
+      kv_rewind(cache.anchor.layers, marks[0]);
+      kv_rewind(cache.composition, marks[1]);
+      for (std::size_t m = 0; m < cache.augments.size(); ++m) {
+        cache.augments[m].length = augment_lengths[m];
+        kv_rewind(cache.augments[m].layers, marks[2 + m]);
+      }
+      throw;
+    }
+  }
+
+  std::vector<int> generate(const std::vector<int>& prompt, const SamplingOptions& s) const {
+    check_generate(prompt, std::vector<std::vector<int>>(augment_count, prompt), s);
+    Cache cache = start_cache(anchor.cache_reserve(prompt, s));
+    return sample_loop(name(), prompt, s, [&](const std::vector<int>& ids) { return last_row(decode(cache, ids)); });
+  }
+
+  /// Different vocabularies: each model reads its own prompt (the same length), and each token
+  /// the anchor emits is fed to the augmenting models as to_augment(token).
+  template <class ToAugment>
+  std::vector<int> generate(const std::vector<int>& prompt, const std::vector<int>& augment_prompt, const SamplingOptions& s,
+                            ToAugment&& to_augment) const {
+    check_generate(prompt, std::vector<std::vector<int>>(augment_count, augment_prompt), s);
+    Cache cache = start_cache(anchor.cache_reserve(prompt, s));
+    bool first = true;
+    return sample_loop(name(), prompt, s, [&](const std::vector<int>& ids) {
+      if (std::exchange(first, false)) return last_row(decode(cache, ids, augment_prompt));
+      std::vector<int> aug(ids.size());
+      std::transform(ids.begin(), ids.end(), aug.begin(), [&](int id) { return int(to_augment(id)); });
+      return last_row(decode(cache, ids, aug));
+    });
+  }
+
+ private:
+  /// What generate checks before it starts: every model's prompt and positions.
+  void check_generate(const std::vector<int>& prompt, const std::vector<std::vector<int>>& augment_prompts,
+                      const SamplingOptions& s) const {
+    anchor.check_generate(prompt, s);
+    for (std::size_t m = 0; m < augment_count; ++m)
+      with_augment(m, [&](const auto& model) {
+        model.check_generate(augment_prompts[m], s);
+        return 0;
+      });
+  }
+
+  Tensor decode_unchecked(Cache& cache, const std::vector<int>& ids, const std::vector<std::vector<int>>& per_augment) const {
     std::vector<Tensor> states(sites_.size());
     for (std::size_t m = 0; m < augment_count; ++m)
       with_augment(m, [&](const auto& model) {
@@ -321,27 +396,6 @@ class ComposedModel {
     return anchor.head_logits(top);
   }
 
-  std::vector<int> generate(const std::vector<int>& prompt, const SamplingOptions& s) const {
-    Cache cache = start_cache(Index(prompt.size()) + s.max_new_tokens);
-    return sample_loop(name(), prompt, s, [&](const std::vector<int>& ids) { return last_row(decode(cache, ids)); });
-  }
-
-  /// Different vocabularies: each model reads its own prompt (the same length), and each token
-  /// the anchor emits is fed to the augmenting models as to_augment(token).
-  template <class ToAugment>
-  std::vector<int> generate(const std::vector<int>& prompt, const std::vector<int>& augment_prompt, const SamplingOptions& s,
-                            ToAugment&& to_augment) const {
-    Cache cache = start_cache(Index(prompt.size()) + s.max_new_tokens);
-    bool first = true;
-    return sample_loop(name(), prompt, s, [&](const std::vector<int>& ids) {
-      if (std::exchange(first, false)) return last_row(decode(cache, ids, augment_prompt));
-      std::vector<int> aug(ids.size());
-      std::transform(ids.begin(), ids.end(), aug.begin(), [&](int id) { return int(to_augment(id)); });
-      return last_row(decode(cache, ids, aug));
-    });
-  }
-
- private:
   template <std::size_t... M>
   static AugmentModels make_augments(Device device, const std::vector<io::ModelConfig>& configs, Rng& rng,
                                      std::index_sequence<M...>) {
@@ -519,6 +573,7 @@ class ComposedModel {
   [[no_unique_address]] Device device_;
   std::vector<Site> sites_;
   typename Ops::GradientArena arena_;
+  long skipped_steps_ = 0;  // train_step with NonFinite::skip
 
  public:
   BOOST_HANA_DEFINE_STRUCT(ComposedModel, (AnchorModel, anchor), (AugmentModels, augments), (std::vector<Composition>, composition));

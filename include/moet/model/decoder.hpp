@@ -9,6 +9,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <map>
 #include <memory>
 #include <numeric>
@@ -38,7 +39,27 @@ struct TrainStepResult {
   double aux_loss = 0;   ///< the routers' weighted auxiliary losses
   double grad_norm = 0;  ///< global gradient norm before clipping
   bool clipped = false;
+  bool applied = true;   ///< false: the loss or the norm was not finite and the update was skipped
 };
+
+/// What train_step does when the loss (with the aux losses) or the gradient norm is NaN or
+/// infinite: raise (the default) throws a moet::numeric_error before the optimizer steps, skip
+/// leaves parameters and optimizer state untouched, returns applied = false and counts the step
+/// (skipped_steps()). Either way nothing is updated from a non-finite gradient; the gradients are
+/// left as computed, for inspection.
+enum class NonFinite { raise, skip };
+
+namespace detail {
+/// Whether a step with result r may update the parameters (see NonFinite).
+inline bool finite_step(const std::string& who, TrainStepResult& r, NonFinite policy) {
+  if (std::isfinite(r.loss) && std::isfinite(r.aux_loss) && std::isfinite(r.grad_norm)) return true;
+  if (policy == NonFinite::raise)
+    throw numeric_error(concat(who, ": train_step got loss ", r.loss, ", aux loss ", r.aux_loss, " and gradient norm ", r.grad_norm,
+                               "; nothing was updated (NonFinite::skip skips such steps and counts them)"));
+  r.applied = false;
+  return false;
+}
+}  // namespace detail
 
 namespace model_impl {
 
@@ -198,7 +219,8 @@ class DecoderModel {
 
   /// forward, backward, clip the global gradient norm to max_grad_norm (<= 0: no clipping), step.
   template <class Optimizer>
-  TrainStepResult train_step(const TokenBatch& b, Optimizer& optimizer, double max_grad_norm = 1.0) {
+  TrainStepResult train_step(const TokenBatch& b, Optimizer& optimizer, double max_grad_norm = 1.0,
+                             NonFinite on_non_finite = NonFinite::raise) {
     const Context c = forward(b);
     backward(c, GradMode::overwrite);
     TrainStepResult r;
@@ -207,9 +229,16 @@ class DecoderModel {
     const ClipResult clip = clip_grad_norm(*this, max_grad_norm);
     r.grad_norm = clip.norm;
     r.clipped = clip.clipped;
+    if (!detail::finite_step(name(), r, on_non_finite)) {
+      ++skipped_steps_;
+      return r;
+    }
     optimizer.step(*this);
     return r;
   }
+
+  /// Training steps skipped for a non-finite loss or gradient (NonFinite::skip).
+  long skipped_steps() const { return skipped_steps_; }
 
   /// Mean loss of a batch without backward (nothing is kept).
   double loss(const TokenBatch& b) const {
@@ -294,10 +323,9 @@ class DecoderModel {
     return head_logits(decode_hidden(cache, ids, [](Index, Tensor&) {}));
   }
 
-  /// decode without the head: the last block's output for `ids`. after_block(i, h) is called
-  /// on the embeddings (i = -1) and after block i, and may change h (a composition hooks in here).
-  template <class Hook>
-  Tensor decode_hidden(Cache& cache, const std::vector<int>& ids, Hook&& after_block) const {
+  /// Whether decode(cache, ids) would be accepted: throws the moet::error it would throw (a
+  /// cache of another model, an id outside the vocabulary, positions past GPT-2's learned ones).
+  void check_decode(const Cache& cache, const std::vector<int>& ids) const {
     const Index n = Index(ids.size());
     detail::expect_positive(name(), "tokens to decode", n);
     if (cache.layers.size() != blocks.size())
@@ -307,7 +335,55 @@ class DecoderModel {
       if (ids[t] < 0 || ids[t] >= config_.vocab)
         throw value_error(detail::concat(name(), ": token id ", ids[t], " is outside the vocabulary [0, ", config_.vocab, ")"));
     if (!llama && cache.length + n > config_.max_positions)
-      throw value_error(detail::concat(name(), ": decoding past the ", config_.max_positions, " learned positions"));
+      throw value_error(detail::concat(name(), ": decoding ", n, " tokens after ", cache.length, " runs past the ",
+                                       config_.max_positions, " learned positions"));
+  }
+
+  /// decode without the head: the last block's output for `ids`. after_block(i, h) is called
+  /// on the embeddings (i = -1) and after block i, and may change h (a composition hooks in here).
+  /// A call that throws leaves the cache as it was.
+  template <class Hook>
+  Tensor decode_hidden(Cache& cache, const std::vector<int>& ids, Hook&& after_block) const {
+    check_decode(cache, ids);
+    const Index n = Index(ids.size());
+    const KvMark mark = kv_mark(cache.layers);
+    try {
+      return decode_unchecked(cache, ids, n, after_block);
+    } catch (...) {
+      kv_rewind(cache.layers, mark);
+      throw;
+    }
+  }
+
+  /// Continues `prompt` by up to max_new_tokens tokens with a KV cache; returns the new tokens.
+  /// A GPT-2 prompt and max_new_tokens that together pass its learned positions are refused
+  /// before anything is generated.
+  std::vector<int> generate(const std::vector<int>& prompt, const SamplingOptions& s) const {
+    check_generate(prompt, s);
+    Cache cache = start_cache(cache_reserve(prompt, s));
+    return sample_loop(name(), prompt, s, [&](const std::vector<int>& ids) {
+      const Tensor l = decode(cache, ids);
+      return Ops::row_to_host(l, l.rows() - 1);
+    });
+  }
+
+  /// The checks generate makes before it starts (a composition makes them for its anchor).
+  void check_generate(const std::vector<int>& prompt, const SamplingOptions& s) const {
+    check_sampling(name(), prompt, s);
+    if (!llama && Index(prompt.size()) + s.max_new_tokens > config_.max_positions)
+      throw value_error(detail::concat(name(), ": a prompt of ", prompt.size(), " tokens and max_new_tokens ", s.max_new_tokens,
+                                       " pass the ", config_.max_positions, " learned positions; ask for at most ",
+                                       std::max<Index>(0, config_.max_positions - Index(prompt.size())), " new tokens"));
+  }
+
+  /// Rows a generation's cache reserves: the whole generation, up to a bound (it grows past it).
+  static Index cache_reserve(const std::vector<int>& prompt, const SamplingOptions& s) {
+    return std::min<Index>(Index(prompt.size()) + Index(s.max_new_tokens), Index(1) << 12);
+  }
+
+ private:
+  template <class Hook>
+  Tensor decode_unchecked(Cache& cache, const std::vector<int>& ids, Index n, Hook& after_block) const {
     std::vector<Index> positions(ids.size());
     std::iota(positions.begin(), positions.end(), cache.length);
     const Index K = cache.length + n;
@@ -325,6 +401,8 @@ class DecoderModel {
     return h;
   }
 
+ public:
+
   /// Logits of final hidden states h (before the final norm): (rows, vocab).
   Tensor head_logits(View h) const { return Ops::head_logits(final_norm.forward(h).output(), head_weight()); }
 
@@ -334,15 +412,6 @@ class DecoderModel {
     c.final_norm = final_norm.forward(top);
     c.loss_function = Ops::loss(c.batch->targets);
     c.loss = Ops::head_loss(c.loss_function, head_weight(), c.final_norm.output(), for_backward ? &c.d_final : nullptr);
-  }
-
-  /// Continues `prompt` by up to max_new_tokens tokens with a KV cache; returns the new tokens.
-  std::vector<int> generate(const std::vector<int>& prompt, const SamplingOptions& s) const {
-    Cache cache = start_cache(Index(prompt.size()) + s.max_new_tokens);
-    return sample_loop(name(), prompt, s, [&](const std::vector<int>& ids) {
-      const Tensor l = decode(cache, ids);
-      return Ops::row_to_host(l, l.rows() - 1);
-    });
   }
 
   // --- checkpoints and adapters --------------------------------------------------------------
@@ -487,7 +556,7 @@ class DecoderModel {
 
   template <class... At>
   void check_placement(const io::ModelConfig& c, type_list<At...>) const {
-    auto check = [&]<class E>(E) {
+    [[maybe_unused]] auto check = [&]<class E>(E) {  // unused when no slot is adapted
       if constexpr (requires { E::where::max(); })
         if (E::where::max() >= c.layers)
           throw value_error(detail::concat(name(), ": slot ", E::slot::name, " is placed on layer ", E::where::max(),
@@ -510,6 +579,7 @@ class DecoderModel {
   ModelOptions options_;
   std::optional<typename Ops::Rotary> rope_q_, rope_k_;  // Llama
   typename Ops::GradientArena arena_;
+  long skipped_steps_ = 0;  // train_step with NonFinite::skip
 
  public:
   BOOST_HANA_DEFINE_STRUCT(DecoderModel, (typename Ops::Embedding, wte), (std::optional<typename Ops::Embedding>, wpe),

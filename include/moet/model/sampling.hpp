@@ -56,12 +56,19 @@ inline int sample_token(const std::vector<double>& logits, const SamplingOptions
 
 /// The decoding loop shared by models: step(ids) feeds ids after what came before and returns
 /// the host logits of its last row; each picks the next token.
-template <class Step>
-std::vector<int> sample_loop(const std::string& who, const std::vector<int>& prompt, const SamplingOptions& s, Step&& step) {
+/// The settings and prompt a generation needs: a non-empty prompt, max_new_tokens >= 0,
+/// temperature >= 0 and 0 < top_p <= 1.
+inline void check_sampling(const std::string& who, const std::vector<int>& prompt, const SamplingOptions& s) {
   if (prompt.empty()) throw value_error(who + ": generate needs a non-empty prompt");
+  if (s.max_new_tokens < 0) throw value_error(detail::concat(who, ": max_new_tokens must be >= 0, got ", s.max_new_tokens));
   if (!(s.temperature >= 0) || !std::isfinite(s.temperature) || !(s.top_p > 0 && s.top_p <= 1))
     throw value_error(detail::concat(who, ": sampling needs temperature >= 0 and 0 < top_p <= 1, got temperature=",
                                      s.temperature, " top_p=", s.top_p));
+}
+
+template <class Step>
+std::vector<int> sample_loop(const std::string& who, const std::vector<int>& prompt, const SamplingOptions& s, Step&& step) {
+  check_sampling(who, prompt, s);
   Rng rng(s.seed);
   std::vector<double> logits = step(prompt);
   std::vector<int> out;

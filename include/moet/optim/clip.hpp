@@ -15,7 +15,8 @@ struct ClipResult {
   bool clipped = false;
 };
 
-/// max_norm <= 0: only measures. On a model with a gradient arena (core/arena.hpp) the norm is
+/// max_norm <= 0: only measures. A norm that is not finite scales nothing (a training step
+/// refuses or skips it: model/decoder.hpp). On a model with a gradient arena (core/arena.hpp) the norm is
 /// one pass over it, summed in double, and so is the scaling; a layer on its own is walked tensor
 /// by tensor.
 template <class Model>
@@ -28,7 +29,7 @@ ClipResult clip_grad_norm(Model& model, double max_norm) {
     for_each_param(model, [&](auto& p) { sq += double(p.grad().squaredNorm()); });
   }
   r.norm = std::sqrt(sq);
-  if (max_norm > 0 && r.norm > max_norm) {
+  if (max_norm > 0 && std::isfinite(r.norm) && r.norm > max_norm) {
     const double scale = max_norm / (r.norm + 1e-6);
     if constexpr (requires { model.gradient_arena().all(); }) {
       auto all = model.gradient_arena().all();

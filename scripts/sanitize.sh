@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Builds moet's Catch2 test programs with AddressSanitizer + UndefinedBehaviorSanitizer
+# (MOET_SANITIZE=address,undefined, in build-asan/) and runs them; any sanitizer report fails.
+#   scripts/sanitize.sh                 every test program
+#   scripts/sanitize.sh --ci            the subset CI runs (docs/reliability.md says which and why)
+#   scripts/sanitize.sh test_config ... the programs named
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+all=(test_gradients_lora test_gradients_ia3 test_gradients_router test_custom_expert test_properties test_errors
+     test_training test_safetensors test_gradients_ops test_config test_decoder test_checkpoint test_calm
+     test_reproducible test_model_api test_calm_augments test_hf_fidelity test_arena test_backend_ops test_hardening)
+# CI: everything that reads files, decodes, samples or trains whole models, and the layers' error
+# paths; the gradient-check programs (long in double under ASan) run in the full list.
+ci=(test_errors test_safetensors test_config test_checkpoint test_hardening test_model_api test_decoder test_calm
+    test_reproducible test_training test_arena test_backend_ops)
+
+case "${1:-}" in
+  --ci) tests=("${ci[@]}") ;;
+  "") tests=("${all[@]}") ;;
+  *) tests=("$@") ;;
+esac
+
+build=build-asan
+cmake -S . -B "$build" -DMOET_SANITIZE=address,undefined -DMOET_BUILD_BENCHMARKS=OFF -DMOET_BUILD_EXAMPLES=OFF \
+  -DMOET_CUDA=OFF -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_FLAGS="-g1" >/dev/null
+cmake --build "$build" -j2 --target "${tests[@]}"
+
+export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=1:strict_string_checks=1:check_initialization_order=1}"
+export UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+failed=()
+for t in "${tests[@]}"; do
+  start=$SECONDS
+  if "$build/tests/$t" >"$build/$t.log" 2>&1; then
+    echo "sanitize.sh: $t passed under ASan+UBSan ($((SECONDS - start)) s)"
+  else
+    echo "sanitize.sh: $t FAILED under ASan+UBSan; the end of $build/$t.log:" >&2
+    tail -n 40 "$build/$t.log" >&2
+    failed+=("$t")
+  fi
+done
+if ((${#failed[@]})); then
+  echo "sanitize.sh: ${#failed[@]} of ${#tests[@]} failed: ${failed[*]}" >&2
+  exit 1
+fi
+echo "sanitize.sh: ${#tests[@]} test programs passed under ASan+UBSan"
