@@ -38,7 +38,7 @@ cmake --build "$build" -j2 --target make_seeds $(printf 'fuzz_%s ' "${targets[@]
 
 export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=1:allocator_may_return_null=0}"
 export UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}"
-limits=(-rss_limit_mb=2048 -malloc_limit_mb=512 -timeout=30)
+limits=(-rss_limit_mb=2048 -malloc_limit_mb=64 -timeout=30)
 
 status=0
 for t in "${targets[@]}"; do

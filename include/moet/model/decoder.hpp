@@ -459,7 +459,9 @@ class DecoderModel {
       add(t + "wpe.weight", {&wpe->table});
       for (std::size_t i = 0; i < blocks.size(); ++i) {
         auto& b = blocks[i];
-        auto &q = b.template slot<slot::q>(), &k = b.template slot<slot::k>(), &v = b.template slot<slot::v>();
+        auto& q = b.template slot<slot::q>();  // one declaration each: their types differ (clang refuses one auto for all)
+        auto& k = b.template slot<slot::k>();
+        auto& v = b.template slot<slot::v>();
         const std::string p = t + "h." + std::to_string(i) + ".";
         add(p + "ln_1.weight", {&b.norm1.weight}, false, true);
         add(p + "ln_1.bias", {&b.norm1.bias}, false, true);
