@@ -41,10 +41,21 @@ inline std::string join(const std::vector<std::string>& files) {
   return out;
 }
 
+inline std::filesystem::path process_folder() {
+  return std::filesystem::temp_directory_path() / ("moet_fuzz_" + std::to_string(::getpid()));
+}
+struct FolderCleanup {
+  ~FolderCleanup() {
+    std::error_code ignored;
+    std::filesystem::remove_all(process_folder(), ignored);
+  }
+};
+inline FolderCleanup folder_cleanup;  // removes this process's folders when it ends normally
+
 /// A folder of this process's own (removed and made again for every input).
 inline std::filesystem::path fresh_folder(const char* name) {
   namespace fs = std::filesystem;
-  const fs::path dir = fs::temp_directory_path() / ("moet_fuzz_" + std::to_string(::getpid())) / name;
+  const fs::path dir = process_folder() / name;
   std::error_code ec;
   fs::remove_all(dir, ec);
   fs::create_directories(dir);

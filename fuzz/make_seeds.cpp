@@ -82,8 +82,6 @@ int main(int argc, char** argv) {
     save_adapters(model, dir);
     seed(out, "adapters", fuzz::join({fuzz::read_file(dir / "adapter_config.json"), fuzz::read_file(dir / "adapter_model.safetensors")}));
   }
-  std::error_code ec;
-  fs::remove_all(fuzz::fresh_folder("x").parent_path(), ec);
   std::cout << "make_seeds: " << counter << " seeds in " << out << "\n";
   return 0;
 }

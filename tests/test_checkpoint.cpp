@@ -4,12 +4,12 @@
 // shape that does not match config.json) give a clear moet error and leave the model as it was.
 #include <catch2/catch.hpp>
 
-#include <unistd.h>
-
 #include <filesystem>
 #include <fstream>
 
 #include <moet/models.hpp>
+
+#include "scratch.hpp"
 
 using namespace moet;
 using namespace moet::slot;
@@ -18,17 +18,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-fs::path scratch(const std::string& name) {
-  const fs::path p = fs::temp_directory_path() / ("moet_checkpoint_test_" + std::to_string(::getpid())) / name;
-  fs::create_directories(p);
-  return p;
-}
-struct ScratchCleanup {
-  ~ScratchCleanup() {
-    std::error_code ignored;
-    fs::remove_all(fs::temp_directory_path() / ("moet_checkpoint_test_" + std::to_string(::getpid())), ignored);
-  }
-} scratch_cleanup;
+fs::path scratch(const std::string& name) { return testing::scratch_folder(name); }
 
 io::ModelConfig gpt2_config() {
   io::ModelConfig c;

@@ -5,8 +5,6 @@
 // learning rate, a generation that would run past GPT-2's positions.
 #include <catch2/catch.hpp>
 
-#include <unistd.h>
-
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -15,6 +13,8 @@
 
 #include <moet/models.hpp>
 
+#include "scratch.hpp"
+
 using namespace moet;
 using namespace moet::slot;
 using Catch::Matchers::Contains;
@@ -22,17 +22,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-fs::path scratch(const std::string& name) {
-  const fs::path p = fs::temp_directory_path() / ("moet_hardening_test_" + std::to_string(::getpid())) / name;
-  fs::create_directories(p);
-  return p;
-}
-struct ScratchCleanup {
-  ~ScratchCleanup() {
-    std::error_code ignored;
-    fs::remove_all(fs::temp_directory_path() / ("moet_hardening_test_" + std::to_string(::getpid())), ignored);
-  }
-} scratch_cleanup;
+fs::path scratch(const std::string& name) { return testing::scratch_folder(name); }
 
 void write(const fs::path& p, const std::string& text) { std::ofstream(p, std::ios::binary) << text; }
 

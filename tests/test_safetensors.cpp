@@ -9,6 +9,8 @@
 #include <moet/io/safetensors.hpp>
 #include <moet/moet.hpp>
 
+#include "scratch.hpp"
+
 using namespace moet;
 using namespace moet::io;
 using Catch::Matchers::Contains;
@@ -16,20 +18,8 @@ namespace fs = std::filesystem;
 
 namespace {
 
-fs::path scratch_dir() { return fs::temp_directory_path() / ("moet_safetensors_test_" + std::to_string(::getpid())); }
-
-/// Removes this run's scratch files when the program ends.
-struct ScratchCleanup {
-  ~ScratchCleanup() {
-    std::error_code ignored;
-    fs::remove_all(scratch_dir(), ignored);
-  }
-} scratch_cleanup;
-
-fs::path scratch(const std::string& name) {
-  fs::create_directories(scratch_dir());
-  return scratch_dir() / name;
-}
+/// A file (or folder) name in this program's scratch folder (removed when the program ends).
+fs::path scratch(const std::string& name) { return testing::scratch_folder("files") / name; }
 
 /// A file made of an 8-byte length, the given header text, and `data_bytes` zero bytes.
 fs::path raw_file(const std::string& name, const std::string& header, std::size_t data_bytes, std::uint64_t length_field) {
