@@ -19,7 +19,9 @@ Two suites of cases, selected with ``--cases layers|model|all`` (or a regex):
   every step.
 
 * model: whole training steps of a small GPT-2-shaped model, the cases of
-  ``moet_bench_model`` (``train_step/gpt2_small/{frozen,mov10,molora10}``):
+  ``moet_bench_model`` (with ``--device cuda``: the real GPT-2 small, 12 layers,
+  vocab 50257, batch 8 x 1024, in bf16 with SDPA attention, against
+  ``moet_bench_cuda_model``'s ``train_step/gpt2_small/*``) (``train_step/gpt2_small/{frozen,mov10,molora10}``):
   forward, cross-entropy, backward, gradient clipping and AdamW; the table adds
   tokens/s, and the adapter variants' cost over the frozen floor is printed.
   See "Model cases" below for the exact model.
@@ -81,12 +83,14 @@ T = 1024              # tokens per step, same as the C++ benchmark
 NUM_THREADS = 2       # intra-op threads, same as the C++ benchmark
 DTYPE = torch.float32
 DEVICE = "cpu"        # --device cuda switches T, DTYPE and DEVICE to the GPU suite's
+USE_SDPA = False      # --device cuda: attention by F.scaled_dot_product_attention
 WARMUP_ITERS = 2      # untimed iterations before each style is measured
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MOET_BENCH = REPO_ROOT / "build" / "bench" / "moet_bench_layers"
 DEFAULT_MOET_BENCH_MODEL = REPO_ROOT / "build" / "bench" / "moet_bench_model"
 DEFAULT_MOET_BENCH_CUDA = REPO_ROOT / "build" / "bench" / "moet_bench_cuda"
+DEFAULT_MOET_BENCH_CUDA_MODEL = REPO_ROOT / "build" / "bench" / "moet_bench_cuda_model"
 
 
 # --------------------------------------------------------------------------
@@ -402,6 +406,8 @@ class GPT2Shape:
 
 
 GPT2_SMALL = GPT2Shape()
+# --device cuda: the real GPT-2 small at issue 16's batch (moet_bench_cuda_model's gpt2_small).
+GPT2_SMALL_GPU = GPT2Shape(layers=12, d_model=768, heads=12, d_ff=3072, vocab=50257, positions=1024, batch=8, seq=1024)
 # --tiny: a smoke-test size for checking the PyTorch code quickly.
 GPT2_TINY = GPT2Shape(layers=2, d_model=64, heads=4, d_ff=256, vocab=512, positions=32, batch=2, seq=32)
 
@@ -467,10 +473,10 @@ def frozen_gpt2(shape: GPT2Shape) -> FrozenGPT2:
         return _randn(*dims, scale=0.02)
 
     def zeros(n: int) -> torch.Tensor:
-        return torch.zeros(n, dtype=DTYPE)
+        return torch.zeros(n, dtype=DTYPE, device=DEVICE)
 
     def ones(n: int) -> torch.Tensor:
-        return torch.ones(n, dtype=DTYPE)
+        return torch.ones(n, dtype=DTYPE, device=DEVICE)
 
     wte, wpe = w(shape.vocab, d), w(shape.positions, d)
     blocks = [FrozenBlock(ln1_w=ones(d), ln1_b=zeros(d),
@@ -479,10 +485,10 @@ def frozen_gpt2(shape: GPT2Shape) -> FrozenGPT2:
                           ln2_w=ones(d), ln2_b=zeros(d),
                           w_up=w(d, f), b_up=zeros(f), w_down=w(f, d), b_down=zeros(d))
               for _ in range(shape.layers)]
-    ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
+    ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq)).to(DEVICE)
     labels = torch.full_like(ids, IGNORE_INDEX)
     labels[:, :-1] = ids[:, 1:]
-    mask = torch.full((shape.seq, shape.seq), float("-inf"), dtype=DTYPE).triu(1).unsqueeze(0)
+    mask = torch.full((shape.seq, shape.seq), float("-inf"), dtype=DTYPE, device=DEVICE).triu(1).unsqueeze(0)
     return FrozenGPT2(shape, wte, wpe, blocks, ones(d), zeros(d), ids, labels.reshape(-1), mask)
 
 
@@ -516,6 +522,9 @@ def _causal_attention(m: FrozenGPT2, q: torch.Tensor, k: torch.Tensor, v: torch.
             s.batch * s.heads, s.seq, s.head_dim)
 
     qh, kh, vh = heads(q), heads(k), heads(v)
+    if USE_SDPA and hasattr(F, "scaled_dot_product_attention"):  # the GPU suite: torch 2's fused attention
+        out = F.scaled_dot_product_attention(qh.unsqueeze(0), kh.unsqueeze(0), vh.unsqueeze(0), is_causal=True)[0]
+        return out.view(s.batch, s.heads, s.seq, s.head_dim).transpose(1, 2).reshape(s.tokens, s.d_model)
     # baddbmm adds the causal mask and applies 1/sqrt(head_dim) in the same op.
     scores = torch.baddbmm(m.causal_mask, qh, kh.transpose(1, 2), alpha=1 / math.sqrt(s.head_dim))
     out = torch.bmm(torch.softmax(scores, dim=-1), vh)          # (B*H, S, hd)
@@ -632,7 +641,7 @@ def mov_init(shape: GPT2Shape, n_exp: int) -> dict[tuple[int, str], IA3MixtureIn
     """Seeded initial values for every (layer, slot): router normal 0.02, L ones."""
     torch.manual_seed(1)
     return {(i, slot): IA3MixtureInit(_randn(d_router, n_exp, scale=0.02),
-                                      torch.ones(n_exp, width, dtype=DTYPE))
+                                      torch.ones(n_exp, width, dtype=DTYPE, device=DEVICE))
             for i in range(shape.layers) for slot, (d_router, width) in scale_slot_dims(shape).items()}
 
 
@@ -1029,7 +1038,7 @@ def print_model_table(names: list[str], moet: dict[str, float], torch_res: dict,
                      f"{pt_ms / m_ms:.2f}x" if m_ms else "n/a",
                      tok_s(m_ms), tok_s(pt_ms)])
 
-    print(header(f"{shape.describe()} float32 train step (fwd+bwd+clip+AdamW)"))
+    print(header(f"{shape.describe()} {str(DTYPE).removeprefix('torch.')} train step (fwd+bwd+clip+AdamW)"))
     print()
     print_rows(cols, rows, markdown)
     print()
@@ -1099,14 +1108,16 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.device == "cuda":
-        global T, DTYPE, DEVICE, CASES, MODEL_CASES
+        global T, DTYPE, DEVICE, CASES, USE_SDPA
         if not torch.cuda.is_available():
             print("--device cuda: torch sees no CUDA device", file=sys.stderr)
             return 2
-        T, DTYPE, DEVICE = 8192, torch.bfloat16, "cuda"
-        CASES, MODEL_CASES = CUDA_CASES, {}
+        T, DTYPE, DEVICE, USE_SDPA = 8192, torch.bfloat16, "cuda", True
+        CASES = CUDA_CASES   # the model cases stay: GPT-2 small in bf16 with SDPA
         if args.moet_bench == DEFAULT_MOET_BENCH:
             args.moet_bench = DEFAULT_MOET_BENCH_CUDA
+        if args.moet_bench_model == DEFAULT_MOET_BENCH_MODEL:
+            args.moet_bench_model = DEFAULT_MOET_BENCH_CUDA_MODEL
 
     if args.list:
         print("\n".join([*CASES, *MODEL_CASES]))
@@ -1116,7 +1127,7 @@ def main() -> int:
         print(f"no case matches {args.cases!r}; cases: {', '.join([*CASES, *MODEL_CASES])}",
               file=sys.stderr)
         return 2
-    shape = GPT2_TINY if args.tiny else GPT2_SMALL
+    shape = GPT2_TINY if args.tiny else (GPT2_SMALL_GPU if args.device == "cuda" else GPT2_SMALL)
 
     torch.set_num_threads(NUM_THREADS)
     torch.set_num_interop_threads(1)

@@ -3,9 +3,12 @@
 #   run(command="scripts/gpu-check.sh", carry=[".devdeps"])     after scripts/device-deps.sh here
 # Unpacks the carried Debian packages into /tmp/devroot (the image has nvcc, CMake and PyTorch,
 # not Eigen, Boost, Catch2, Google Benchmark or nlohmann-json), configures a CUDA build for
-# sm_90 with Eigen's own GEMM (no OpenBLAS there), builds the CUDA tests and benchmark, and runs:
-# the CUDA tests, compute-sanitizer memcheck over them, moet_bench_cuda and the PyTorch
-# comparison. Every log lands in $OUT (the device call brings it back) or ./gpu-check-out.
+# sm_90 with Eigen's own GEMM (no OpenBLAS there), builds the CUDA tests and benchmarks, and runs:
+# the CUDA tests (layers and whole models against the CPU), compute-sanitizer memcheck and
+# racecheck over them, moet_bench_cuda (layers), moet_bench_cuda_model (GPT-2 small and a
+# Llama-shaped 1B training and decoding) and the PyTorch comparison. Each step has a time limit so
+# that the whole stays within one device call (10 minutes); every log lands in $OUT (the device
+# call brings it back) or ./gpu-check-out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-check-out}
@@ -18,22 +21,24 @@ for f in .devdeps/*.deb; do  # dpkg -x, or ar + tar where there is no dpkg (Debi
 done
 arch_lib=$root/usr/lib/x86_64-linux-gnu
 export LD_LIBRARY_PATH=$arch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-step() {  # name, command...: runs it, keeps the whole log, prints its tail and status
-  local name=$1; shift
-  echo "== $name: $*"
-  "$@" > "$out/$name.log" 2>&1
+step() {  # name, seconds, command...: runs it (at most that long), keeps the whole log, prints its tail and status
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit}s): $*"
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1
   local rc=$?
   tail -n 25 "$out/$name.log"
   echo "== $name: exit $rc"
   return $rc
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/device.txt" 2>&1; cat "$out/device.txt"
-step configure cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DMOET_CUDA=ON -DMOET_BLAS=EIGEN \
+step configure 40 cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DMOET_CUDA=ON -DMOET_BLAS=EIGEN \
   -DCMAKE_PREFIX_PATH="$root/usr" -DCMAKE_CUDA_ARCHITECTURES="90-real;90-virtual" || exit 1
-step build cmake --build build-gpu -j"$(nproc)" --target test_cuda_layers test_cuda_layers_emulated test_cuda_emulation test_cuda_errors moet_bench_cuda \
-  moet_bench_cuda_emulated || exit 1
-step tests ctest --test-dir build-gpu -R cuda --output-on-failure
-step memcheck ctest --test-dir build-gpu -L memcheck --output-on-failure
-step bench build-gpu/bench/moet_bench_cuda
-step compare python3 bench/compare_pytorch.py --device cuda --markdown --moet-bench build-gpu/bench/moet_bench_cuda
+step build 180 cmake --build build-gpu -j"$(nproc)" --target test_cuda_layers test_cuda_model test_cuda_errors moet_bench_cuda \
+  moet_bench_cuda_model || exit 1
+step tests 40 ctest --test-dir build-gpu -R "^test_cuda_(layers|model|errors)$" --output-on-failure
+step memcheck 60 ctest --test-dir build-gpu -L memcheck --output-on-failure
+step racecheck 40 ctest --test-dir build-gpu -L racecheck --output-on-failure
+step bench 40 build-gpu/bench/moet_bench_cuda --benchmark_out="$out/bench_cuda.json" --benchmark_out_format=json
+step bench_model 100 build-gpu/bench/moet_bench_cuda_model --benchmark_out="$out/bench_cuda_model.json" --benchmark_out_format=json
+step compare 40 python3 bench/compare_pytorch.py --device cuda --markdown --moet-bench build-gpu/bench/moet_bench_cuda
 echo "logs in $out"

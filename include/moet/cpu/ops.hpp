@@ -50,6 +50,10 @@ struct ops<cpu, T> {
 
   static Tensor zeros(Index rows, Index cols) { return Tensor::Zero(rows, cols); }
   static bool empty(const Tensor& t) { return t.size() == 0; }
+  /// {rows, cols} of a tensor or view.
+  static std::pair<Index, Index> shape(View v) { return {v.rows(), v.cols()}; }
+  /// An owning copy of v.
+  static Tensor copy(View v) { return Tensor(v); }
   /// a + b
   static Tensor add(View a, View b) { return a + b; }
   /// dst += src; an empty dst becomes a copy of src.

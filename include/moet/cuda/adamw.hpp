@@ -1,5 +1,5 @@
 // AdamW for the CUDA layers: the CPU optimizer's update (optim/adamw.hpp, same options, same
-// checks and messages) on the device, one elementwise kernel per parameter tensor. Mixed
+// checks and messages) on the device, one launch per step over a table of every parameter tensor. Mixed
 // precision as usual: every parameter has a float32 master copy, made from its values on the
 // first step, which the update changes; the values in the storage type (bf16, fp16, float) are
 // rounded from it after each step, so small updates are not lost to bf16's 8 bits. The moments
@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <cstddef>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -52,14 +53,21 @@ class CudaAdamW {
     k.decay = float(1.0 - o.lr * o.weight_decay);
     k.correction1 = float(1.0 - std::pow(o.beta1, double(steps_)));
     k.correction2 = float(1.0 - std::pow(o.beta2, double(steps_)));
+    // One launch per storage type over a table of every tensor (a model holds one type).
+    std::tuple<std::vector<cuda_impl::AdamWTensor<float>>, std::vector<cuda_impl::AdamWTensor<bf16>>,
+               std::vector<cuda_impl::AdamWTensor<fp16>>>
+        tables;
     std::size_t i = 0;
     for_each_device_param(layer, [&](auto& p) {
+      using S = typename std::decay_t<decltype(p)>::Scalar;
       State& s = states_[i++];
       const auto value = p.value();
       const DeviceView<float> grad = p.grad();
-      cuda_impl::adamw_update(value.data, value.ld, grad.data, grad.ld, s.master.data(), s.m.data(), s.v.data(), value.rows,
-                              value.cols, k, ctx_->stream());
+      std::get<std::vector<cuda_impl::AdamWTensor<S>>>(tables).push_back(
+          {value.data, value.ld, grad.data, grad.ld, s.master.data(), s.m.data(), s.v.data(), value.rows, value.cols});
     });
+    std::size_t t = 0;
+    std::apply([&](auto&... list) { (launch(list, table_[t++], k), ...); }, tables);
   }
 
   /// The float32 master copy of the i-th parameter tensor (in the layer's parameter order).
@@ -90,7 +98,18 @@ class CudaAdamW {
     });
   }
 
+  /// Uploads a table (stream-ordered, into a buffer this optimizer keeps) and runs one update over it.
+  template <class T>
+  void launch(const std::vector<cuda_impl::AdamWTensor<T>>& list, DeviceBuffer& table, const cuda_impl::AdamWCoefficients& k) {
+    if (list.empty()) return;
+    const std::size_t bytes = list.size() * sizeof(list[0]);
+    if (table.bytes() < bytes) table = DeviceBuffer(bytes, ctx_->stream());
+    MOET_CUDA_CHECK(cudaMemcpyAsync(table.data(), list.data(), bytes, cudaMemcpyHostToDevice, ctx_->stream()));
+    cuda_impl::adamw_update_many(static_cast<const cuda_impl::AdamWTensor<T>*>(table.data()), int(list.size()), k, ctx_->stream());
+  }
+
   CudaContext* ctx_;
+  DeviceBuffer table_[3];  // the tensor tables of float, bf16 and fp16 parameters
   AdamWOptions options_;
   long steps_ = 0;
   std::vector<State> states_;

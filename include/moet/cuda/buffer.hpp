@@ -117,8 +117,9 @@ struct DeviceView {
 /// (ld >= cols).
 template <class T>
 class DeviceMatrix {
-  static_assert(cuda_impl::is_storage_type<T> || std::is_same_v<T, int> || std::is_same_v<T, double>,
-                "DeviceMatrix holds float, bf16, fp16 (and int / double for bookkeeping)");
+  static_assert(cuda_impl::is_storage_type<T> || std::is_same_v<T, int> || std::is_same_v<T, double> ||
+                    std::is_same_v<T, unsigned char>,
+                "DeviceMatrix holds float, bf16, fp16 (and int / double / flags for bookkeeping)");
 
  public:
   DeviceMatrix() = default;
@@ -185,10 +186,20 @@ std::vector<double> download(DeviceView<const T> src, cudaStream_t stream) {
   MOET_CUDA_CHECK(cudaStreamSynchronize(stream));
   std::vector<double> out(staged.size());
   for (std::size_t i = 0; i < staged.size(); ++i) {
-    if constexpr (std::is_same_v<T, int> || std::is_same_v<T, double>) out[i] = double(staged[i]);
+    if constexpr (std::is_same_v<T, int> || std::is_same_v<T, double> || std::is_same_v<T, unsigned char>) out[i] = double(staged[i]);
     else out[i] = to_double(staged[i]);
   }
   return out;
+}
+
+/// A host vector on the device as a (size, 1) matrix, copied on `stream` without waiting for it
+/// (a pageable host source is staged before the call returns, so `host` may go at once).
+template <class X>
+DeviceMatrix<X> to_device(const std::vector<X>& host, cudaStream_t stream) {
+  DeviceMatrix<X> d(std::ptrdiff_t(host.size()), 1, stream);
+  if (!host.empty())
+    MOET_CUDA_CHECK(cudaMemcpyAsync(d.data(), host.data(), host.size() * sizeof(X), cudaMemcpyHostToDevice, stream));
+  return d;
 }
 
 }  // namespace cuda_impl

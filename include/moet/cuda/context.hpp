@@ -29,6 +29,16 @@ inline std::optional<std::string> cuda_unavailable_reason() {
   return std::nullopt;
 }
 
+class CudaContext;
+namespace cuda_impl {
+/// This thread's current context (PyTorch's "current stream", per thread): the one the backend's
+/// model ops run on (ops.hpp). The first context made on a thread becomes current.
+inline CudaContext*& current_context_slot() {
+  thread_local CudaContext* current = nullptr;
+  return current;
+}
+}  // namespace cuda_impl
+
 class CudaContext {
  public:
   static constexpr std::size_t workspace_bytes = std::size_t(32) << 20;
@@ -60,10 +70,24 @@ class CudaContext {
       release();
       throw;
     }
+    if (!cuda_impl::current_context_slot()) cuda_impl::current_context_slot() = this;
   }
   CudaContext(const CudaContext&) = delete;
   CudaContext& operator=(const CudaContext&) = delete;
-  ~CudaContext() { release(); }
+  ~CudaContext() {
+    if (cuda_impl::current_context_slot() == this) cuda_impl::current_context_slot() = nullptr;
+    release();
+  }
+
+  /// Makes this the context the model ops of this thread run on (needed only with several contexts).
+  void make_current() { cuda_impl::current_context_slot() = this; }
+  /// This thread's current context, or a moet::cuda_error when none was made.
+  static CudaContext& current() {
+    if (CudaContext* c = cuda_impl::current_context_slot()) return *c;
+    throw cuda_error("moet CUDA backend: no CudaContext on this thread; make one (moet::CudaContext ctx;) before running a "
+                     "CUDA model, or call ctx.make_current() on this thread",
+                     int(cudaErrorInvalidDevice));
+  }
 
   int device() const { return device_; }
   const std::string& device_name() const { return name_; }

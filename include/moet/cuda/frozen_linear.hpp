@@ -42,6 +42,9 @@ class FrozenLinear {
   Index d_in() const { return weight.rows(); }
   Index d_out() const { return weight.cols(); }
 
+  DeviceFrozen<T>& frozen_weight() { return weight; }
+  DeviceFrozen<T>& frozen_bias() { return bias; }
+
   Context forward(DeviceView<const T> x) const {
     detail::expect_cols(name(), "input x", x.rows, x.cols, d_in(), "tokens x d_in");
     Context c{DeviceMatrix<T>(x.rows, d_out(), ctx_->stream())};

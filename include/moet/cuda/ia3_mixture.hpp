@@ -36,6 +36,7 @@ class Ia3Mixture {
   static constexpr bool gates_sum_to_one = Policy::k == 0 || Policy::renorm == Renorm::on;
 
  public:
+  using spec = Spec;  ///< the Mixture<...> this layer implements
   using Options = MixtureOptions<IA3>;
   using Scalar = T;
   using OutputScalar = T;
@@ -62,15 +63,16 @@ class Ia3Mixture {
   const Options& options() const { return options_; }
 
   /// Self-routed: h (tokens, width) is also the router input.
-  Context forward(DeviceView<const T> h) const {
+  Context forward(DeviceView<const T> h, RowMask rows = {}) const {
     shape_.check_self_routed(h.rows, h.cols);
-    return forward_impl(h, h, false);
+    return forward_impl(h, h, false, rows);
   }
 
   /// Routed on the caller's r (tokens, router_width).
-  Context forward(DeviceView<const T> h, DeviceView<const T> router_input) const {
+  /// rows: the token rows that count for the aux losses (a padded batch's real tokens).
+  Context forward(DeviceView<const T> h, DeviceView<const T> router_input, RowMask rows = {}) const {
     shape_.check_routed_on(h.rows, h.cols, router_input.rows, router_input.cols);
-    return forward_impl(h, router_input, true);
+    return forward_impl(h, router_input, true, rows);
   }
 
   /// Self-routed backward: returns dh.
@@ -138,13 +140,13 @@ class Ia3Mixture {
     return ext ? r : r.col_block(j * head_dim_, head_dim_);
   }
 
-  Context forward_impl(DeviceView<const T> h, DeviceView<const T> r, bool ext) const {
+  Context forward_impl(DeviceView<const T> h, DeviceView<const T> r, bool ext, RowMask rows) const {
     const Index N = h.rows, G = groups();
     cudaStream_t stream = ctx_->stream();
     Context c;
     c.tokens = N;
     c.external_router_input = ext;
-    c.routing = DeviceRouting::start<Policy>(N * G, E, options_.router, stream);
+    c.routing = DeviceRouting::start<Policy>(N * G, E, options_.router, stream, rows, int(G));
     DeviceMatrix<float> logits(N * G, E, stream);  // row t * G + j
     for (Index j = 0; j < G; ++j)
       gemm<T, float>(*ctx_, Op::N, router_block(r, ext, j), Op::N, DeviceView<const T>(router_kernel.value()),

@@ -32,6 +32,11 @@ struct RoutingState {
   double* stats = nullptr;    ///< (2E + 1): routing slots per expert, sum of probs per expert, sum of lse^2
   double load_balance_weight = 0;
   double z_loss_weight = 0;
+  /// Rows that count for the aux losses (a padded batch's real tokens): routing row r counts when
+  /// counted[r / groups] is 1; nullptr: every row. counted_rows is their number.
+  const unsigned char* counted = nullptr;
+  int groups = 1;
+  std::int64_t counted_rows = 0;
 };
 
 /// Routes `rows` rows of logits (ld apart); fills probs, gates, selected, lse and adds to stats
@@ -150,6 +155,21 @@ struct AdamWCoefficients {
 template <class T>
 void adamw_update(T* value, std::int64_t ld_value, const float* grad, std::int64_t ld_grad, float* master, float* m, float* v,
                   std::int64_t rows, std::int64_t cols, const AdamWCoefficients& k, cudaStream_t stream);
+
+/// One parameter tensor of a multi-tensor AdamW step: values (T, row stride ld_value), float32
+/// gradient (ld_grad), master copy and moments (float32, contiguous rows x cols).
+template <class T>
+struct AdamWTensor {
+  T* value;
+  std::int64_t ld_value;
+  const float* grad;
+  std::int64_t ld_grad;
+  float *master, *m, *v;
+  std::int64_t rows, cols;
+};
+/// AdamW over `count` tensors (the table on the device) in one launch.
+template <class T>
+void adamw_update_many(const AdamWTensor<T>* tensors, int count, const AdamWCoefficients& k, cudaStream_t stream);
 
 /// dst (rows, cols) = src, converted from float.
 template <class T>

@@ -81,6 +81,7 @@ class LoraMixture {
 
  public:
   using Options = MixtureOptions<LoRA<R>>;
+  using spec = Spec;  ///< the Mixture<...> this layer implements
   using Scalar = T;
   using OutputScalar = T;
 
@@ -129,7 +130,12 @@ class LoraMixture {
     else return R <= 512 && double(K) * (16.0 * R + 600.0) < double(E) * R;
   }
 
-  Context forward(DeviceView<const T> x) const {
+  /// The frozen W0 (d_in, d_out) and bias (1, d_out; empty without bias), for checkpoints.
+  DeviceFrozen<T>& frozen_weight() { return base_weight; }
+  DeviceFrozen<T>& frozen_bias() { return base_bias; }
+
+  /// rows: the token rows that count for the aux losses (a padded batch's real tokens).
+  Context forward(DeviceView<const T> x, RowMask rows = {}) const {
     detail::expect_cols(name(), "input x", x.rows, x.cols, d_in(), "tokens x d_in");
     const Index N = x.rows, D = d_out_;
     cudaStream_t stream = ctx_->stream();
@@ -137,7 +143,7 @@ class LoraMixture {
     c.tokens = N;
     c.d_out = D;
     c.grouped = uses_grouped();
-    c.routing = DeviceRouting::start<Policy>(N, E, options_.router, stream);
+    c.routing = DeviceRouting::start<Policy>(N, E, options_.router, stream, rows);
     if (c.grouped) {
       forward_grouped(x, c);
       return c;

@@ -6,6 +6,7 @@
 // layer, in the CPU layer's order.
 #pragma once
 
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -55,10 +56,18 @@ template <class T>
 class DeviceFrozen : public cuda_impl::NamedDeviceTensor<T> {
  public:
   using cuda_impl::NamedDeviceTensor<T>::NamedDeviceTensor;
+  /// A frozen tensor that owns its storage (a model's embedding table, norm weights, LM head);
+  /// the layers' frozen tensors are views into their fused buffers instead.
+  DeviceFrozen(std::string name, DeviceMatrix<T>&& owned)
+      : cuda_impl::NamedDeviceTensor<T>(std::move(name), owned.view()),
+        storage_(std::make_shared<DeviceMatrix<T>>(std::move(owned))) {}
 
   DeviceView<const T> value() const { return this->value_; }
   /// Writable for loading pretrained weights; training never writes here.
   DeviceView<T> mutable_value() const { return this->value_; }
+
+ private:
+  std::shared_ptr<DeviceMatrix<T>> storage_;  // set when this tensor owns its values
 };
 
 // The generic walk (core/visit.hpp) reports device tensors as it reports host ones.

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "../core/error.hpp"
+#include "../core/shapes.hpp"
 #include "../router.hpp"
 #include "buffer.hpp"
 #include "kernels.hpp"
@@ -25,11 +26,29 @@ struct DeviceRouting {
   DeviceMatrix<int> selected;    // (rows, K)
   DeviceMatrix<float> lse;       // (rows, 1)
   DeviceMatrix<double> stats;    // (1, 2E + 1): slots per expert, probability sums, sum of lse^2
+  DeviceMatrix<unsigned char> counted;  // (tokens) the RowMask's flags; empty: every row counts
+  int groups = 1;                       // routing rows per token
+  std::int64_t counted_rows = 0;
   cudaStream_t stream = nullptr;
 
+  /// `mask` flags the token rows that count for the aux losses; routing row r belongs to token
+  /// r / groups (per-head IA3 routes `groups` rows per token).
   template <class Policy>
-  static DeviceRouting start(std::int64_t rows, int experts, const RouterOptions& options, cudaStream_t stream) {
+  static DeviceRouting start(std::int64_t rows, int experts, const RouterOptions& options, cudaStream_t stream, RowMask mask = {},
+                             int groups = 1) {
     DeviceRouting r;
+    r.groups = groups;
+    r.counted_rows = rows;
+    if (!mask.all()) {
+      if (mask.rows * groups != rows)
+        throw shape_error(detail::concat("router: the row mask has ", mask.rows, " flags for ", rows / groups, " tokens"));
+      std::vector<unsigned char> flags(mask.flags, mask.flags + mask.rows);
+      r.counted_rows = 0;
+      for (unsigned char f : flags) r.counted_rows += f ? groups : 0;
+      r.counted = DeviceMatrix<unsigned char>(mask.rows, 1, stream);
+      if (mask.rows > 0)
+        MOET_CUDA_CHECK(cudaMemcpyAsync(r.counted.data(), flags.data(), flags.size(), cudaMemcpyHostToDevice, stream));
+    }
     r.options = options;
     r.rows = rows;
     r.experts = experts;
@@ -57,6 +76,9 @@ struct DeviceRouting {
     s.stats = const_cast<double*>(stats.data());
     s.load_balance_weight = options.load_balance_weight;
     s.z_loss_weight = options.z_loss_weight;
+    s.counted = counted.size() ? counted.data() : nullptr;
+    s.groups = groups;
+    s.counted_rows = counted_rows;
     return s;
   }
 
@@ -74,7 +96,7 @@ struct DeviceRouting {
   AuxLosses statistics(std::vector<double>* usage) const {
     if (rows == 0) return aux_losses(experts, k, {}, usage);
     const std::vector<double> s = download(stats.view(), stream);
-    return aux_losses(experts, k, {s.data(), s.data() + experts, s[std::size_t(2 * experts)], double(rows)}, usage);
+    return aux_losses(experts, k, {s.data(), s.data() + experts, s[std::size_t(2 * experts)], double(counted_rows)}, usage);
   }
 
   double aux_loss() const {

@@ -21,6 +21,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "../core/backend.hpp"
 #include "../core/error.hpp"
 #include "../core/param.hpp"
 #include "../core/random.hpp"
@@ -82,20 +83,44 @@ void require_finite(const Matrix<T>& m, const std::string& name, const std::stri
 
 }  // namespace io
 
+/// A tensor's values on the host, and a host matrix written into a tensor: the CPU's tensors
+/// here, device tensors in cuda/ops.hpp (the checkpoint and adapter files are the same for both).
+template <class T>
+Matrix<T> tensor_to_host(const Param<T>& p) {
+  return p.value();
+}
+template <class T>
+Matrix<T> tensor_to_host(const Frozen<T>& f) {
+  return f.value();
+}
+template <class T, class M>
+void tensor_from_host(Param<T>& p, const M& m) {
+  p.value() = m;
+}
+template <class T, class M>
+void tensor_from_host(Frozen<T>& f, const M& m) {
+  f.mutable_value() = m;
+}
+
 namespace detail_io {
 template <class T>
 constexpr io::DType native_dtype() {
   return std::is_same_v<T, double> ? io::DType::F64 : io::DType::F32;
 }
 
+/// The scalar a model's tensors are read and written in on the host: its own when that is a
+/// host floating-point type, else float (the CUDA backend's bf16 and fp16 are converted on upload).
 template <class T>
-Matrix<T> join_columns(const std::vector<Frozen<T>*>& parts) {
+using host_scalar = std::conditional_t<std::is_floating_point_v<T>, T, float>;
+
+template <class P>
+Matrix<host_scalar<typename P::Scalar>> join_columns(const std::vector<P*>& parts) {
   Index cols = 0;
   for (auto* p : parts) cols += p->cols();
-  Matrix<T> m(parts[0]->rows(), cols);
+  Matrix<host_scalar<typename P::Scalar>> m(parts[0]->rows(), cols);
   Index c = 0;
   for (auto* p : parts) {
-    m.middleCols(c, p->cols()) = p->value();
+    m.middleCols(c, p->cols()) = tensor_to_host(*p);
     c += p->cols();
   }
   return m;
@@ -145,7 +170,7 @@ inline std::string model_config_json(const io::ModelConfig& c) {
 /// without the "transformer." prefix). Tensors the model does not use are ignored.
 template <class Model>
 void load_base(Model& model, const io::Checkpoint& checkpoint, const LoadOptions& load = {}) {
-  using T = typename Model::Scalar;
+  using T = detail_io::host_scalar<typename Model::Scalar>;
   const std::string prefix = checkpoint.contains("wte.weight") && !checkpoint.contains("transformer.wte.weight") ? "" : "transformer.";
   auto tensors = model.base_tensors(prefix);
   std::vector<Matrix<T>> staged;
@@ -162,17 +187,18 @@ void load_base(Model& model, const io::Checkpoint& checkpoint, const LoadOptions
   for (std::size_t i = 0; i < tensors.size(); ++i) {
     Index c = 0;
     for (auto* p : tensors[i].parts) {
-      p->mutable_value() = staged[i].middleCols(c, p->cols());
+      tensor_from_host(*p, Matrix<T>(staged[i].middleCols(c, p->cols())));
       c += p->cols();
     }
   }
 }
 
-/// A model of type Spec::model<T> from a Hugging Face folder (config.json + weights).
-/// The config's size and the checkpoint's contents are checked before the model is built.
-template <class Spec, class T>
-typename Spec::template model<T> load_pretrained(const std::filesystem::path& dir, Rng& rng, const ModelOptions& options = {},
-                                                 const LoadOptions& load = {}) {
+/// A model of type Spec::model<T, Backend> on `device` from a Hugging Face folder (config.json +
+/// weights): load_pretrained<M, bf16, cuda>(ctx, dir, rng) for the GPU. The config's size and the
+/// checkpoint's contents are checked before the model is built.
+template <class Spec, class T, class Backend, class Device>
+typename Spec::template model<T, Backend> load_pretrained(Device&& device, const std::filesystem::path& dir, Rng& rng,
+                                                          const ModelOptions& options = {}, const LoadOptions& load = {}) {
   const io::ModelConfig config = io::load_model_config(dir / "config.json");
   const io::Checkpoint checkpoint(dir);  // opened (and validated) before the model is built
   const std::string who = "load_pretrained " + dir.string();
@@ -182,9 +208,16 @@ typename Spec::template model<T> load_pretrained(const std::filesystem::path& di
   if (needed / 2 > held + (std::uint64_t(1) << 20))
     throw format_error(detail::concat(who, ": config.json describes a model of ", needed, " frozen values but the checkpoint holds ",
                                       held, " (a config for another checkpoint?)"));
-  typename Spec::template model<T> model(config, rng, options);
+  typename Spec::template model<T, Backend> model(std::forward<Device>(device), config, rng, options);
   load_base(model, checkpoint, load);
   return model;
+}
+
+/// The CPU model of type Spec::model<T> from a Hugging Face folder.
+template <class Spec, class T>
+typename Spec::template model<T> load_pretrained(const std::filesystem::path& dir, Rng& rng, const ModelOptions& options = {},
+                                                 const LoadOptions& load = {}) {
+  return load_pretrained<Spec, T, cpu>(CpuDevice{}, dir, rng, options, load);
 }
 
 struct SaveOptions {
@@ -200,7 +233,7 @@ void save_pretrained(Model& model, const std::filesystem::path& dir, const SaveO
   std::vector<std::vector<io::TensorToWrite>> shards(1);
   std::size_t bytes = 0;
   for (const auto& t : model.base_tensors()) {
-    Matrix<typename Model::Scalar> m = detail_io::join_columns(t.parts);
+    auto m = detail_io::join_columns(t.parts);
     if (t.transposed) m.transposeInPlace();
     auto w = io::TensorToWrite::from(t.name, m, options.dtype);
     if (t.vector) w.shape = {m.cols()};
@@ -274,7 +307,6 @@ inline const std::vector<std::string>& function_fields() {
 /// rebuilds its function and the shapes of its tensors ("adapters"); docs/models.md describes it.
 template <class Model>
 nlohmann::ordered_json adapter_layout_json(Model& model) {
-  using T = typename Model::Scalar;
   const auto& c = model.config();
   nlohmann::ordered_json j;
   j["format"] = "moet-adapters";
@@ -298,7 +330,7 @@ nlohmann::ordered_json adapter_layout_json(Model& model) {
           },
           slot.layer_);
     });
-  model.for_each_named_param([&](const std::string& name, Param<T>& p) {
+  model.for_each_named_param([&](const std::string& name, auto& p) {
     // "layers.<i>.<slot>.<param>[.<n>]": the slot is the first three parts
     std::size_t cut = 0;
     for (int parts = 0; parts < 3; ++parts) cut = name.find('.', cut) + 1;
@@ -312,11 +344,11 @@ nlohmann::ordered_json adapter_layout_json(Model& model) {
 /// Writes the trainable tensors (adapter_model.safetensors) and their layout (adapter_config.json).
 template <class Model>
 void save_adapters(Model& model, const std::filesystem::path& dir) {
-  using T = typename Model::Scalar;
+  using T = detail_io::host_scalar<typename Model::Scalar>;
   io::make_directory(dir, "save_adapters");
   std::vector<io::TensorToWrite> tensors;
-  model.for_each_named_param([&](const std::string& name, Param<T>& p) {
-    tensors.push_back(io::TensorToWrite::from(name, p.value(), detail_io::native_dtype<T>()));
+  model.for_each_named_param([&](const std::string& name, auto& p) {
+    tensors.push_back(io::TensorToWrite::from(name, tensor_to_host(p), detail_io::native_dtype<T>()));
   });
   const auto layout = adapter_layout_json(model);
   io::write_safetensors(dir / "adapter_model.safetensors", tensors, {{"moet_layout", layout.dump()}});
@@ -328,7 +360,7 @@ void save_adapters(Model& model, const std::filesystem::path& dir) {
 /// file from a newer format version is refused.
 template <class Model>
 void load_adapters(Model& model, const std::filesystem::path& dir, const LoadOptions& load = {}) {
-  using T = typename Model::Scalar;
+  using T = detail_io::host_scalar<typename Model::Scalar>;
   const std::string where = "adapter folder " + dir.string();
   const nlohmann::json saved = io::parse_json(io::read_text_file(dir / "adapter_config.json", where), where + ": adapter_config.json");
   if (!saved.is_object()) throw format_error(where + ": adapter_config.json is not a JSON object");
@@ -374,15 +406,16 @@ void load_adapters(Model& model, const std::filesystem::path& dir, const LoadOpt
     }
   }
   const io::SafetensorsFile file(dir / "adapter_model.safetensors");
-  std::vector<std::pair<Param<T>*, Matrix<T>>> staged;
-  model.for_each_named_param([&](const std::string& name, Param<T>& p) {
-    staged.emplace_back(&p, file.template matrix<T>(name, p.rows(), p.cols()));
-    if (load.check_finite) io::require_finite(staged.back().second, name, where + ": adapter_model.safetensors");
+  std::vector<Matrix<T>> staged;  // every tensor read and checked before any is written
+  model.for_each_named_param([&](const std::string& name, auto& p) {
+    staged.push_back(file.template matrix<T>(name, p.rows(), p.cols()));
+    if (load.check_finite) io::require_finite(staged.back(), name, where + ": adapter_model.safetensors");
   });
   if (staged.size() != file.tensors().size())
     throw format_error(detail::concat(where, ": adapter_model.safetensors has ", file.tensors().size(), " tensors, expected ",
                                           staged.size()));
-  for (auto& [p, m] : staged) p->value() = m;
+  std::size_t i = 0;
+  model.for_each_named_param([&](const std::string&, auto& p) { tensor_from_host(p, staged[i++]); });
 }
 
 }  // namespace moet

@@ -91,6 +91,15 @@ SlotShape slot_shape(const io::ModelConfig& c) {
   else return {0, f, false};  // ffn_hidden
 }
 
+/// A frozen weight at its random start: normal(0, stddev), or zeros without drawing anything when
+/// stddev is 0 (a checkpoint is loaded over it, or a benchmark fills it on the device: drawing a
+/// 1B-parameter model on the host takes most of a minute).
+template <class Host>
+Host initial_weight(Rng& rng, Index rows, Index cols, double stddev) {
+  if (stddev == 0) return Host::Zero(rows, cols);
+  return rng.normal_matrix<typename Host::Scalar>(rows, cols, 0.0, stddev);
+}
+
 /// The slots an architecture has, in the order a block holds and visits them.
 template <class Arch>
 using slot_order = std::conditional_t<Arch::llama,
@@ -272,7 +281,7 @@ class Block {
       const SlotShape shape = slot_shape<X>(c);
       auto& target = std::get<index_of<X>>(staged);
       if constexpr (X::linear) {
-        const Host w = rng.normal_matrix<typename Host::Scalar>(shape.in, shape.out, 0.0, init_stddev);
+        const Host w = initial_weight<Host>(rng, shape.in, shape.out, init_stddev);
         const Host zero = Host::Zero(1, shape.out);
         target.emplace(device, index, w, shape.bias ? &zero : nullptr, rng, o, c.d_model);
       } else {

@@ -99,7 +99,7 @@ class ComposedModel {
     typename AnchorModel::Context head;  // final norm, loss (and its gradient)
     bool to_input = false;               // kept everything down to h0 (the harness's view)
 
-    View output() const { return head.output(); }
+    auto output() const { return head.output(); }
     double aux_loss() const { return head.aux_loss(); }
   };
 
@@ -217,14 +217,16 @@ class ComposedModel {
       throw shape_error(detail::concat(name(), ": ", stacked_states.size(), " stacked state tensors for ", augment_count,
                                        " augmenting models"));
     const Index n = g->anchor->tokens();
-    detail::expect_shape(name(), "anchor embeddings h0", h0.rows(), h0.cols(), n, anchor.config().d_model, "tokens x d_model");
+    const auto [h0_rows, h0_cols] = Ops::shape(h0);
+    detail::expect_shape(name(), "anchor embeddings h0", h0_rows, h0_cols, n, anchor.config().d_model, "tokens x d_model");
     Context c;
     c.geometry = std::move(g);
     std::vector<Index> seen(augment_count, 0);
     for (const Site& s : sites_) {
       const View states = stacked_states[std::size_t(s.augment)];
       const Index width = augment_config(s.augment).d_model, sites_of_m = sites_of(s.augment);
-      detail::expect_shape(name(), "stacked augmenting states", states.rows(), states.cols(), sites_of_m * n, width,
+      const auto [states_rows, states_cols] = Ops::shape(states);
+      detail::expect_shape(name(), "stacked augmenting states", states_rows, states_cols, sites_of_m * n, width,
                            "(sites of the augmenting model * tokens) x its d_model");
       c.augment_states.emplace_back(Ops::rows(states, seen[std::size_t(s.augment)]++ * n, n));
     }
@@ -383,7 +385,7 @@ class ComposedModel {
       with_augment(m, [&](const auto& model) {
         model.decode_hidden(cache.augments[m], per_augment[m], [&](Index i, Tensor& h) {
           for (std::size_t k = 0; k < sites_.size(); ++k)
-            if (sites_[k].augment == Index(m) && sites_[k].i == i) states[k] = h;
+            if (sites_[k].augment == Index(m) && sites_[k].i == i) states[k] = Ops::copy(h);
         });
         return 0;
       });
@@ -487,7 +489,7 @@ class ComposedModel {
             done = i + 1;
           }
           for (std::size_t k = 0; k < sites_.size(); ++k)
-            if (sites_[k].augment == Index(m) && sites_[k].i == i && Ops::empty(states[k])) states[k] = h;
+            if (sites_[k].augment == Index(m) && sites_[k].i == i && Ops::empty(states[k])) states[k] = Ops::copy(h);
         }
         return 0;
       });
@@ -510,9 +512,9 @@ class ComposedModel {
       for (std::size_t k = 0; k < sites_.size(); ++k)
         if (sites_[k].j == j) {
           const Site& s = sites_[k];
-          c.composed_in[k] = Tensor(current());
+          c.composed_in[k] = Ops::copy(current());
           c.composition[k].emplace(composition[k].forward(c.composed_in[k], c.augment_states[k], g.cross[std::size_t(s.augment)]));
-          h = Tensor(c.composition[k]->output());
+          h = Ops::copy(c.composition[k]->output());
           input_site = Index(k);
         }
     };

@@ -113,7 +113,7 @@ class DecoderModel {
     Tensor d_final;    // d(loss)/d(final norm output) for d(loss) = 1, formed with the loss
     typename Ops::AuxSum aux{};
 
-    View output() const { return loss.output(); }  // (1, 1)
+    auto output() const { return loss.output(); }  // (1, 1); float32 on the GPU whatever T is
     double aux_loss() const { return Ops::aux_value(aux); }
   };
 
@@ -125,19 +125,19 @@ class DecoderModel {
       : device_(device),
         config_(checked(config)),
         options_(options),
-        wte(device, rng.normal_matrix<typename Host::Scalar>(config.vocab, config.d_model, 0.0, init_stddev)),
+        wte(device, initial_weight<Host>(rng, config.vocab, config.d_model, init_stddev)),
         final_norm(BlockType::make_norm(device, config)) {
     if constexpr (llama) {
       rope_q_.emplace(device, config.heads, config.head_dim(), config.rope_theta, config.rope_scaling);
       rope_k_.emplace(device, config.kv_heads, config.head_dim(), config.rope_theta, config.rope_scaling);
     } else {
-      wpe.emplace(device, rng.normal_matrix<typename Host::Scalar>(config.max_positions, config.d_model, 0.0, init_stddev));
+      wpe.emplace(device, initial_weight<Host>(rng, config.max_positions, config.d_model, init_stddev));
     }
     blocks.reserve(std::size_t(config.layers));
     for (Index i = 0; i < config.layers; ++i) blocks.emplace_back(device, config, i, rng, options, init_stddev);
     if (!config.tied_embeddings)
       lm_head.emplace(Ops::frozen(device, name(), "lm_head",
-                                  rng.normal_matrix<typename Host::Scalar>(config.vocab, config.d_model, 0.0, init_stddev)));
+                                  initial_weight<Host>(rng, config.vocab, config.d_model, init_stddev)));
     arena_ = typename Ops::GradientArena(*this);
   }
   /// The CPU shorthand: no device handle.
@@ -190,7 +190,8 @@ class DecoderModel {
   /// gradient is formed in the same pass (see lm_head_loss_forward).
   Context forward(Geometry g, View h0, bool for_backward = true) const {
     check_geometry(g);
-    detail::expect_shape(name(), "embedded batch h0", h0.rows(), h0.cols(), g->tokens(), config_.d_model, "tokens x d_model");
+    const auto [h0_rows, h0_cols] = Ops::shape(h0);
+    detail::expect_shape(name(), "embedded batch h0", h0_rows, h0_cols, g->tokens(), config_.d_model, "tokens x d_model");
     Context c;
     c.batch = std::move(g);
     const Inputs in = inputs(*c.batch);
@@ -266,7 +267,7 @@ class DecoderModel {
         run->blocks.resize(std::size_t(last - first));
       }
     }
-    if (first == last) return Tensor(h);
+    if (first == last) return Ops::copy(h);
     Tensor out;
     for (Index i = first; i < last; ++i) {
       typename BlockType::Context ctx;

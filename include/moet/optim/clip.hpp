@@ -19,8 +19,9 @@ struct ClipResult {
 /// refuses or skips it: model/decoder.hpp). On a model with a gradient arena (core/arena.hpp) the norm is
 /// one pass over it, summed in double, and so is the scaling; a layer on its own is walked tensor
 /// by tensor.
+namespace detail {
 template <class Model>
-ClipResult clip_grad_norm(Model& model, double max_norm) {
+ClipResult clip_on_host(Model& model, double max_norm) {
   ClipResult r;
   double sq = 0;
   if constexpr (requires { model.gradient_arena().all(); }) {
@@ -40,6 +41,16 @@ ClipResult clip_grad_norm(Model& model, double max_norm) {
     r.clipped = true;
   }
   return r;
+}
+
+}  // namespace detail
+
+template <class Model>
+ClipResult clip_grad_norm(Model& model, double max_norm) {
+  if constexpr (requires { model.gradient_arena().clip(max_norm); })
+    return model.gradient_arena().clip(max_norm);  // a device arena (cuda/ops.hpp): the same rule, on the device
+  else
+    return detail::clip_on_host(model, max_norm);
 }
 
 }  // namespace moet

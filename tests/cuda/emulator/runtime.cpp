@@ -572,6 +572,15 @@ cudaError_t cudaDeviceGetDefaultMemPool(cudaMemPool_t* pool, int device) {
 cudaError_t cudaMemPoolSetAttribute(cudaMemPool_t /*pool*/, cudaMemPoolAttr /*attr*/, void* /*value*/) {
   return cudaSuccess;
 }
+cudaError_t cudaMemPoolGetAttribute(cudaMemPool_t /*pool*/, cudaMemPoolAttr attr, void* value) {
+  // The pool's statistics are not kept here: every size attribute reads 0.
+  if (attr == cudaMemPoolReuseFollowEventDependencies || attr == cudaMemPoolReuseAllowOpportunistic ||
+      attr == cudaMemPoolReuseAllowInternalDependencies)
+    *static_cast<int*>(value) = 0;
+  else
+    *static_cast<std::uint64_t*>(value) = 0;
+  return cudaSuccess;
+}
 
 cudaError_t cudaMemcpy(void* dst, const void* src, std::size_t bytes, cudaMemcpyKind /*kind*/) {
   if (bytes) std::memmove(dst, src, bytes);

@@ -33,6 +33,7 @@ template <int EPL, class L>
 __device__ void route_row(const L* logits, const RoutingState& s, std::int64_t row, int lane, float* gates_smem,
                           BlockStats& stats) {
   const int E = s.experts;
+  const bool counts = !s.counted || s.counted[row / s.groups];  // rows that do not count add nothing to the statistics
   float p[EPL];
   float max_logit = -INFINITY;
 #pragma unroll
@@ -69,7 +70,7 @@ __device__ void route_row(const L* logits, const RoutingState& s, std::int64_t r
     }
     warp_argmax(best, best_index);
     if (best_index >= E) best_index = 0;  // every probability NaN: count somewhere valid (the output is NaN anyway)
-    if (lane == 0) atomicAdd(&stats.values[best_index], 1.0);
+    if (lane == 0 && counts) atomicAdd(&stats.values[best_index], 1.0);
   } else {
     unsigned chosen = 0;  // bit i: this lane's slot i is selected
     int selected[max_top_k];
@@ -97,7 +98,7 @@ __device__ void route_row(const L* logits, const RoutingState& s, std::int64_t r
     if (lane == 0)
       for (int j = 0; j < s.k; ++j) {
         s.selected[row * s.k + j] = selected[j];
-        atomicAdd(&stats.values[selected[j]], 1.0);
+        if (counts) atomicAdd(&stats.values[selected[j]], 1.0);
       }
   }
 #pragma unroll
@@ -107,12 +108,12 @@ __device__ void route_row(const L* logits, const RoutingState& s, std::int64_t r
       s.probs[row * E + e] = p[i];
       s.gates[row * E + e] = g[i];
       gates_smem[e] = g[i];
-      atomicAdd(&stats.values[E + e], double(p[i]));
+      if (counts) atomicAdd(&stats.values[E + e], double(p[i]));
     }
   }
   if (lane == 0) {
     s.lse[row] = lse;
-    atomicAdd(&stats.values[2 * max_experts], double(lse) * double(lse));
+    if (counts) atomicAdd(&stats.values[2 * max_experts], double(lse) * double(lse));
   }
   __syncwarp();
 }
@@ -156,10 +157,11 @@ __device__ void route_backward_row(const RoutingState& s, std::int64_t row, int 
     }
     __syncwarp();
   }
-  const float rows = float(s.rows);
-  if (s.load_balance_weight != 0.0) {
+  const bool aux = !s.counted || s.counted[row / s.groups];  // rows that do not count get no aux-loss gradient
+  const float rows = float(s.counted_rows);
+  if (aux && s.load_balance_weight != 0.0) {
     const float w = float(s.load_balance_weight) * float(E) / rows;
-    const double slots = double(s.rows) * double(s.k > 0 ? s.k : 1);
+    const double slots = double(s.counted_rows) * double(s.k > 0 ? s.k : 1);
 #pragma unroll
     for (int i = 0; i < EPL; ++i) {
       const int e = lane + 32 * i;
@@ -170,7 +172,7 @@ __device__ void route_backward_row(const RoutingState& s, std::int64_t row, int 
 #pragma unroll
   for (int i = 0; i < EPL; ++i) dot += dp[i] * p[i];
   dot = warp_sum(dot);
-  const float z_coef = float(s.z_loss_weight) * 2.f / rows * s.lse[row];
+  const float z_coef = aux ? float(s.z_loss_weight) * 2.f / rows * s.lse[row] : 0.f;
 #pragma unroll
   for (int i = 0; i < EPL; ++i) {
     const int e = lane + 32 * i;

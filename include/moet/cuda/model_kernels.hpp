@@ -1,0 +1,114 @@
+// The kernels of the CUDA backend's model ops (ops.hpp): the frozen parts of a transformer
+// between its projections. Launchers with runtime sizes, compiled once into moet::cuda
+// (kernels/model.cu) and, for tests, into the host emulation. Matrices are row-major with row
+// strides (ld); every kernel reads and writes T (float, bf16, fp16) and computes in float32.
+//
+//   embed                 h[t] = wte[ids[t]] (+ wpe[positions[t]])
+//   norm_forward/backward LayerNorm (centered) or RMSNorm; keeps mean and 1/std per row
+//   activation*/swiglu*   elementwise, forward and backward
+//   rotate                rotary embedding (Hugging Face's rotate-half), sign -1: its transpose
+//   softmax_rows          attention's masked, causal softmax of float scores into probabilities
+//   softmax_grad_rows     attention's dS = P (dP - D) scale from recomputed P
+//   row_dot               D[r] = <a[r], b[r]> (attention's D = rowsum(dO * O))
+//   cross_entropy_rows    the LM head's per-token loss and d(logits), one chunk of rows
+//   sum_rows_scaled       out[0] = sum(values) * scale, one block in a fixed order (deterministic)
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace moet::cuda_impl {
+
+template <class T>
+void embed(const int* ids, const int* positions, std::int64_t tokens, const T* wte, std::int64_t ld_wte, const T* wpe,
+           std::int64_t ld_wpe, std::int64_t width, T* out, std::int64_t ld_out, cudaStream_t stream);
+
+/// y = (x - mean) rstd w [+ b]; stats (rows, 2) float = {mean, rstd}; centered false: RMSNorm (mean 0).
+template <class T>
+void norm_forward(const T* x, std::int64_t ld_x, std::int64_t rows, std::int64_t width, const T* w, const T* b, float eps,
+                  bool centered, T* y, std::int64_t ld_y, float* stats, cudaStream_t stream);
+/// dx = rstd (g - mean(g) - xh mean(g xh)), g = dy w (mean(g) dropped when not centered).
+template <class T>
+void norm_backward(const T* x, std::int64_t ld_x, const T* dy, std::int64_t ld_dy, std::int64_t rows, std::int64_t width,
+                   const T* w, const float* stats, bool centered, T* dx, std::int64_t ld_dx, cudaStream_t stream);
+
+/// kind: moet::Activation as int. out = act(x); backward: out = act'(x) dy.
+template <class T>
+void activation(int kind, const T* x, std::int64_t ld_x, std::int64_t rows, std::int64_t cols, T* out, std::int64_t ld_out,
+                cudaStream_t stream);
+template <class T>
+void activation_backward(int kind, const T* x, std::int64_t ld_x, const T* dy, std::int64_t ld_dy, std::int64_t rows,
+                         std::int64_t cols, T* out, std::int64_t ld_out, cudaStream_t stream);
+/// out = silu(gate) up; backward: d_gate = dy up silu'(gate), d_up = dy silu(gate).
+template <class T>
+void swiglu(const T* gate, std::int64_t ld_g, const T* up, std::int64_t ld_u, std::int64_t rows, std::int64_t cols, T* out,
+            std::int64_t ld_out, cudaStream_t stream);
+template <class T>
+void swiglu_backward(const T* gate, std::int64_t ld_g, const T* up, std::int64_t ld_u, const T* dy, std::int64_t ld_dy,
+                     std::int64_t rows, std::int64_t cols, T* d_gate, std::int64_t ld_dg, T* d_up, std::int64_t ld_du,
+                     cudaStream_t stream);
+
+/// out = a + b (out may be a).
+template <class T>
+void add(const T* a, std::int64_t ld_a, const T* b, std::int64_t ld_b, std::int64_t rows, std::int64_t cols, T* out,
+         std::int64_t ld_out, cudaStream_t stream);
+/// out = scale[0] x (scale: one value of T on the device).
+template <class T>
+void scale_by(const T* x, std::int64_t ld_x, const T* scale, std::int64_t rows, std::int64_t cols, T* out, std::int64_t ld_out,
+              cudaStream_t stream);
+/// n values of dst = value.
+template <class T>
+void fill(T* dst, std::int64_t n, float value, cudaStream_t stream);
+/// (rows, cols) of dst (row stride ld) = uniform in [-bound, bound] from a counter-based hash of
+/// (seed, index): quick stand-in weights of a chosen scale (benchmarks of models too large to draw
+/// on the host), the same on every run.
+template <class T>
+void fill_uniform(T* dst, std::int64_t rows, std::int64_t cols, std::int64_t ld, std::uint64_t seed, float bound,
+                  cudaStream_t stream);
+
+/// x (tokens, heads * head_dim): per head, pairs (i, i + head_dim/2) rotated by positions[t] *
+/// inv_freq[i] (double, head_dim/2 values); sign -1 rotates back.
+template <class T>
+void rotate(const T* x, std::int64_t ld_x, std::int64_t tokens, int heads, int head_dim, const int* positions,
+            const double* inv_freq, int sign, T* out, std::int64_t ld_out, cudaStream_t stream);
+
+/// Attention's masked softmax. scores: (batch * heads * q_len, k_len) float, row (b, h, i);
+/// query i sees keys j <= k_len - q_len + i with valid[b k_len + j]. Writes p (T, same layout;
+/// 0 where masked) and, with write_lse, lse (one per row, -inf when nothing is visible); without,
+/// reads lse and recomputes p = exp(s - lse).
+template <class T>
+void softmax_rows(const float* scores, std::int64_t batch, std::int64_t heads, std::int64_t q_len, std::int64_t k_len,
+                  const unsigned char* valid, bool write_lse, float* lse, T* p, cudaStream_t stream);
+/// ds = p (dp - d[row]) scale, in T; d: (batch, heads, q_len) as rows of softmax_rows.
+template <class T>
+void softmax_grad_rows(const T* p, const float* dp, const float* d, std::int64_t rows, std::int64_t k_len, float scale, T* ds,
+                       cudaStream_t stream);
+/// d[(b h + hh) q_len + i] = <dy row, y row> over head hh's head_dim columns of token row b q_len + i.
+template <class T>
+void attention_row_dot(const T* dy, std::int64_t ld_dy, const T* y, std::int64_t ld_y, std::int64_t batch, std::int64_t heads,
+                       std::int64_t q_len, int head_dim, float* d, cudaStream_t stream);
+
+/// One chunk of the LM head's cross-entropy: logits (rows, vocab) float. loss_rows[r] = lse -
+/// logit[target] (0 when target < 0); lse_rows[r] = lse. With d_logits: d_logits = (softmax -
+/// onehot) (*scale_ptr if given, else 1) * inv_count, 0 on ignored rows.
+template <class T>
+void cross_entropy_rows(const float* logits, std::int64_t rows, std::int64_t vocab, const int* targets, float* loss_rows,
+                        float* lse_rows, T* d_logits, const T* scale_ptr, float inv_count, cudaStream_t stream);
+/// out[0] = scale sum(values[0..n)), summed by one block in a fixed order.
+void sum_scaled(const float* values, std::int64_t n, float scale, float* out, cudaStream_t stream);
+/// A float32 gradient tensor as the gradient arena sees it: (rows, cols), row stride ld.
+struct GradSegment {
+  float* data;
+  std::int64_t rows, cols, ld;
+};
+/// *sq = the sum of squares of every segment, in double and in a fixed order (per-block partials,
+/// `blocks` per segment, then one block): the same bits on every run.
+void sum_squares(const GradSegment* segments, int count, int blocks, double* partials, double* sq, cudaStream_t stream);
+/// Multiplies every segment by max_norm / (sqrt(*sq) + 1e-6) when that norm is finite and above
+/// max_norm (else leaves them); reads *sq on the device.
+void clip_segments(const GradSegment* segments, int count, const double* sq, double max_norm, cudaStream_t stream);
+/// Zeroes every segment.
+void zero_segments(const GradSegment* segments, int count, cudaStream_t stream);
+
+}  // namespace moet::cuda_impl
