@@ -12,9 +12,10 @@ all=(test_gradients_lora test_gradients_ia3 test_gradients_router test_custom_ex
      test_reproducible test_model_api test_calm_augments test_hf_fidelity test_arena test_backend_ops test_hardening)
 # CI: the programs that read files, decode, sample and train whole models, and the layers' error
 # paths. Each test program takes 1-2 min to compile with ASan + UBSan on this project's 2-core
-# machines, so CI builds these eight (about 6 min); the full list runs here (about 15 min).
-ci=(test_errors test_safetensors test_config test_checkpoint test_hardening test_model_api test_decoder
-    test_reproducible)
+# machines, so CI builds these seven (about 5 min); the full list runs here (about 15 min).
+# test_decoder (the whole decoders' gradient harness) left CI when the GPU model tests came in
+# (issue 16), to keep a CI run under 30 minutes; test_model_api still decodes and trains there.
+ci=(test_errors test_safetensors test_config test_checkpoint test_hardening test_model_api test_reproducible)
 
 case "${1:-}" in
   --ci) tests=("${ci[@]}") ;;

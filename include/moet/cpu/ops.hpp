@@ -159,36 +159,6 @@ struct ops<cpu, T> {
     sum += c.aux_loss();
   }
   static double aux_value(AuxSum sum) { return sum; }
-
-  // --- decoding caches -------------------------------------------------------------------------
-  /// Keys or values of one layer for the positions decoded so far: (capacity, width) storage of
-  /// which the first `rows` are used. Appending copies only the new rows; the storage doubles
-  /// when full, so a sequence of n tokens copies O(n) rows in all.
-  class KvBuffer {
-   public:
-    explicit KvBuffer(Index width = 0, Index capacity = 0) : data_(capacity, width) {}
-    Index rows() const { return rows_; }
-    Index width() const { return data_.cols(); }
-    Index capacity() const { return data_.rows(); }
-    const T* data() const { return data_.data(); }
-    void append(View r) {
-      detail::expect_cols("KvBuffer", "new rows", r.rows(), r.cols(), width(), "tokens x width");
-      if (rows_ + r.rows() > capacity()) {
-        Tensor grown(std::max<Index>({Index(16), 2 * capacity(), rows_ + r.rows()}), width());
-        grown.topRows(rows_) = data_.topRows(rows_);
-        data_.swap(grown);
-      }
-      data_.middleRows(rows_, r.rows()) = r;
-      rows_ += r.rows();
-    }
-    View view() const { return data_.topRows(rows_); }
-    /// Forgets the rows past `rows` (a failed decode call rewinds to where it started).
-    void truncate(Index rows) { rows_ = std::clamp<Index>(rows, 0, rows_); }
-
-   private:
-    Tensor data_;
-    Index rows_ = 0;
-  };
 };
 
 }  // namespace moet

@@ -621,33 +621,6 @@ struct ops<cuda, T> {
   }
   static double aux_value(AuxSum sum) { return sum; }
 
-  // --- decoding caches -------------------------------------------------------------------------
-  /// Keys or values of one layer for the positions so far, on the device; the storage doubles
-  /// when full (the old rows are copied once).
-  class KvBuffer {
-   public:
-    explicit KvBuffer(Index width = 0, Index capacity = 0) : data_(capacity, width, stream()) {}
-    Index rows() const { return rows_; }
-    Index width() const { return data_.cols(); }
-    Index capacity() const { return data_.rows(); }
-    void append(View r) {
-      detail::expect_cols("KvBuffer", "new rows", r.rows, r.cols, width(), "tokens x width");
-      if (rows_ + r.rows > capacity()) {
-        Tensor grown(std::max<Index>({Index(16), 2 * capacity(), rows_ + r.rows}), width(), data_.stream());
-        copy_into(grown.view().row_block(0, rows_), view());
-        data_ = std::move(grown);
-      }
-      copy_into(data_.view().row_block(rows_, r.rows), r);
-      rows_ += r.rows;
-    }
-    View view() const { return data_.view().row_block(0, rows_); }
-    void truncate(Index rows) { rows_ = std::clamp<Index>(rows, 0, rows_); }
-
-   private:
-    Tensor data_;
-    Index rows_ = 0;
-  };
-
  private:
   static void copy_into(DeviceView<T> dst, View src) {
     if (src.rows * src.cols == 0) return;

@@ -28,6 +28,7 @@
 #include "../core/shapes.hpp"
 #include "../io/config.hpp"
 #include "../model.hpp"
+#include "kv_buffer.hpp"
 #include "slots.hpp"
 
 namespace moet::model_impl {
@@ -47,7 +48,7 @@ struct BlockInputs {
 /// One layer's cached keys and values (decoding).
 template <class Ops>
 struct KvLayer {
-  typename Ops::KvBuffer k, v;
+  KvBuffer<Ops> k, v;
 };
 
 /// Where a set of KV layers stands: each buffer's row count. A decode call that fails rewinds to

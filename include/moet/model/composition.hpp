@@ -298,8 +298,7 @@ class ComposedModel {
     for (std::size_t m = 0; m < augment_count; ++m)
       cache.augments.push_back(with_augment(m, [&](const auto& model) { return model.start_cache(capacity); }));
     for (std::size_t k = 0; k < sites_.size(); ++k)
-      cache.composition.push_back({typename Ops::KvBuffer(anchor.config().d_model, capacity),
-                                   typename Ops::KvBuffer(anchor.config().d_model, capacity)});
+      cache.composition.push_back({KvBuffer<Ops>(anchor.config().d_model, capacity), KvBuffer<Ops>(anchor.config().d_model, capacity)});
     return cache;
   }
 

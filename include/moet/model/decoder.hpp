@@ -315,7 +315,7 @@ class DecoderModel {
     Cache cache;
     const Index kvw = config_.kv_heads * config_.head_dim();
     for (std::size_t i = 0; i < blocks.size(); ++i)
-      cache.layers.push_back({typename Ops::KvBuffer(kvw, capacity), typename Ops::KvBuffer(kvw, capacity)});
+      cache.layers.push_back({KvBuffer<Ops>(kvw, capacity), KvBuffer<Ops>(kvw, capacity)});
     return cache;
   }
 

@@ -21,6 +21,8 @@ class KvBuffer {
 
   Index rows() const { return rows_; }
   Index width() const { return width_; }
+  /// The storage (to see whether an append moved it).
+  const auto* data() const { return data_.data(); }
   Index capacity() const { return Ops::shape(data_).first; }
 
   void append(View r) {
