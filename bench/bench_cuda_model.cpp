@@ -10,8 +10,8 @@
 // clipping, AdamW; it reads the loss and the gradient norm back once each. Every adapter case runs
 // the frozen model's step in the same iterations and reports vs_floor (its time over the frozen
 // step's), tokens/s and peak device memory (the stream-ordered pool's high-water mark during its
-// own steps). Decoding: greedy generation of 64 tokens after a 16-token prompt, tokens/s (batch 1;
-// moet decodes one sequence per cache so far).
+// own steps). Decoding: greedy generation of 64 tokens after a 16-token prompt, tokens/s, one
+// sequence and 32 decoded as one batch.
 //
 // Without a CUDA device the program says why and exits 0. --moet_smoke shrinks every model to
 // 2 layers of width 32 and runs each case twice: the test bench.cuda_model_smoke_emulated runs it
@@ -177,20 +177,25 @@ void train_step(benchmark::State& state, Shape (*shape)()) {
 }
 
 template <class Arch>
-void decode(benchmark::State& state, Shape (*shape)()) {
+void decode(benchmark::State& state, Shape (*shape)(), Index batch) {
   const Shape s = shape();
   Floor<Arch>& floor = floor_of<Arch>(s);
-  std::vector<int> prompt(16);
-  for (std::size_t i = 0; i < prompt.size(); ++i) prompt[i] = int((7 * i + 1) % std::size_t(s.config.vocab));
+  std::vector<std::vector<int>> prompts(std::size_t(batch), std::vector<int>(16));
+  for (std::size_t b = 0; b < prompts.size(); ++b)
+    for (std::size_t i = 0; i < 16; ++i) prompts[b][i] = int((7 * i + 3 * b + 1) % std::size_t(s.config.vocab));
   const int new_tokens = smoke ? 4 : 64;
-  floor.model->generate(prompt, {.max_new_tokens = 2});  // warm-up
+  auto run = [&](int tokens) {
+    if (batch == 1) benchmark::DoNotOptimize(floor.model->generate(prompts[0], {.max_new_tokens = tokens}));
+    else benchmark::DoNotOptimize(floor.model->generate_batch(prompts, {.max_new_tokens = tokens}));
+  };
+  run(2);  // warm-up
   double total = 0;
   for (auto _ : state) {
-    const double ms = milliseconds([&] { benchmark::DoNotOptimize(floor.model->generate(prompt, {.max_new_tokens = new_tokens})); });
+    const double ms = milliseconds([&] { run(new_tokens); });
     state.SetIterationTime(ms * 1e-3);
     total += ms;
   }
-  state.counters["tokens_per_s"] = double(new_tokens) * double(state.iterations()) / (total * 1e-3);
+  state.counters["tokens_per_s"] = double(new_tokens) * double(batch) * double(state.iterations()) / (total * 1e-3);
 }
 
 template <class F>
@@ -208,7 +213,8 @@ void add_shape(const std::string& name, Shape (*shape)()) {
   add(p + "molora10", [shape](auto& st) { train_step<Arch, MoLoRA10<Arch>>(st, shape); });
   add(p + "lora16", [shape](auto& st) { train_step<Arch, LoRA16<Arch>>(st, shape); });
   add(p + "molora64_top2", [shape](auto& st) { train_step<Arch, MoLoRA64Top2<Arch>>(st, shape); });
-  add("decode/" + name + "/batch1", [shape](auto& st) { decode<Arch>(st, shape); });
+  add("decode/" + name + "/batch1", [shape](auto& st) { decode<Arch>(st, shape, 1); });
+  add("decode/" + name + "/batch32", [shape](auto& st) { decode<Arch>(st, shape, 32); });
 }
 
 }  // namespace

@@ -295,3 +295,35 @@ TEST_CASE("The KV cache appends in place", "[model][generate]") {
   REQUIRE(cache.layers[0].k.capacity() >= 32);
   REQUIRE(cache.layers[0].k.rows() == 17);
 }
+
+TEST_CASE("Several prompts generate as one batch, each as it would alone", "[model][generate]") {
+  const std::vector<std::vector<int>> prompts{{1, 2, 3}, {4, 5, 6, 7, 8}, {9}};
+  auto check = [&](auto& model) {
+    for (const SamplingOptions& s : {SamplingOptions{.max_new_tokens = 5},
+                                     SamplingOptions{.max_new_tokens = 4, .temperature = 0.9, .top_p = 0.8, .seed = 7},
+                                     SamplingOptions{.max_new_tokens = 6, .eos = 3}}) {
+      const auto together = model.generate_batch(prompts, s);
+      REQUIRE(together.size() == prompts.size());
+      for (std::size_t b = 0; b < prompts.size(); ++b) CHECK(together[b] == model.generate(prompts[b], s));
+    }
+    // the batched logits of a left-padded prefill equal each sequence's own
+    auto cache = model.start_cache(0, 2);
+    const auto both = model.decode(cache, {0, 0, 1, 2, 3, 4, 5, 6}, {0, 0, 1, 1, 1, 1, 1, 1});
+    auto one = model.start_cache();
+    const auto first = model.decode(one, {1, 2});
+    CHECK((both.middleRows(2, 2) - first).cwiseAbs().maxCoeff() < 1e-12);
+    CHECK(cache.seen == std::vector<Index>{2, 4});
+    // bad input leaves the cache as it was
+    CHECK_THROWS_WITH(model.decode(cache, {1, 2, 3}), Contains("give each sequence the same number of new tokens"));
+    CHECK_THROWS_WITH(model.decode(cache, {1, 2}, {1}), Contains("padding mask has 1 flags for 2 ids"));
+    CHECK(cache.length == 4);
+    CHECK(cache.layers[0].k.rows() == 4);
+  };
+  Rng r1(40), r2(41);
+  Decoder<GPT2, Slots<at<q, MoLoRA<2, 2>>>>::model<double> gpt2(gpt2_config(), r1, {}, 0.3);
+  check(gpt2);
+  Decoder<Llama, Slots<at<ffn_hidden, MoV<2>>>>::model<double> llama(llama_config(2), r2, {}, 0.3);
+  check(llama);
+  CHECK_THROWS_WITH(gpt2.generate_batch({{1, 2}, std::vector<int>(14, 1)}, {.max_new_tokens = 4}), Contains("ask for at most 2"));
+  CHECK_THROWS_AS(gpt2.generate_batch({}, {}), value_error);
+}

@@ -394,3 +394,21 @@ TEST_CASE("Stand-in weights: fill_uniform is bounded, varied and the same on eve
   });
   CHECK(r1.next() == r2.next());  // nothing was drawn
 }
+
+TEST_CASE("CUDA models generate several prompts as one batch, as the CPU does each alone", "[cuda][model][generate]") {
+  using M = Decoder<Llama, Slots<at<q, MoLoRA<2, 2>>, at<values, MoV<2>>>>;
+  Rng a(51), b(51);
+  M::model<double> cpu(llama_config(), a, {}, 0.3);
+  M::model<float, cuda> gpu(context(), llama_config(), b, {}, 0.3);
+  share_weights(cpu, gpu, 23);
+  const std::vector<std::vector<int>> prompts{{1, 2, 3}, {4, 5, 6, 7, 8}, {9}, {10, 11}};
+  const auto together = gpu.generate_batch(prompts, {.max_new_tokens = 6});
+  for (std::size_t i = 0; i < prompts.size(); ++i) CHECK(together[i] == cpu.generate(prompts[i], {.max_new_tokens = 6}));
+  // the batched prefill's logits equal each sequence decoded alone
+  auto cache = gpu.start_cache(0, 2);
+  const std::vector<double> both = host(gpu.decode(cache, {0, 0, 1, 2, 3, 4, 5, 6}, {0, 0, 1, 1, 1, 1, 1, 1}));
+  auto one = gpu.start_cache();
+  const std::vector<double> first = host(gpu.decode(one, {1, 2}));
+  const std::size_t V = std::size_t(llama_config().vocab);
+  CHECK(relative(std::vector<double>(both.begin() + 2 * V, both.begin() + 4 * V), first) <= tolerance);
+}

@@ -204,7 +204,8 @@ class Block {
     if (cache) {
       cache->k.append(k_in(c));
       cache->v.append(v_in(c));
-      c.attn = in.attention.forward(q_in(c), cache->k.view(), cache->v.view());
+      if (cache->k.batch() == 1) c.attn = in.attention.forward(q_in(c), cache->k.view(), cache->v.view());
+      else c.attn = in.attention.forward(q_in(c), cache->k.gather(), cache->v.gather());  // several sequences in lockstep
     } else {
       c.attn = in.attention.forward(q_in(c), k_in(c), v_in(c));
     }

@@ -323,23 +323,16 @@ class ComposedModel {
         return 0;
       });
     anchor.check_decode(cache.anchor, ids);
-    const Index anchor_length = cache.anchor.length;
-    std::vector<Index> augment_lengths;
-    std::vector<KvMark> marks{kv_mark(cache.anchor.layers), kv_mark(cache.composition)};
-    for (const auto& a : cache.augments) {
-      augment_lengths.push_back(a.length);
-      marks.push_back(kv_mark(a.layers));
-    }
+    const auto anchor_mark = cache.anchor.mark();
+    const KvMark composition_mark = kv_mark(cache.composition);
+    std::vector<typename KvCache<Ops>::Mark> augment_marks;
+    for (const auto& a : cache.augments) augment_marks.push_back(a.mark());
     try {
       return decode_unchecked(cache, ids, per_augment);
     } catch (...) {
-      cache.anchor.length = anchor_length;
-      kv_rewind(cache.anchor.layers, marks[0]);
-      kv_rewind(cache.composition, marks[1]);
-      for (std::size_t m = 0; m < cache.augments.size(); ++m) {
-        cache.augments[m].length = augment_lengths[m];
-        kv_rewind(cache.augments[m].layers, marks[2 + m]);
-      }
+      cache.anchor.rewind(anchor_mark);
+      kv_rewind(cache.composition, composition_mark);
+      for (std::size_t m = 0; m < cache.augments.size(); ++m) cache.augments[m].rewind(augment_marks[m]);
       throw;
     }
   }

@@ -67,12 +67,31 @@ namespace model_impl {
 /// the block), or nothing (loss and logits).
 enum class Keep { nothing, inputs, everything };
 
-/// A decoding cache: each layer's rotated, scaled keys and values of the positions so far
-/// (one sequence).
+/// A decoding cache: each layer's rotated, scaled keys and values of the positions so far, for
+/// `batch` sequences decoded in lockstep (the same number of new positions each per call; a
+/// padded position is flagged and never attended to).
 template <class Ops>
 struct KvCache {
   std::vector<KvLayer<Ops>> layers;
-  Index length = 0;
+  Index length = 0;  ///< positions cached per sequence, padding included
+  Index batch = 1;
+  std::vector<std::vector<unsigned char>> valid;  ///< per sequence and cached position: 1 real, 0 padding
+  std::vector<Index> seen;                        ///< per sequence: real tokens so far (its next position)
+
+  /// Where the cache stands, to rewind a call that failed.
+  struct Mark {
+    KvMark layers;
+    Index length = 0;
+    std::vector<Index> seen;
+  };
+  Mark mark() const { return {kv_mark(layers), length, seen}; }
+  void rewind(const Mark& m) {
+    kv_rewind(layers, m.layers);
+    length = m.length;
+    seen = m.seen;
+    for (auto& v : valid)
+      if (Index(v.size()) > length) v.resize(std::size_t(length));
+  }
 };
 
 template <class Spec, class T, class Backend>
@@ -310,34 +329,58 @@ class DecoderModel {
     return head_logits(top);
   }
 
-  /// An empty decoding cache; `capacity` reserves room for that many positions (it grows anyway).
-  Cache start_cache(Index capacity = 0) const {
+  /// An empty decoding cache for `batch` sequences decoded together; `capacity` reserves room for
+  /// that many positions per sequence (it grows anyway).
+  Cache start_cache(Index capacity = 0, Index batch = 1) const {
+    detail::expect_positive(name(), "sequences in a decoding cache", batch);
     Cache cache;
     const Index kvw = config_.kv_heads * config_.head_dim();
     for (std::size_t i = 0; i < blocks.size(); ++i)
-      cache.layers.push_back({KvBuffer<Ops>(kvw, capacity), KvBuffer<Ops>(kvw, capacity)});
+      cache.layers.push_back({KvBuffer<Ops>(kvw, capacity, batch), KvBuffer<Ops>(kvw, capacity, batch)});
+    cache.batch = batch;
+    cache.valid.assign(std::size_t(batch), {});
+    cache.seen.assign(std::size_t(batch), 0);
     return cache;
   }
 
-  /// Feeds `ids` (one sequence) after the cached positions; returns their logits (ids.size(), vocab).
-  Tensor decode(Cache& cache, const std::vector<int>& ids) const {
-    return head_logits(decode_hidden(cache, ids, [](Index, Tensor&) {}));
+  /// Feeds `ids` after the cached positions and returns their logits: (ids.size(), vocab). With a
+  /// cache of B sequences, ids holds n new tokens of each, sequence after sequence (B n ids), and
+  /// mask (empty: all real) flags padding, such as the left padding of prompts of different
+  /// lengths; a padded position takes no position and is never attended to.
+  Tensor decode(Cache& cache, const std::vector<int>& ids, const std::vector<unsigned char>& mask = {}) const {
+    return head_logits(decode_hidden(cache, ids, mask, [](Index, Tensor&) {}));
   }
 
-  /// Whether decode(cache, ids) would be accepted: throws the moet::error it would throw (a
-  /// cache of another model, an id outside the vocabulary, positions past GPT-2's learned ones).
-  void check_decode(const Cache& cache, const std::vector<int>& ids) const {
-    const Index n = Index(ids.size());
-    detail::expect_positive(name(), "tokens to decode", n);
-    if (cache.layers.size() != blocks.size())
+  /// Whether decode(cache, ids, mask) would be accepted: throws the moet::error it would throw (a
+  /// cache of another model, ids not a whole number per sequence, an id outside the vocabulary,
+  /// positions past GPT-2's learned ones).
+  void check_decode(const Cache& cache, const std::vector<int>& ids, const std::vector<unsigned char>& mask = {}) const {
+    detail::expect_positive(name(), "tokens to decode", Index(ids.size()));
+    if (cache.layers.size() != blocks.size() || cache.batch < 1 || cache.seen.size() != std::size_t(cache.batch) ||
+        cache.valid.size() != std::size_t(cache.batch))
       throw value_error(detail::concat(name(), ": the cache has ", cache.layers.size(), " layers, expected ", blocks.size(),
                                        " (use start_cache())"));
+    const Index B = cache.batch;
+    if (Index(ids.size()) % B)
+      throw shape_error(detail::concat(name(), ": ", ids.size(), " ids for a cache of ", B,
+                                       " sequences; give each sequence the same number of new tokens (pad with mask 0)"));
+    if (!mask.empty() && mask.size() != ids.size())
+      throw shape_error(detail::concat(name(), ": padding mask has ", mask.size(), " flags for ", ids.size(), " ids"));
+    for (std::size_t t = 0; t < mask.size(); ++t)
+      if (mask[t] > 1) throw value_error(detail::concat(name(), ": padding mask flag ", int(mask[t]), " at ", t, " is not 0 or 1"));
     for (std::size_t t = 0; t < ids.size(); ++t)
       if (ids[t] < 0 || ids[t] >= config_.vocab)
         throw value_error(detail::concat(name(), ": token id ", ids[t], " is outside the vocabulary [0, ", config_.vocab, ")"));
-    if (!llama && cache.length + n > config_.max_positions)
-      throw value_error(detail::concat(name(), ": decoding ", n, " tokens after ", cache.length, " runs past the ",
-                                       config_.max_positions, " learned positions"));
+    if constexpr (!llama) {
+      const Index n = Index(ids.size()) / B;
+      for (Index b = 0; b < B; ++b) {
+        Index real = 0;
+        for (Index t = 0; t < n; ++t) real += mask.empty() || mask[std::size_t(b * n + t)] ? 1 : 0;
+        if (cache.seen[std::size_t(b)] + real > config_.max_positions)
+          throw value_error(detail::concat(name(), ": decoding ", real, " tokens after ", cache.seen[std::size_t(b)], " runs past the ",
+                                           config_.max_positions, " learned positions"));
+      }
+    }
   }
 
   /// decode without the head: the last block's output for `ids`. after_block(i, h) is called
@@ -345,13 +388,16 @@ class DecoderModel {
   /// A call that throws leaves the cache as it was.
   template <class Hook>
   Tensor decode_hidden(Cache& cache, const std::vector<int>& ids, Hook&& after_block) const {
-    check_decode(cache, ids);
-    const Index n = Index(ids.size());
-    const KvMark mark = kv_mark(cache.layers);
+    return decode_hidden(cache, ids, {}, after_block);
+  }
+  template <class Hook>
+  Tensor decode_hidden(Cache& cache, const std::vector<int>& ids, const std::vector<unsigned char>& mask, Hook&& after_block) const {
+    check_decode(cache, ids, mask);
+    const typename Cache::Mark mark = cache.mark();
     try {
-      return decode_unchecked(cache, ids, n, after_block);
+      return decode_unchecked(cache, ids, mask, after_block);
     } catch (...) {
-      kv_rewind(cache.layers, mark);
+      cache.rewind(mark);
       throw;
     }
   }
@@ -382,15 +428,71 @@ class DecoderModel {
     return std::min<Index>(Index(prompt.size()) + Index(s.max_new_tokens), Index(1) << 12);
   }
 
+  /// Continues several prompts together: each step decodes one token of every sequence as one
+  /// batch. Prompts of different lengths are left-padded (the padding takes no position and is
+  /// never attended to), so sequence b gets what generate(prompts[b], s) gives it alone, up to
+  /// rounding; each sequence samples from its own Rng(s.seed), stops at s.eos on its own, and is
+  /// fed padding once it has stopped.
+  std::vector<std::vector<int>> generate_batch(const std::vector<std::vector<int>>& prompts, const SamplingOptions& s) const {
+    if (prompts.empty()) throw value_error(name() + ": generate_batch needs at least one prompt");
+    std::size_t longest = 0;
+    for (const auto& p : prompts) {
+      check_generate(p, s);
+      longest = std::max(longest, p.size());
+    }
+    const Index B = Index(prompts.size()), L = Index(longest);
+    std::vector<int> ids(std::size_t(B * L), 0);
+    std::vector<unsigned char> mask(ids.size(), 0);
+    for (Index b = 0; b < B; ++b) {
+      const auto& p = prompts[std::size_t(b)];
+      const Index pad = L - Index(p.size());
+      for (std::size_t t = 0; t < p.size(); ++t) {
+        ids[std::size_t(b * L + pad) + t] = p[t];
+        mask[std::size_t(b * L + pad) + t] = 1;
+      }
+    }
+    Cache cache = start_cache(std::min<Index>(L + Index(s.max_new_tokens), Index(1) << 12), B);
+    Tensor logits = decode(cache, ids, mask);
+    Index n = L;
+    std::vector<Rng> rngs(std::size_t(B), Rng(s.seed));
+    std::vector<std::vector<int>> out(static_cast<std::size_t>(B));
+    std::vector<unsigned char> running(std::size_t(B), 1);
+    for (int step = 0; step < s.max_new_tokens; ++step) {
+      std::vector<int> next(std::size_t(B), 0);
+      for (Index b = 0; b < B; ++b) {
+        if (!running[std::size_t(b)]) continue;
+        const int token = sample_token(Ops::row_to_host(logits, b * n + n - 1), s, rngs[std::size_t(b)]);
+        out[std::size_t(b)].push_back(token);
+        next[std::size_t(b)] = token;
+        if (token == s.eos || step + 1 == s.max_new_tokens) running[std::size_t(b)] = 0;
+      }
+      if (std::find(running.begin(), running.end(), 1) == running.end()) break;
+      logits = decode(cache, next, running);  // stopped sequences are fed padding
+      n = 1;
+    }
+    return out;
+  }
+
  private:
   template <class Hook>
-  Tensor decode_unchecked(Cache& cache, const std::vector<int>& ids, Index n, Hook& after_block) const {
+  Tensor decode_unchecked(Cache& cache, const std::vector<int>& ids, const std::vector<unsigned char>& mask, Hook& after_block) const {
+    const Index B = cache.batch, n = Index(ids.size()) / B, K = cache.length + n;
+    // Positions count each sequence's real tokens (a padded one repeats the last), as in a batch.
     std::vector<Index> positions(ids.size());
-    std::iota(positions.begin(), positions.end(), cache.length);
-    const Index K = cache.length + n;
-    const Inputs in{Ops::attention({1, n, config_.heads, config_.kv_heads, config_.head_dim(), K},
-                                   std::vector<unsigned char>(std::size_t(K), 1)),
-                    &positions, opt_ptr(rope_q_), opt_ptr(rope_k_), RowMask{}};
+    for (Index b = 0; b < B; ++b)
+      for (Index t = 0; t < n; ++t) {
+        const std::size_t i = std::size_t(b * n + t);
+        const bool real = mask.empty() || mask[i];
+        Index& seen = cache.seen[std::size_t(b)];
+        positions[i] = std::max<Index>(0, seen + (real ? 1 : 0) - 1);
+        seen += real ? 1 : 0;
+        cache.valid[std::size_t(b)].push_back(real ? 1 : 0);
+      }
+    std::vector<unsigned char> valid;
+    valid.reserve(std::size_t(B * K));
+    for (const auto& v : cache.valid) valid.insert(valid.end(), v.begin(), v.end());
+    const Inputs in{Ops::attention({B, n, config_.heads, config_.kv_heads, config_.head_dim(), K}, valid), &positions,
+                    opt_ptr(rope_q_), opt_ptr(rope_k_), RowMask{}};
     Tensor h = Ops::embed(wte, opt_ptr(wpe), ids, positions);
     after_block(Index(-1), h);
     for (std::size_t i = 0; i < blocks.size(); ++i) {
