@@ -14,8 +14,8 @@
 // sequence and 32 decoded as one batch.
 //
 // Without a CUDA device the program says why and exits 0. --moet_smoke shrinks every model to
-// 2 layers of width 32 and runs each case twice: the test bench.cuda_model_smoke_emulated runs it
-// so on the host emulation of the device.
+// 2 layers of width 32 and runs each case twice; moet_bench_cuda_model_emulated --moet_smoke runs
+// it so on the host emulation of the device. Neither is in the default build (bench/CMakeLists.txt).
 #include <benchmark/benchmark.h>
 
 #include <chrono>
