@@ -202,7 +202,7 @@ template <class F>
 void add(const std::string& name, F f) {
   auto* b = benchmark::RegisterBenchmark(name.c_str(), f)->Unit(benchmark::kMillisecond)->UseManualTime();
   if (smoke) b->Iterations(2);
-  else b->MinTime(2.0);
+  else b->MinTime(1.0);  // 14 cases x 3 repetitions within gpu-check.sh's bench_model step
 }
 
 template <class Arch>

@@ -18,16 +18,31 @@ Two suites of cases, selected with ``--cases layers|model|all`` (or a regex):
   eager styles as the layer suite, timed with the device synchronised around
   every step.
 
-* model: whole training steps of a small GPT-2-shaped model, the cases of
-  ``moet_bench_model`` (with ``--device cuda``: the real GPT-2 small, 12 layers,
-  vocab 50257, batch 8 x 1024, in bf16 with SDPA attention, against
-  ``moet_bench_cuda_model``'s ``train_step/gpt2_small/*``) (``train_step/gpt2_small/{frozen,mov10,molora10}``):
-  forward, cross-entropy, backward, gradient clipping and AdamW; the table adds
-  tokens/s, and the adapter variants' cost over the frozen floor is printed.
-  See "Model cases" below for the exact model.
+* model: whole training steps (forward, cross-entropy, backward, gradient
+  clipping and AdamW) of two decoder shapes, named like the moet cases:
+
+      train_step/gpt2_small/{frozen,mov10,molora10,lora16,molora64_top2}
+      train_step/llama_1b/{frozen,mov10,molora10,lora16,molora64_top2}
+
+  frozen has no adapters (backward runs to the embeddings: the floor); mov10
+  is MoV-10 on keys, values and ffn_hidden; molora10 soft MoLoRA-10 rank 4,
+  lora16 a plain LoRA rank 16 (alpha = r) and molora64_top2 top-2 routed
+  MoLoRA-64 rank 8, each on q, k, v, o, ffn_up and ffn_down.  On the CPU
+  the shapes are moet_bench_model's small GPT-2 (6 layers, d_model 512, batch
+  4 x 256, float32) and a Llama of the same size, and ``all`` / ``model``
+  select only the three cases moet_bench_model has (gpt2_small frozen, mov10,
+  molora10; a regex given to --cases reaches the others).  With ``--device
+  cuda`` every case runs, in bf16 with SDPA attention, against
+  ``moet_bench_cuda_model``: the real GPT-2 small (12 layers, vocab 50257,
+  batch 8 x 1024) and a Llama 1B (16 layers, d_model 2048, 32 heads / 8 kv
+  heads, d_ff 8192, vocab 32000, batch 4 x 2048).  One table per shape (its
+  own tokens/s), each followed by the adapter variants' cost over that
+  shape's frozen floor.  See "Model cases" below for the exact models.
 
 moet's numbers come from running the moet benchmark binaries with JSON output
-and taking the median aggregate of their repetitions.
+and taking the median aggregate of their repetitions, or from a JSON file such
+a run wrote earlier (--moet-json, --moet-model-json: scripts/gpu-check.sh
+already runs the binaries, and they take minutes).
 
 Conventions shared with the C++ layer benchmark (keep them in sync):
   * inputs are reused between iterations, parameter gradients accumulate
@@ -41,7 +56,26 @@ Conventions shared with the C++ layer benchmark (keep them in sync):
 
 Each mixture case is implemented in more than one reasonable eager style and
 the fastest one is reported, so PyTorch is not penalised for one particular
-way of writing the model; a footnote says which style won.
+way of writing the model; a footnote says which style won (and, for the
+model cases, every style's time).  ``--check`` first verifies that all styles
+of a case compute the same thing.  The model cases' styles:
+
+  * frozen: eager (the functional model);
+  * mov10, molora10: loop (a Python loop over per-expert parameters) and
+    batched (all experts in one GEMM);
+  * lora16: addmm (functional, the update fused into the addmm that adds
+    it), module (the model as nn.Modules, nn.Linear layers wrapped by a small
+    LoRALinear) and peft (Hugging Face PEFT's get_peft_model on the same
+    modules; only where ``import peft`` works, else a footnote says so);
+  * molora64_top2: batched (all 64 experts computed densely, gates zero
+    outside each token's top 2: "PyTorch eager written as batched experts")
+    and sparse (per-expert loop over the tokens routed to each, index_select
+    / index_add_, as MoE code usually does);
+  * with ``--compile`` (torch >= 2), every model case also gets "compiled":
+    the batched / functional loss wrapped by torch.compile (default mode),
+    compiled in an untimed first step.  It takes part in "fastest style".
+  A peft or compiled style that fails (a version mismatch, a compiler error)
+  is dropped with a message on stderr and a footnote instead of ending the run.
 
 Must be run with /usr/bin/python3: Debian's python3-torch is only importable
 by the system interpreter.
@@ -354,158 +388,319 @@ register("calm_xattn/4/256/256/1024/512/16", build_calm_xattn, 4, 256, 256, 1024
 
 
 # --------------------------------------------------------------------------
-# Model cases: whole training steps of a small GPT-2 (moet_bench_model)
+# Model cases: whole training steps of GPT-2- and Llama-shaped models
+# (moet_bench_model on the CPU, moet_bench_cuda_model on the GPU)
 # --------------------------------------------------------------------------
 #
-# Frozen host (random weights: normal std 0.02, LayerNorm weight 1 / bias 0,
-# linear biases 0; nothing of it requires grad), pre-LN blocks:
-#   a = LN1(x);  q, k, v = a Wq + bq, a Wk + bk, a Wv + bv
-#   x1 = x + causal_attention(q, k, v) Wo + bo       (heads of 64, all tokens real)
-#   b = LN2(x1); h = gelu_tanh(b Wup + bup); x2 = x1 + h Wdown + bdown
-# then a final LN, logits = h wte^T (tied embeddings) and the mean
-# cross-entropy against the next token (each sequence's last position ignored).
+# Frozen host (random weights: normal std 0.02, norm weights 1 / biases 0,
+# linear biases 0; nothing of it requires grad), pre-norm blocks:
+#   a = norm1(x);  q, k, v = a Wq + bq, a Wk + bk, a Wv + bv
+#   k, v *= the keys / values slots (MoV, routed on a)
+#   [Llama: q, k = rotary(q), rotary(k)]
+#   x1 = x + causal_attention(q, k, v) Wo + bo
+#   b = norm2(x1);  h = gelu_tanh(b Wup + bup)   [Llama: silu(b Wgate) * b Wup]
+#   h *= the ffn_hidden slot (MoV, routed on b);  x2 = x1 + h Wdown + bdown
+# then a final norm, logits = x lm_head^T and the mean cross-entropy against
+# the next token (each sequence's last position ignored).
+#   GPT-2: LayerNorm, learned positions, biases, heads of d_model / heads,
+#          tied embeddings (lm_head = wte).
+#   Llama: RMSNorm, no positions but rotary embeddings (Hugging Face's
+#          rotate-half layout, angles in float32), grouped-query attention
+#          (kv_heads < heads: query head h reads kv head h // (heads / kv_heads)),
+#          SwiGLU, no biases, an untied lm_head.  Slot q is the query
+#          projection, ffn_up the up projection (ffn_gate, the gate projection,
+#          is never adapted here), ffn_hidden the SwiGLU output.
 #
 # Variants (the adapter slots are the ones of moet's Decoder):
-#   frozen    no adapters; the embedded input h0 is a leaf that requires grad,
-#             so backward still runs through every layer (the floor); no optimizer
-#   mov10     soft-routed mixture of 10 (IA)^3 vectors on keys, values (routed
-#             on a) and ffn_hidden (routed on b), every layer
-#   molora10  soft-routed mixture of 10 rank-4 LoRA experts on q, k, v, o,
-#             ffn_up and ffn_down, every layer
+#   frozen         no adapters; the embedded input h0 is a leaf that requires
+#                  grad, so backward still runs through every layer (the
+#                  floor); no optimizer
+#   mov10          soft-routed mixture of 10 (IA)^3 vectors on keys, values
+#                  (routed on a) and ffn_hidden (routed on b), every layer
+#   molora10       soft-routed mixture of 10 rank-4 LoRA experts on q, k, v, o,
+#                  ffn_up and ffn_down, every layer
+#   lora16         one rank-16 LoRA (alpha = r: scale 1, moet's LoRAAdapter
+#                  default) on the same six slots
+#   molora64_top2  64 rank-8 LoRA experts on the same six slots, top-2 routed:
+#                  softmax over the 64 router logits, keep each token's two
+#                  largest probabilities, divide them by their sum
 # One step = embed, forward, loss, backward, clip_grad_norm_(1.0), AdamW(lr=1e-3)
 # step, zero_grad(set_to_none=True).  The batch is fixed and reused.
 
 MODEL_WARMUP_ITERS = 1   # untimed steps before each style is measured
 MODEL_ITERS = 3          # timed steps per style (and Google Benchmark repetitions)
 IGNORE_INDEX = -100
+LORA_RANK = 16           # lora16
+LORA_ALPHA = 16          # alpha = r, the default of moet's LoRA (include/moet/expert.hpp): scale 1
 
 
 @dataclass(frozen=True)
-class GPT2Shape:
-    """Sizes of the benchmarked model (keep in sync with moet_bench_model)."""
+class ModelShape:
+    """Architecture and sizes of a benchmarked model (keep in sync with
+    moet_bench_model and moet_bench_cuda_model).  ``arch`` is "gpt2" or
+    "llama" (see the comment above for what differs); ``positions`` is used by
+    GPT-2 only, ``rope_theta`` by Llama only."""
+    arch: str = "gpt2"
     layers: int = 6
     d_model: int = 512
     heads: int = 8
+    kv_heads: int = 8
     d_ff: int = 2048
     vocab: int = 8192
     positions: int = 256
     batch: int = 4
     seq: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("gpt2", "llama"):
+            raise ValueError(f"unknown architecture {self.arch!r}")
+        if self.d_model % self.heads or self.heads % self.kv_heads:
+            raise ValueError(f"{self}: heads must divide d_model and kv_heads must divide heads")
+
+    @property
+    def llama(self) -> bool:
+        return self.arch == "llama"
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.heads
 
     @property
+    def kv_width(self) -> int:
+        """Width of the k and v projections' outputs (smaller than d_model with GQA)."""
+        return self.kv_heads * self.head_dim
+
+    @property
     def tokens(self) -> int:
         return self.batch * self.seq
 
     def describe(self) -> str:
+        if self.llama:
+            return (f"Llama {self.layers} layers, d_model {self.d_model}, {self.heads} heads / "
+                    f"{self.kv_heads} kv heads, d_ff {self.d_ff}, vocab {self.vocab}, "
+                    f"batch {self.batch}x{self.seq}")
         return (f"GPT-2 {self.layers} layers, d_model {self.d_model}, {self.heads} heads, "
                 f"d_ff {self.d_ff}, vocab {self.vocab}, batch {self.batch}x{self.seq}")
 
 
-GPT2_SMALL = GPT2Shape()
+# moet_bench_model's GPT-2 (the CPU suite).
+GPT2_SMALL = ModelShape()
 # --device cuda: the real GPT-2 small at issue 16's batch (moet_bench_cuda_model's gpt2_small).
-GPT2_SMALL_GPU = GPT2Shape(layers=12, d_model=768, heads=12, d_ff=3072, vocab=50257, positions=1024, batch=8, seq=1024)
+GPT2_SMALL_GPU = ModelShape(layers=12, d_model=768, heads=12, kv_heads=12, d_ff=3072, vocab=50257,
+                            positions=1024, batch=8, seq=1024)
 # --tiny: a smoke-test size for checking the PyTorch code quickly.
-GPT2_TINY = GPT2Shape(layers=2, d_model=64, heads=4, d_ff=256, vocab=512, positions=32, batch=2, seq=32)
+GPT2_TINY = ModelShape(layers=2, d_model=64, heads=4, kv_heads=4, d_ff=256, vocab=512, positions=32,
+                       batch=2, seq=32)
+# The Llama cases on the CPU (only with an explicit --cases; moet_bench_model has no Llama):
+# GPT2_SMALL's sizes with Llama's parts.
+LLAMA_CPU = ModelShape(arch="llama", layers=6, d_model=512, heads=8, kv_heads=2, d_ff=1408,
+                       vocab=8192, batch=4, seq=256, rope_theta=500000.0)
+# --device cuda: moet_bench_cuda_model's llama_1b (a Llama-3.2-1B-like shape).
+LLAMA_1B_GPU = ModelShape(arch="llama", layers=16, d_model=2048, heads=32, kv_heads=8, d_ff=8192,
+                          vocab=32000, batch=4, seq=2048, rope_theta=500000.0)
+LLAMA_TINY = ModelShape(arch="llama", layers=2, d_model=64, heads=4, kv_heads=2, d_ff=192, vocab=512,
+                        batch=2, seq=32, rope_theta=500000.0)
+
+# The shape part of a case name -> its shape on the CPU, on the GPU and with --tiny.
+MODEL_SHAPES: dict[str, dict[str, ModelShape]] = {
+    "gpt2_small": {"cpu": GPT2_SMALL, "cuda": GPT2_SMALL_GPU, "tiny": GPT2_TINY},
+    "llama_1b": {"cpu": LLAMA_CPU, "cuda": LLAMA_1B_GPU, "tiny": LLAMA_TINY},
+}
 
 MOLORA_SLOTS = ("q", "k", "v", "o", "ffn_up", "ffn_down")
 MOV_SLOTS = ("keys", "values", "ffn_hidden")
 
 
-def linear_slot_dims(shape: GPT2Shape) -> dict[str, tuple[int, int]]:
-    """(d_in, d_out) of every linear slot of a block."""
-    d, f = shape.d_model, shape.d_ff
-    return {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d), "ffn_up": (d, f), "ffn_down": (f, d)}
+def linear_slot_dims(shape: ModelShape) -> dict[str, tuple[int, int]]:
+    """(d_in, d_out) of every linear slot the benchmark adapts (MOLORA_SLOTS)."""
+    d, f, kv = shape.d_model, shape.d_ff, shape.kv_width
+    return {"q": (d, d), "k": (d, kv), "v": (d, kv), "o": (d, d), "ffn_up": (d, f), "ffn_down": (f, d)}
 
 
-def scale_slot_dims(shape: GPT2Shape) -> dict[str, tuple[int, int]]:
+def scale_slot_dims(shape: ModelShape) -> dict[str, tuple[int, int]]:
     """(router input width, scaled width) of every activation slot of a block."""
-    d, f = shape.d_model, shape.d_ff
-    return {"keys": (d, d), "values": (d, d), "ffn_hidden": (d, f)}
+    d, f, kv = shape.d_model, shape.d_ff, shape.kv_width
+    return {"keys": (d, kv), "values": (d, kv), "ffn_hidden": (d, f)}
 
 
 @dataclass
 class FrozenBlock:
-    """One block's frozen weights; linear weights are (d_in, d_out)."""
-    ln1_w: torch.Tensor
-    ln1_b: torch.Tensor
+    """One block's frozen weights; linear weights are (d_in, d_out).  Llama has
+    no biases (None) and a gate projection; GPT-2 has no gate (None)."""
+    norm1_w: torch.Tensor
+    norm1_b: torch.Tensor | None
     wq: torch.Tensor
-    bq: torch.Tensor
+    bq: torch.Tensor | None
     wk: torch.Tensor
-    bk: torch.Tensor
+    bk: torch.Tensor | None
     wv: torch.Tensor
-    bv: torch.Tensor
+    bv: torch.Tensor | None
     wo: torch.Tensor
-    bo: torch.Tensor
-    ln2_w: torch.Tensor
-    ln2_b: torch.Tensor
+    bo: torch.Tensor | None
+    norm2_w: torch.Tensor
+    norm2_b: torch.Tensor | None
     w_up: torch.Tensor
-    b_up: torch.Tensor
+    b_up: torch.Tensor | None
     w_down: torch.Tensor
-    b_down: torch.Tensor
+    b_down: torch.Tensor | None
+    w_gate: torch.Tensor | None = None
 
 
 @dataclass
-class FrozenGPT2:
+class FrozenModel:
     """The frozen host model plus the fixed batch it is trained on."""
-    shape: GPT2Shape
-    wte: torch.Tensor          # (vocab, d), also the LM head
-    wpe: torch.Tensor          # (positions, d)
+    shape: ModelShape
+    wte: torch.Tensor              # (vocab, d) input embeddings
+    wpe: torch.Tensor | None       # (positions, d), GPT-2 only
     blocks: list[FrozenBlock]
-    lnf_w: torch.Tensor
-    lnf_b: torch.Tensor
-    ids: torch.Tensor          # (batch, seq) token ids
-    labels: torch.Tensor       # (batch * seq,) next token, IGNORE_INDEX at each sequence's end
-    causal_mask: torch.Tensor  # (1, seq, seq): 0 on and below the diagonal, -inf above
+    normf_w: torch.Tensor
+    normf_b: torch.Tensor | None
+    lm_head: torch.Tensor          # (vocab, d): wte itself for GPT-2 (tied)
+    ids: torch.Tensor              # (batch, seq) token ids
+    labels: torch.Tensor           # (batch * seq,) next token, IGNORE_INDEX at each sequence's end
+    causal_mask: torch.Tensor      # (1, seq, seq): 0 on and below the diagonal, -inf above
+    rope_cos: torch.Tensor | None  # (seq, head_dim), Llama only
+    rope_sin: torch.Tensor | None
+    sdpa_gqa: bool                 # F.scaled_dot_product_attention takes enable_gqa
+
+
+def _sdpa_accepts_gqa() -> bool:
+    """Whether this torch's F.scaled_dot_product_attention has ``enable_gqa``
+    (torch >= 2.5), found by calling it on a tiny input."""
+    if not hasattr(F, "scaled_dot_product_attention"):
+        return False
+    q = torch.zeros(1, 2, 1, 8, dtype=DTYPE, device=DEVICE)
+    kv = torch.zeros(1, 1, 1, 8, dtype=DTYPE, device=DEVICE)
+    try:
+        F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
+    except (TypeError, RuntimeError):
+        return False
+    return True
+
+
+def _rope_tables(shape: ModelShape) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, (seq, head_dim) in the rotate-half
+    layout (each frequency twice: for the first and the second half of a head).
+    Angles are formed in float32, then the tables are cast to DTYPE."""
+    hd = shape.head_dim
+    inv_freq = 1.0 / shape.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=DEVICE) / hd)
+    angles = torch.arange(shape.seq, dtype=torch.float32, device=DEVICE)[:, None] * inv_freq[None, :]
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(DTYPE), angles.sin().to(DTYPE)
 
 
 @functools.lru_cache(maxsize=None)
-def frozen_gpt2(shape: GPT2Shape) -> FrozenGPT2:
+def frozen_model(shape: ModelShape) -> FrozenModel:
     """The host model, seeded; built once per shape and shared by every case and
     style (it is never written to: nothing in it requires grad)."""
     torch.manual_seed(0)
-    d, f = shape.d_model, shape.d_ff
+    d, f, kv = shape.d_model, shape.d_ff, shape.kv_width
 
     def w(*dims: int) -> torch.Tensor:
         return _randn(*dims, scale=0.02)
 
-    def zeros(n: int) -> torch.Tensor:
-        return torch.zeros(n, dtype=DTYPE, device=DEVICE)
+    def bias(n: int) -> torch.Tensor | None:   # zeros for GPT-2, none for Llama
+        return None if shape.llama else torch.zeros(n, dtype=DTYPE, device=DEVICE)
 
     def ones(n: int) -> torch.Tensor:
         return torch.ones(n, dtype=DTYPE, device=DEVICE)
 
-    wte, wpe = w(shape.vocab, d), w(shape.positions, d)
-    blocks = [FrozenBlock(ln1_w=ones(d), ln1_b=zeros(d),
-                          wq=w(d, d), bq=zeros(d), wk=w(d, d), bk=zeros(d),
-                          wv=w(d, d), bv=zeros(d), wo=w(d, d), bo=zeros(d),
-                          ln2_w=ones(d), ln2_b=zeros(d),
-                          w_up=w(d, f), b_up=zeros(f), w_down=w(f, d), b_down=zeros(d))
+    wte = w(shape.vocab, d)
+    wpe = None if shape.llama else w(shape.positions, d)
+    blocks = [FrozenBlock(norm1_w=ones(d), norm1_b=bias(d),
+                          wq=w(d, d), bq=bias(d), wk=w(d, kv), bk=bias(kv),
+                          wv=w(d, kv), bv=bias(kv), wo=w(d, d), bo=bias(d),
+                          norm2_w=ones(d), norm2_b=bias(d),
+                          w_up=w(d, f), b_up=bias(f), w_down=w(f, d), b_down=bias(d),
+                          w_gate=w(d, f) if shape.llama else None)
               for _ in range(shape.layers)]
+    lm_head = w(shape.vocab, d) if shape.llama else wte
     ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq)).to(DEVICE)
     labels = torch.full_like(ids, IGNORE_INDEX)
     labels[:, :-1] = ids[:, 1:]
     mask = torch.full((shape.seq, shape.seq), float("-inf"), dtype=DTYPE, device=DEVICE).triu(1).unsqueeze(0)
-    return FrozenGPT2(shape, wte, wpe, blocks, ones(d), zeros(d), ids, labels.reshape(-1), mask)
+    cos, sin = _rope_tables(shape) if shape.llama else (None, None)
+    return FrozenModel(shape, wte, wpe, blocks, ones(d), bias(d), lm_head, ids, labels.reshape(-1),
+                       mask, cos, sin, USE_SDPA and shape.kv_heads < shape.heads and _sdpa_accepts_gqa())
+
+
+def _affine(x: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor | None) -> torch.Tensor:
+    """The frozen projection x W0 (+ b0)."""
+    return x @ w0 if b0 is None else torch.addmm(b0, x, w0)
+
+
+def _norm(shape: ModelShape, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """GPT-2's LayerNorm, or Llama's RMSNorm (statistics in float32, as
+    Hugging Face's LlamaRMSNorm computes them; a no-op cast in float32)."""
+    if not shape.llama:
+        return F.layer_norm(x, (shape.d_model,), w, b, shape.norm_eps)
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + shape.norm_eps)
+    return w * xf.to(x.dtype)
+
+
+def _ffn_act(shape: ModelShape, up: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """The FFN's hidden activation: gelu_tanh(up), or Llama's silu(gate) * up."""
+    return F.silu(gate) * up if shape.llama else F.gelu(up, approximate="tanh")
+
+
+def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of t (batch, seq, heads, head_dim), rotate-half layout:
+    [t1 | t2] -> [t1 cos - t2 sin | t2 cos + t1 sin]."""
+    half = t.shape[-1] // 2
+    rotated = torch.cat((-t[..., half:], t[..., :half]), dim=-1)
+    return t * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def _causal_attention(m: FrozenModel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Multi-head causal softmax attention of (tokens, d) q and (tokens,
+    kv_width) k, v (rotary applied to q and k first for Llama); returns
+    (tokens, d).  With GQA each kv head serves heads / kv_heads query heads."""
+    s = m.shape
+    qh = q.view(s.batch, s.seq, s.heads, s.head_dim)
+    kh = k.view(s.batch, s.seq, s.kv_heads, s.head_dim)
+    vh = v.view(s.batch, s.seq, s.kv_heads, s.head_dim)
+    if m.rope_cos is not None:
+        qh, kh = _rotate(qh, m.rope_cos, m.rope_sin), _rotate(kh, m.rope_cos, m.rope_sin)
+    qh, kh, vh = qh.transpose(1, 2), kh.transpose(1, 2), vh.transpose(1, 2)   # (B, heads, S, hd)
+    group = s.heads // s.kv_heads
+    if USE_SDPA and hasattr(F, "scaled_dot_product_attention"):  # the GPU suite: torch 2's fused attention
+        if m.sdpa_gqa:
+            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)
+        else:
+            if group > 1:
+                kh, vh = kh.repeat_interleave(group, dim=1), vh.repeat_interleave(group, dim=1)
+            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
+    else:
+        if group > 1:
+            kh, vh = kh.repeat_interleave(group, dim=1), vh.repeat_interleave(group, dim=1)
+        bh = s.batch * s.heads
+        # baddbmm adds the causal mask and applies 1/sqrt(head_dim) in the same op.
+        scores = torch.baddbmm(m.causal_mask, qh.reshape(bh, s.seq, s.head_dim),
+                               kh.reshape(bh, s.seq, s.head_dim).transpose(1, 2),
+                               alpha=1 / math.sqrt(s.head_dim))
+        out = torch.bmm(torch.softmax(scores, dim=-1), vh.reshape(bh, s.seq, s.head_dim))
+        out = out.view(s.batch, s.heads, s.seq, s.head_dim)
+    return out.transpose(1, 2).reshape(s.tokens, s.d_model)
 
 
 class Adapters:
     """The adapter slots of the model.  This base class leaves every slot as the
     frozen model computes it (the "frozen" variant); subclasses override
     ``linear`` (q, k, v, o, ffn_up, ffn_down) or ``scale`` (keys, values,
-    ffn_hidden) for the slots they adapt."""
+    ffn_hidden) for the slots they adapt and fall back to this class for the
+    others (Llama's ffn_gate goes through ``linear`` too)."""
 
     def params(self) -> list[torch.Tensor]:
         """The trainable tensors."""
         return []
 
     def linear(self, layer: int, slot: str, x: torch.Tensor, w0: torch.Tensor,
-               b0: torch.Tensor) -> torch.Tensor:
+               b0: torch.Tensor | None) -> torch.Tensor:
         """x W0 + b0, plus whatever the adapter adds."""
-        return torch.addmm(b0, x, w0)
+        return _affine(x, w0, b0)
 
     def scale(self, layer: int, slot: str, router_in: torch.Tensor,
               h: torch.Tensor) -> torch.Tensor:
@@ -513,54 +708,40 @@ class Adapters:
         return h
 
 
-def _causal_attention(m: FrozenGPT2, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Multi-head causal softmax attention of (tokens, d) q, k, v; returns (tokens, d)."""
-    s = m.shape
-
-    def heads(t: torch.Tensor) -> torch.Tensor:   # (B*S, d) -> (B*H, S, hd)
-        return t.view(s.batch, s.seq, s.heads, s.head_dim).transpose(1, 2).reshape(
-            s.batch * s.heads, s.seq, s.head_dim)
-
-    qh, kh, vh = heads(q), heads(k), heads(v)
-    if USE_SDPA and hasattr(F, "scaled_dot_product_attention"):  # the GPU suite: torch 2's fused attention
-        out = F.scaled_dot_product_attention(qh.unsqueeze(0), kh.unsqueeze(0), vh.unsqueeze(0), is_causal=True)[0]
-        return out.view(s.batch, s.heads, s.seq, s.head_dim).transpose(1, 2).reshape(s.tokens, s.d_model)
-    # baddbmm adds the causal mask and applies 1/sqrt(head_dim) in the same op.
-    scores = torch.baddbmm(m.causal_mask, qh, kh.transpose(1, 2), alpha=1 / math.sqrt(s.head_dim))
-    out = torch.bmm(torch.softmax(scores, dim=-1), vh)          # (B*H, S, hd)
-    return out.view(s.batch, s.heads, s.seq, s.head_dim).transpose(1, 2).reshape(s.tokens, s.d_model)
-
-
-def _block(m: FrozenGPT2, i: int, x: torch.Tensor, ad: Adapters) -> torch.Tensor:
-    """Block i of the model (pre-LN) on the (tokens, d) residual stream x."""
-    p, d = m.blocks[i], (m.shape.d_model,)
-    a = F.layer_norm(x, d, p.ln1_w, p.ln1_b)
+def _block(m: FrozenModel, i: int, x: torch.Tensor, ad: Adapters) -> torch.Tensor:
+    """Block i of the model (pre-norm) on the (tokens, d) residual stream x."""
+    p, s = m.blocks[i], m.shape
+    a = _norm(s, x, p.norm1_w, p.norm1_b)
     q = ad.linear(i, "q", a, p.wq, p.bq)
     k = ad.scale(i, "keys", a, ad.linear(i, "k", a, p.wk, p.bk))
     v = ad.scale(i, "values", a, ad.linear(i, "v", a, p.wv, p.bv))
     x1 = x + ad.linear(i, "o", _causal_attention(m, q, k, v), p.wo, p.bo)
-    b = F.layer_norm(x1, d, p.ln2_w, p.ln2_b)
-    h = F.gelu(ad.linear(i, "ffn_up", b, p.w_up, p.b_up), approximate="tanh")
+    b = _norm(s, x1, p.norm2_w, p.norm2_b)
+    gate = ad.linear(i, "ffn_gate", b, p.w_gate, None) if s.llama else None
+    h = _ffn_act(s, ad.linear(i, "ffn_up", b, p.w_up, p.b_up), gate)
     h = ad.scale(i, "ffn_hidden", b, h)
     return x1 + ad.linear(i, "ffn_down", h, p.w_down, p.b_down)
 
 
-def _embed(m: FrozenGPT2) -> torch.Tensor:
-    """h0 = wte[ids] + wpe[positions], as (tokens, d)."""
+def _embed(m: FrozenModel) -> torch.Tensor:
+    """h0 = wte[ids] (+ wpe[positions] for GPT-2), as (tokens, d)."""
     s = m.shape
-    return (F.embedding(m.ids, m.wte) + m.wpe[:s.seq]).view(s.tokens, s.d_model)
+    h0 = F.embedding(m.ids, m.wte)
+    if m.wpe is not None:
+        h0 = h0 + m.wpe[:s.seq]
+    return h0.view(s.tokens, s.d_model)
 
 
-def gpt2_loss(m: FrozenGPT2, ad: Adapters, h0: torch.Tensor) -> torch.Tensor:
+def model_loss(m: FrozenModel, ad: Adapters, h0: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of the model with adapters ``ad`` on input h0."""
     x = h0
     for i in range(m.shape.layers):
         x = _block(m, i, x, ad)
-    x = F.layer_norm(x, (m.shape.d_model,), m.lnf_w, m.lnf_b)
-    return F.cross_entropy(x @ m.wte.t(), m.labels, ignore_index=IGNORE_INDEX)
+    x = _norm(m.shape, x, m.normf_w, m.normf_b)
+    return F.cross_entropy(x @ m.lm_head.t(), m.labels, ignore_index=IGNORE_INDEX)
 
 
-# --- MoLoRA adapters ------------------------------------------------------
+# --- MoLoRA and LoRA adapters ---------------------------------------------
 
 @dataclass
 class LoRAMixtureInit:
@@ -570,7 +751,7 @@ class LoRAMixtureInit:
     b: torch.Tensor
 
 
-def molora_init(shape: GPT2Shape, n_exp: int, rank: int) -> dict[tuple[int, str], LoRAMixtureInit]:
+def molora_init(shape: ModelShape, n_exp: int, rank: int) -> dict[tuple[int, str], LoRAMixtureInit]:
     """Seeded initial values for every (layer, slot).  B is small random, not
     zero, so that no style can skip work because of it."""
     torch.manual_seed(1)
@@ -583,26 +764,31 @@ def molora_init(shape: GPT2Shape, n_exp: int, rank: int) -> dict[tuple[int, str]
 class MoLoRABatched(Adapters):
     """All experts' A in one (d_in, E*R) matrix and all B in one (E*R, d_out):
     the gate scales each expert's R columns of U = x A, then one GEMM with B
-    (addmm adds it to the frozen projection).  alpha / R = 1."""
+    (addmm adds it to the frozen projection).  alpha / R = 1.  With ``top2``
+    this is the "batched experts" form of a routed mixture: every expert is
+    computed densely and the gates are zero outside each token's top 2."""
 
-    def __init__(self, init: dict[tuple[int, str], LoRAMixtureInit]):
+    def __init__(self, init: dict[tuple[int, str], LoRAMixtureInit], top2: bool = False):
         self.wr, self.a, self.b = {}, {}, {}
         for key, t in init.items():
             n_exp, d_in, rank = t.a.shape
             self.wr[key] = _leaf(t.wr)
             self.a[key] = _leaf(t.a.permute(1, 0, 2).reshape(d_in, n_exp * rank))
             self.b[key] = _leaf(t.b.reshape(n_exp * rank, -1))
-        self.n_exp, self.rank = n_exp, rank
+        self.n_exp, self.rank, self.top2 = n_exp, rank, top2
 
     def params(self) -> list[torch.Tensor]:
         return [*self.wr.values(), *self.a.values(), *self.b.values()]
 
     def linear(self, layer: int, slot: str, x: torch.Tensor, w0: torch.Tensor,
-               b0: torch.Tensor) -> torch.Tensor:
+               b0: torch.Tensor | None) -> torch.Tensor:
         key, n = (layer, slot), x.shape[0]
-        g = torch.softmax(x @ self.wr[key], dim=-1)
+        if key not in self.a:
+            return super().linear(layer, slot, x, w0, b0)
+        logits = x @ self.wr[key]
+        g = _top2_gates(logits) if self.top2 else torch.softmax(logits, dim=-1)
         u = (x @ self.a[key]).view(n, self.n_exp, self.rank) * g.unsqueeze(-1)
-        return torch.addmm(torch.addmm(b0, x, w0), u.view(n, self.n_exp * self.rank), self.b[key])
+        return torch.addmm(_affine(x, w0, b0), u.view(n, self.n_exp * self.rank), self.b[key])
 
 
 class MoLoRALoop(Adapters):
@@ -619,13 +805,82 @@ class MoLoRALoop(Adapters):
                 *(b for bb in self.b.values() for b in bb)]
 
     def linear(self, layer: int, slot: str, x: torch.Tensor, w0: torch.Tensor,
-               b0: torch.Tensor) -> torch.Tensor:
+               b0: torch.Tensor | None) -> torch.Tensor:
         key = (layer, slot)
+        if key not in self.a:
+            return super().linear(layer, slot, x, w0, b0)
         g = torch.softmax(x @ self.wr[key], dim=-1)
-        y = torch.addmm(b0, x, w0)
+        y = _affine(x, w0, b0)
         for e, (a, b) in enumerate(zip(self.a[key], self.b[key])):
             y = y + g[:, e:e + 1] * ((x @ a) @ b)
         return y
+
+
+class MoLoRATop2Sparse(MoLoRALoop):
+    """Top-2 routing written as sparse MoE code usually is: one (A, B) pair per
+    expert, the router's softmax in float32, each token's two largest
+    probabilities renormalised by their sum, then a loop over the experts that
+    computes each only on the tokens routed to it (gathered with index_select,
+    added back into the frozen projection's output with index_add_).  The
+    (token, choice) pairs are sorted by expert once per slot, so the loop needs
+    a single host sync (the per-expert counts) instead of one per expert."""
+
+    def linear(self, layer: int, slot: str, x: torch.Tensor, w0: torch.Tensor,
+               b0: torch.Tensor | None) -> torch.Tensor:
+        key = (layer, slot)
+        if key not in self.a:
+            return Adapters.linear(self, layer, slot, x, w0, b0)
+        probs = torch.softmax(x @ self.wr[key], dim=-1, dtype=torch.float32)
+        top, idx = probs.topk(2, dim=-1)
+        gate = (top / top.sum(dim=-1, keepdim=True)).to(x.dtype).reshape(-1)   # (2n,), token-major
+        flat = idx.reshape(-1)
+        order = flat.argsort()
+        counts = torch.bincount(flat, minlength=len(self.a[key])).tolist()
+        tokens = torch.div(order, 2, rounding_mode="floor")
+        gate = gate.index_select(0, order)
+        y = _affine(x, w0, b0)   # mm/addmm's backward does not need its output: in-place adds are safe
+        start = 0
+        for a, b, count in zip(self.a[key], self.b[key], counts):
+            if count:
+                tok = tokens[start:start + count]
+                ye = ((x.index_select(0, tok) @ a) * gate[start:start + count, None]) @ b
+                y.index_add_(0, tok, ye)
+            start += count
+        return y
+
+
+@dataclass
+class LoRAInit:
+    """Initial values of one slot's LoRA: A (d_in, R), B (R, d_out)."""
+    a: torch.Tensor
+    b: torch.Tensor
+
+
+def lora_init(shape: ModelShape, rank: int) -> dict[tuple[int, str], LoRAInit]:
+    """Seeded initial values for every (layer, slot); B small random, not zero."""
+    torch.manual_seed(1)
+    return {(i, slot): LoRAInit(_randn(d_in, rank, scale=0.02), _randn(rank, d_out, scale=0.02))
+            for i in range(shape.layers) for slot, (d_in, d_out) in linear_slot_dims(shape).items()}
+
+
+class LoRAFused(Adapters):
+    """Plain LoRA as a functional model: y = x W0 + b0 + (alpha / R) (x A) B,
+    the update added by the same addmm that multiplies by B."""
+
+    def __init__(self, init: dict[tuple[int, str], LoRAInit], alpha: float = LORA_ALPHA):
+        self.a = {key: _leaf(t.a) for key, t in init.items()}
+        self.b = {key: _leaf(t.b) for key, t in init.items()}
+        self.scaling = alpha / next(iter(init.values())).a.shape[1]
+
+    def params(self) -> list[torch.Tensor]:
+        return [*self.a.values(), *self.b.values()]
+
+    def linear(self, layer: int, slot: str, x: torch.Tensor, w0: torch.Tensor,
+               b0: torch.Tensor | None) -> torch.Tensor:
+        key = (layer, slot)
+        if key not in self.a:
+            return super().linear(layer, slot, x, w0, b0)
+        return torch.addmm(_affine(x, w0, b0), x @ self.a[key], self.b[key], alpha=self.scaling)
 
 
 # --- MoV adapters ---------------------------------------------------------
@@ -637,7 +892,7 @@ class IA3MixtureInit:
     l: torch.Tensor
 
 
-def mov_init(shape: GPT2Shape, n_exp: int) -> dict[tuple[int, str], IA3MixtureInit]:
+def mov_init(shape: ModelShape, n_exp: int) -> dict[tuple[int, str], IA3MixtureInit]:
     """Seeded initial values for every (layer, slot): router normal 0.02, L ones."""
     torch.manual_seed(1)
     return {(i, slot): IA3MixtureInit(_randn(d_router, n_exp, scale=0.02),
@@ -681,6 +936,154 @@ class MoVLoop(Adapters):
         return h * s
 
 
+# --- the model as nn.Modules (the "module" and "peft" styles of lora16) -----
+#
+# The same frozen model as nn.Linear layers (Hugging Face's module names:
+# q_proj, k_proj, v_proj, o_proj, up_proj, down_proj, gate_proj), so that LoRA
+# can be applied the way module-level code and PEFT apply it: by wrapping
+# the targeted nn.Linear layers.  The weights are FrozenModel's tensors
+# themselves (nn.Linear's (d_out, d_in) weight is the transposed view of the
+# (d_in, d_out) matrix), with requires_grad False.
+
+LINEAR_MODULE_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
+                       "ffn_up": "up_proj", "ffn_down": "down_proj"}
+
+
+def _frozen_param(t: torch.Tensor) -> torch.nn.Parameter:
+    return torch.nn.Parameter(t, requires_grad=False)
+
+
+def _frozen_linear(w0: torch.Tensor, b0: torch.Tensor | None) -> torch.nn.Linear:
+    """An nn.Linear computing x w0 (+ b0) on the frozen tensors (not copied;
+    constructed on the meta device so that nothing is allocated or drawn)."""
+    d_in, d_out = w0.shape
+    lin = torch.nn.utils.skip_init(torch.nn.Linear, d_in, d_out, bias=b0 is not None, device="meta")
+    lin.weight = _frozen_param(w0.t())
+    if b0 is not None:
+        lin.bias = _frozen_param(b0)
+    return lin
+
+
+class NormModule(torch.nn.Module):
+    """The frozen LayerNorm (GPT-2) or RMSNorm (Llama) of _norm."""
+
+    def __init__(self, shape: ModelShape, w: torch.Tensor, b: torch.Tensor | None):
+        super().__init__()
+        self.shape = shape
+        self.weight = _frozen_param(w)
+        self.bias = None if b is None else _frozen_param(b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _norm(self.shape, x, self.weight, self.bias)
+
+
+class BlockModule(torch.nn.Module):
+    """Block i of the frozen model as modules; the same dataflow as _block."""
+
+    def __init__(self, m: FrozenModel, i: int):
+        super().__init__()
+        p = m.blocks[i]
+        self.frozen = m   # a plain attribute (not a module): the shape, rotary tables and mask
+        self.norm1 = NormModule(m.shape, p.norm1_w, p.norm1_b)
+        self.q_proj, self.k_proj = _frozen_linear(p.wq, p.bq), _frozen_linear(p.wk, p.bk)
+        self.v_proj, self.o_proj = _frozen_linear(p.wv, p.bv), _frozen_linear(p.wo, p.bo)
+        self.norm2 = NormModule(m.shape, p.norm2_w, p.norm2_b)
+        self.up_proj, self.down_proj = _frozen_linear(p.w_up, p.b_up), _frozen_linear(p.w_down, p.b_down)
+        self.gate_proj = _frozen_linear(p.w_gate, None) if p.w_gate is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.norm1(x)
+        x1 = x + self.o_proj(_causal_attention(self.frozen, self.q_proj(a), self.k_proj(a), self.v_proj(a)))
+        b = self.norm2(x1)
+        gate = self.gate_proj(b) if self.gate_proj is not None else None
+        return x1 + self.down_proj(_ffn_act(self.frozen.shape, self.up_proj(b), gate))
+
+
+class DecoderModule(torch.nn.Module):
+    """The frozen model as modules: forward(h0) is model_loss without adapters."""
+
+    def __init__(self, m: FrozenModel):
+        super().__init__()
+        self.frozen = m
+        self.blocks = torch.nn.ModuleList(BlockModule(m, i) for i in range(m.shape.layers))
+        self.norm_f = NormModule(m.shape, m.normf_w, m.normf_b)
+        self.lm_head = _frozen_linear(m.lm_head.t(), None)
+
+    def forward(self, h0: torch.Tensor) -> torch.Tensor:
+        x = h0
+        for block in self.blocks:
+            x = block(x)
+        return F.cross_entropy(self.lm_head(self.norm_f(x)), self.frozen.labels, ignore_index=IGNORE_INDEX)
+
+
+class LoRALinear(torch.nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update, in the usual module
+    form of LoRA: base(x) + lora_b(lora_a(x)) * scaling, with lora_a (R, d_in)
+    and lora_b (d_out, R) in nn.Linear's weight layout."""
+
+    def __init__(self, base: torch.nn.Linear, init: LoRAInit, scaling: float):
+        super().__init__()
+        self.base = base
+        self.lora_a = torch.nn.Parameter(init.a.t().contiguous())
+        self.lora_b = torch.nn.Parameter(init.b.t().contiguous())
+        self.scaling = scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scaling
+
+
+def _trainable(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def lora_module_style(m: FrozenModel, init: dict[tuple[int, str], LoRAInit]) -> ModelStyle:
+    """lora16 as modules: DecoderModule with the six slots' nn.Linear replaced by LoRALinear."""
+    net = DecoderModule(m)
+    for (i, slot), t in init.items():
+        name = LINEAR_MODULE_NAMES[slot]
+        block = net.blocks[i]
+        setattr(block, name, LoRALinear(getattr(block, name), t, LORA_ALPHA / LORA_RANK))
+    return make_model_style(m, net, _trainable(net))
+
+
+class StyleUnavailable(Exception):
+    """A style that cannot exist in this environment (not an error: the style is
+    left out and a footnote says why)."""
+
+
+def lora_peft_style(m: FrozenModel, init: dict[tuple[int, str], LoRAInit]) -> ModelStyle:
+    """lora16 by Hugging Face PEFT: get_peft_model on DecoderModule with a
+    LoraConfig targeting the six slots' modules (r = 16, lora_alpha = 16, no
+    dropout).  PEFT's A and B are then put in the model's dtype (PEFT >= 0.12
+    autocasts bf16 adapter weights to float32 by default; every other style
+    trains in the model's dtype) and set to the other styles' initial values.
+    Written from PEFT's documented API (lora_A / lora_B ModuleDicts keyed by
+    the adapter name, "default"); raises StyleUnavailable without PEFT."""
+    try:
+        import peft
+    except Exception as err:   # ImportError, or PEFT's own dependencies failing to import
+        raise StyleUnavailable(f"PEFT: not importable ({type(err).__name__}: {err})") from None
+    config = peft.LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+                             target_modules=sorted(set(LINEAR_MODULE_NAMES.values())))
+    model = peft.get_peft_model(DecoderModule(m), config)
+    base = model.get_base_model()
+    for (i, slot), t in init.items():
+        layer = getattr(base.blocks[i], LINEAR_MODULE_NAMES[slot])   # PEFT's lora.Linear now
+        lora_a, lora_b = layer.lora_A["default"], layer.lora_B["default"]
+        if layer.scaling["default"] != LORA_ALPHA / LORA_RANK:
+            raise RuntimeError(f"PEFT's scaling is {layer.scaling['default']}, expected {LORA_ALPHA / LORA_RANK}")
+        lora_a.to(device=DEVICE, dtype=DTYPE)
+        lora_b.to(device=DEVICE, dtype=DTYPE)
+        with torch.no_grad():
+            lora_a.weight.copy_(t.a.t())
+            lora_b.weight.copy_(t.b.t())
+    params = _trainable(model)
+    want = sum(t.a.numel() + t.b.numel() for t in init.values())
+    if sum(p.numel() for p in params) != want:
+        raise RuntimeError(f"PEFT made {sum(p.numel() for p in params)} parameters trainable, expected {want}")
+    return make_model_style(m, model, params)
+
+
 # --- training step and registry -------------------------------------------
 
 @dataclass
@@ -689,24 +1092,27 @@ class ModelStyle:
 
     ``step`` runs one training step and returns (loss, gradient norm before
     clipping, or None when nothing is trained); ``n_params`` counts the
-    trainable scalars.
+    trainable scalars.  A ``guarded`` style (peft, compiled) may fail in its
+    first step for reasons outside this script (a PEFT or torch.compile
+    version); it is then dropped with a message instead of ending the run.
     """
     step: Callable[[], tuple[float, float | None]]
     n_params: int
+    guarded: bool = False
 
 
-def make_model_style(m: FrozenGPT2, ad: Adapters) -> ModelStyle:
-    """A training step of model m with adapters ad.  Without trainable
-    parameters (the frozen variant) h0 requires grad instead, so that backward
-    still runs through every layer, and there is no optimizer."""
-    params = ad.params()
+def make_model_style(m: FrozenModel, loss_fn: Callable[[torch.Tensor], torch.Tensor],
+                     params: list[torch.Tensor]) -> ModelStyle:
+    """A training step of model m whose loss is ``loss_fn(h0)``.  Without
+    trainable parameters (the frozen variant) h0 requires grad instead, so that
+    backward still runs through every layer, and there is no optimizer."""
     opt = torch.optim.AdamW(params, lr=1e-3) if params else None
 
     def step() -> tuple[float, float | None]:
         h0 = _embed(m)
         if opt is None:
             h0.requires_grad_()
-        loss = gpt2_loss(m, ad, h0)
+        loss = loss_fn(h0)
         loss.backward()
         if opt is None:
             return loss.item(), None
@@ -718,19 +1124,88 @@ def make_model_style(m: FrozenGPT2, ad: Adapters) -> ModelStyle:
     return ModelStyle(step, sum(p.numel() for p in params))
 
 
-# name -> builder(shape) -> {style_name: ModelStyle}; builders are seeded, so
-# every style of a case starts from identical values.
-MODEL_CASES: dict[str, Callable[[GPT2Shape], dict[str, ModelStyle]]] = {
-    "train_step/gpt2_small/frozen":
-        lambda shape: {"eager": make_model_style(frozen_gpt2(shape), Adapters())},
-    "train_step/gpt2_small/mov10":
-        lambda shape: {style: make_model_style(frozen_gpt2(shape), cls(mov_init(shape, 10)))
-                       for style, cls in (("loop", MoVLoop), ("batched", MoVBatched))},
-    "train_step/gpt2_small/molora10":
-        lambda shape: {style: make_model_style(frozen_gpt2(shape), cls(molora_init(shape, 10, 4)))
-                       for style, cls in (("loop", MoLoRALoop), ("batched", MoLoRABatched))},
+def functional_style(m: FrozenModel, ad: Adapters) -> ModelStyle:
+    """A step of model_loss with adapters ad."""
+    return make_model_style(m, lambda h0: model_loss(m, ad, h0), ad.params())
+
+
+def compiled_style(m: FrozenModel, ad: Adapters) -> ModelStyle:
+    """functional_style with the loss function wrapped by torch.compile (default
+    mode).  Dynamo's caches are reset first: every case compiles the same
+    function with other tensors, and past its recompile limit dynamo would
+    silently run it eagerly.  Compilation happens in the first step."""
+    if hasattr(torch, "_dynamo"):
+        torch._dynamo.reset()
+
+    def loss(h0: torch.Tensor) -> torch.Tensor:
+        return model_loss(m, ad, h0)
+
+    return make_model_style(m, torch.compile(loss), ad.params())
+
+
+@dataclass(frozen=True)
+class Variant:
+    """An adapter configuration of the model cases: ``styles`` gives the style
+    makers of a model (each makes its own seeded copy of the adapters when
+    called), ``compiled`` the adapters that --compile's style runs."""
+    styles: Callable[[FrozenModel], dict[str, Callable[[], ModelStyle]]]
+    compiled: Callable[[FrozenModel], Adapters]
+
+
+VARIANTS: dict[str, Variant] = {
+    "frozen": Variant(
+        lambda m: {"eager": lambda: functional_style(m, Adapters())},
+        lambda m: Adapters()),
+    "mov10": Variant(
+        lambda m: {"loop": lambda: functional_style(m, MoVLoop(mov_init(m.shape, 10))),
+                   "batched": lambda: functional_style(m, MoVBatched(mov_init(m.shape, 10)))},
+        lambda m: MoVBatched(mov_init(m.shape, 10))),
+    "molora10": Variant(
+        lambda m: {"loop": lambda: functional_style(m, MoLoRALoop(molora_init(m.shape, 10, 4))),
+                   "batched": lambda: functional_style(m, MoLoRABatched(molora_init(m.shape, 10, 4)))},
+        lambda m: MoLoRABatched(molora_init(m.shape, 10, 4))),
+    "lora16": Variant(
+        lambda m: {"addmm": lambda: functional_style(m, LoRAFused(lora_init(m.shape, LORA_RANK))),
+                   "module": lambda: lora_module_style(m, lora_init(m.shape, LORA_RANK)),
+                   "peft": lambda: lora_peft_style(m, lora_init(m.shape, LORA_RANK))},
+        lambda m: LoRAFused(lora_init(m.shape, LORA_RANK))),
+    "molora64_top2": Variant(
+        lambda m: {"batched": lambda: functional_style(m, MoLoRABatched(molora_init(m.shape, 64, 8), top2=True)),
+                   "sparse": lambda: functional_style(m, MoLoRATop2Sparse(molora_init(m.shape, 64, 8)))},
+        lambda m: MoLoRABatched(molora_init(m.shape, 64, 8), top2=True)),
 }
-FLOOR_CASE = "train_step/gpt2_small/frozen"
+GUARDED_STYLES = ("peft", "compiled")
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    """A model case: the shape part of its name (a key of MODEL_SHAPES), its
+    variant (a key of VARIANTS), and whether --device cpu selects it by default
+    (only the cases moet_bench_model has; the others need --cases on the CPU)."""
+    family: str
+    variant: str
+    cpu_default: bool
+
+
+MODEL_CASES: dict[str, ModelCase] = {
+    f"train_step/{family}/{variant}": ModelCase(
+        family, variant, family == "gpt2_small" and variant in ("frozen", "mov10", "molora10"))
+    for family in MODEL_SHAPES for variant in VARIANTS
+}
+
+
+def floor_case(family: str) -> str:
+    """The frozen case of a shape: the floor its adapter cases are measured against."""
+    return f"train_step/{family}/frozen"
+
+
+# Footnotes collected while building styles (a style that is unavailable or was dropped).
+STYLE_NOTES: list[str] = []
+
+
+def _note(text: str) -> None:
+    if text not in STYLE_NOTES:
+        STYLE_NOTES.append(text)
 
 
 # --------------------------------------------------------------------------
@@ -791,25 +1266,75 @@ def run_pytorch(names: list[str], repeats: int, iters: int, check: bool) -> dict
 
 def time_model_step(step: Callable[[], tuple[float, float | None]], warmup: int,
                     iters: int) -> tuple[float, list[float]]:
-    """(median, all samples) of ``iters`` timed training steps after ``warmup`` untimed ones, in ms."""
+    """(median, all samples) of ``iters`` timed training steps after ``warmup`` untimed ones, in ms.
+    On the GPU the device is synchronised before and after every timed step."""
+    sync = torch.cuda.synchronize if DEVICE != "cpu" else (lambda: None)
     for _ in range(warmup):
         step()
     samples = []
     for _ in range(iters):
+        sync()
         t0 = time.perf_counter()
         step()
+        sync()
         samples.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(samples), samples
 
 
-def check_model_styles(name: str, styles: dict[str, ModelStyle]) -> None:
+def _drop_style(name: str, sname: str, err: BaseException, dropped: set[str]) -> None:
+    """Reports a guarded style that failed and remembers not to build it again."""
+    what = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+    print(f"warning: {name}: style '{sname}' failed and is dropped: {what}", file=sys.stderr)
+    _note(f"{name}: style '{sname}' dropped ({what})")
+    dropped.add(sname)
+
+
+def build_model_styles(name: str, shape: ModelShape, compiled: bool,
+                       dropped: set[str]) -> dict[str, ModelStyle]:
+    """The styles of a model case (fresh, seeded values), with --compile's
+    "compiled" style when ``compiled``; styles in ``dropped`` are skipped.  A
+    style that is unavailable here is left out with a footnote; a guarded
+    style that fails to build is dropped with a message."""
+    case = MODEL_CASES[name]
+    m = frozen_model(shape)
+    variant = VARIANTS[case.variant]
+    makers = variant.styles(m)
+    if compiled:
+        makers["compiled"] = lambda: compiled_style(m, variant.compiled(m))
+    styles = {}
+    for sname, make in makers.items():
+        if sname in dropped:
+            continue
+        try:
+            style = make()
+        except StyleUnavailable as why:
+            _note(str(why))
+            dropped.add(sname)
+            continue
+        except Exception as err:
+            if sname not in GUARDED_STYLES:
+                raise
+            _drop_style(name, sname, err, dropped)
+            continue
+        style.guarded = sname in GUARDED_STYLES
+        styles[sname] = style
+    return styles
+
+
+def check_model_styles(name: str, styles: dict[str, ModelStyle], dropped: set[str]) -> None:
     """All styles of a model case must agree on the first step's loss and
     gradient norm and on the second step's loss (which sees the first AdamW
     update, so it checks the gradients as well).  Two steps each."""
     ref_name, ref = None, None
     for sname, style in styles.items():
-        loss1, grad_norm = style.step()
-        loss2, _ = style.step()
+        try:
+            loss1, grad_norm = style.step()
+            loss2, _ = style.step()
+        except Exception as err:
+            if not style.guarded:
+                raise
+            _drop_style(name, sname, err, dropped)
+            continue
         got = {"loss": loss1, "grad norm": grad_norm, "loss after 1 step": loss2}
         print(f"check {name}: {sname}: " + ", ".join(
             f"{k} {v:.6g}" for k, v in got.items() if v is not None), file=sys.stderr)
@@ -825,17 +1350,33 @@ def check_model_styles(name: str, styles: dict[str, ModelStyle]) -> None:
                   file=sys.stderr)
 
 
-def run_pytorch_model(names: list[str], shape: GPT2Shape, warmup: int, iters: int,
-                      check: bool) -> dict[str, tuple[float, str, dict[str, float]]]:
-    """case -> (best ms, best style, {style: ms}), like run_pytorch."""
+def run_pytorch_model(names: list[str], shapes: dict[str, ModelShape], warmup: int, iters: int,
+                      check: bool, compiled: bool) -> dict[str, tuple[float, str, dict[str, float]]]:
+    """case -> (best ms, best style, {style: ms}), like run_pytorch; ``shapes``
+    maps each case's family to the shape it runs at.  A guarded style's first
+    step (where torch.compile compiles, unless --check already did) is an extra
+    untimed warm-up step."""
     results = {}
     for name in names:
-        styles = MODEL_CASES[name](shape)
+        shape = shapes[MODEL_CASES[name].family]
+        dropped: set[str] = set()
+        styles = build_model_styles(name, shape, compiled, dropped)
         if check:
-            check_model_styles(name, styles)
-            styles = MODEL_CASES[name](shape)   # fresh values: the check trained the adapters
+            check_model_styles(name, styles, dropped)
+            # Fresh values for timing (the check trained the adapters), except the
+            # compiled style: it is kept, already compiled, rather than compiled again.
+            kept = {s: style for s, style in styles.items() if s == "compiled" and s not in dropped}
+            del styles
+            styles = build_model_styles(name, shape, compiled, dropped | set(kept))
+            styles.update(kept)
         per_style = {}
         for sname, style in styles.items():
+            if style.guarded:
+                try:
+                    style.step()
+                except Exception as err:
+                    _drop_style(name, sname, err, dropped)
+                    continue
             ms, samples = time_model_step(style.step, warmup, iters)
             per_style[sname] = ms
             print(f"  {name} [{sname}, {style.n_params} trainable]: median {ms:.1f} ms of "
@@ -974,10 +1515,10 @@ def print_rows(cols: list[str], rows: list[list[str]], markdown: bool) -> None:
             print(fmt(r))
 
 
-def winners_footnote(names: list[str], torch_res: dict) -> str:
-    """Which eager style won, for the cases written in more than one."""
+def winners_footnote(names: list[str], torch_res: dict, what: str = "faster eager style") -> str:
+    """Which style won, for the cases written in more than one."""
     multi = [(n, torch_res[n][1]) for n in names if len(torch_res[n][2]) > 1]
-    return ("PyTorch time is the faster eager style; winners: "
+    return (f"PyTorch time is the {what}; winners: "
             + ", ".join(f"{n}: {s}" for n, s in multi)) if multi else ""
 
 
@@ -1022,9 +1563,20 @@ def print_table(names: list[str], moet: dict[str, float], torch_res: dict, markd
             print(note)
 
 
-def print_model_table(names: list[str], moet: dict[str, float], torch_res: dict, shape: GPT2Shape,
-                      markdown: bool, moet_note: str) -> None:
-    """The model cases' table, then each adapter variant's cost over the frozen floor."""
+
+
+def styles_footnote(names: list[str], torch_res: dict) -> str:
+    """Every style's time, for the cases written in more than one."""
+    multi = [n for n in names if len(torch_res[n][2]) > 1]
+    return ("PyTorch ms per style: " + "; ".join(
+        f"{n.rsplit('/', 1)[-1]}: " + ", ".join(f"{s} {ms:.1f}" for s, ms in torch_res[n][2].items())
+        for n in multi)) if multi else ""
+
+
+def print_model_table(names: list[str], moet: dict[str, float], torch_res: dict, shape: ModelShape,
+                      floor: str, markdown: bool, moet_note: str) -> None:
+    """One shape's model cases: the table, then each adapter variant's cost over
+    that shape's frozen floor.  tok/s counts this shape's tokens per step."""
     def tok_s(ms: float | None) -> str:
         return f"{shape.tokens / (ms / 1e3):.0f}" if ms else "n/a"
 
@@ -1044,39 +1596,74 @@ def print_model_table(names: list[str], moet: dict[str, float], torch_res: dict,
     print()
     if moet_note:
         print(moet_note)
-    footnote = winners_footnote(names, torch_res)
-    if footnote:
-        print(footnote)
+    for footnote in (winners_footnote(names, torch_res, "fastest style"),
+                     styles_footnote(names, torch_res)):
+        if footnote:
+            print(footnote)
     print(f"speed-up = PyTorch ms / moet ms (> 1 means moet is faster); "
           f"tok/s = {shape.tokens} tokens per step / step time")
 
-    if FLOOR_CASE in names and len(names) > 1:
-        pt_floor, m_floor = torch_res[FLOOR_CASE][0], moet.get(FLOOR_CASE)
+    if floor in names and len(names) > 1:
+        pt_floor, m_floor = torch_res[floor][0], moet.get(floor)
         ratio_rows = []
         for name in names:
-            if name == FLOOR_CASE:
+            if name == floor:
                 continue
             m_ms = moet.get(name)
             ratio_rows.append([name, f"{torch_res[name][0] / pt_floor:.2f}x",
                                f"{m_ms / m_floor:.2f}x" if m_ms and m_floor else "n/a"])
         print()
-        print(f"cost over the frozen floor ({FLOOR_CASE}), each side against its own floor "
+        print(f"cost over the frozen floor ({floor}), each side against its own floor "
               f"from this run:")
         print()
         print_rows(["case", "PyTorch / frozen", "moet / frozen"], ratio_rows, markdown)
 
 
-def select_cases(spec: str) -> tuple[list[str], list[str]]:
+def print_model_tables(names: list[str], moet: dict[str, float], torch_res: dict,
+                       shapes: dict[str, ModelShape], markdown: bool, moet_note: str) -> None:
+    """One table per shape (GPT-2 and Llama steps differ in tokens and floor),
+    then the notes on styles that are unavailable here or were dropped."""
+    families = list(dict.fromkeys(MODEL_CASES[n].family for n in names))
+    for k, family in enumerate(families):
+        if k:
+            print()
+            print()
+        print_model_table([n for n in names if MODEL_CASES[n].family == family], moet, torch_res,
+                          shapes[family], floor_case(family), markdown, moet_note)
+    if STYLE_NOTES:
+        print()
+        for note in STYLE_NOTES:
+            print(f"note: {note}")
+
+
+def select_cases(spec: str, model_default: list[str]) -> tuple[list[str], list[str]]:
     """(layer cases, model cases) selected by --cases: 'all', 'layers', 'model'
-    or a regex searched in every case name."""
+    or a regex searched in every case name.  'all' and 'model' take the model
+    cases of ``model_default``; a regex may select any model case."""
     if spec == "all":
-        return list(CASES), list(MODEL_CASES)
+        return list(CASES), model_default
     if spec == "layers":
         return list(CASES), []
     if spec == "model":
-        return [], list(MODEL_CASES)
+        return [], model_default
     return ([n for n in CASES if re.search(spec, n)],
             [n for n in MODEL_CASES if re.search(spec, n)])
+
+
+def load_moet_json(path: Path, names: list[str]) -> dict[str, float]:
+    """moet's times from a Google Benchmark JSON file written earlier
+    (--benchmark_out), instead of running the binary again."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        print(f"warning: could not read moet results from {path}: {err}; moet column will be n/a",
+              file=sys.stderr)
+        return {}
+    times = parse_moet_json(data, names)
+    missing = [n for n in names if n not in times]
+    if missing:
+        print(f"warning: no moet median in {path} for: {', '.join(missing)}", file=sys.stderr)
+    return times
 
 
 def main() -> int:
@@ -1086,10 +1673,18 @@ def main() -> int:
                     help="moet benchmark binary of the layer cases (default: %(default)s)")
     ap.add_argument("--moet-bench-model", type=Path, default=DEFAULT_MOET_BENCH_MODEL,
                     help="moet benchmark binary of the model cases (default: %(default)s)")
+    ap.add_argument("--moet-json", type=Path,
+                    help="read the layer cases' moet times from this Google Benchmark JSON file "
+                         "(--benchmark_out of an earlier run) instead of running --moet-bench")
+    ap.add_argument("--moet-model-json", type=Path,
+                    help="the same for the model cases, instead of running --moet-bench-model")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                    help="cuda: the GPU suite (moet_bench_cuda's cases, bf16, T=8192)")
+                    help="cuda: the GPU suite (moet_bench_cuda's cases, bf16, T=8192; "
+                         "moet_bench_cuda_model's GPT-2 small and Llama 1B)")
     ap.add_argument("--cases", default="all",
-                    help="'layers', 'model', 'all' (default) or a regex selecting cases (re.search)")
+                    help="'layers', 'model', 'all' (default) or a regex selecting cases (re.search); "
+                         "on the CPU, 'all' and 'model' leave out the model cases moet_bench_model "
+                         "lacks (see --list)")
     ap.add_argument("--repeats", type=int, default=5,
                     help="layer cases: timed medians per style / Google Benchmark repetitions (default 5)")
     ap.add_argument("--iters", type=int, default=3,
@@ -1099,62 +1694,96 @@ def main() -> int:
     ap.add_argument("--model-iters", type=int, default=MODEL_ITERS,
                     help="model cases: timed steps per style, median reported; also moet's "
                          f"Google Benchmark repetitions (default {MODEL_ITERS})")
+    ap.add_argument("--compile", action="store_true",
+                    help="model cases: add a 'compiled' style, the loss function wrapped by "
+                         "torch.compile (compiled in an untimed first step)")
     ap.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     ap.add_argument("--check", action="store_true",
                     help="verify that all styles of a case agree before timing (layers: y and dx; "
                          "model: loss, gradient norm and the loss after one AdamW step)")
-    ap.add_argument("--list", action="store_true", help="list case names and exit")
+    ap.add_argument("--list", action="store_true",
+                    help="list the case names of --device (no device needed) and exit")
     # Debugging aid: the model cases at a tiny size, PyTorch only.
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global T, DTYPE, DEVICE, CASES, USE_SDPA
     if args.device == "cuda":
-        global T, DTYPE, DEVICE, CASES, USE_SDPA
+        CASES = CUDA_CASES   # the model cases stay: GPT-2 small and Llama 1B in bf16 with SDPA
+    # Model cases of 'all' / 'model': on the CPU only those moet_bench_model has, unless --tiny.
+    model_default = [n for n, c in MODEL_CASES.items()
+                     if args.device == "cuda" or args.tiny or c.cpu_default]
+
+    if args.list:
+        print("\n".join([*CASES, *MODEL_CASES]))
+        extra = [n for n in MODEL_CASES if n not in model_default]
+        if extra:
+            print(f"(--device {args.device}: 'all' and 'model' leave out {', '.join(extra)}; "
+                  f"select them with --cases)", file=sys.stderr)
+        return 0
+    if args.device == "cuda":
         if not torch.cuda.is_available():
             print("--device cuda: torch sees no CUDA device", file=sys.stderr)
             return 2
         T, DTYPE, DEVICE, USE_SDPA = 8192, torch.bfloat16, "cuda", True
-        CASES = CUDA_CASES   # the model cases stay: GPT-2 small in bf16 with SDPA
         if args.moet_bench == DEFAULT_MOET_BENCH:
             args.moet_bench = DEFAULT_MOET_BENCH_CUDA
         if args.moet_bench_model == DEFAULT_MOET_BENCH_MODEL:
             args.moet_bench_model = DEFAULT_MOET_BENCH_CUDA_MODEL
 
-    if args.list:
-        print("\n".join([*CASES, *MODEL_CASES]))
-        return 0
-    names, model_names = select_cases(args.cases)
+    names, model_names = select_cases(args.cases, model_default)
     if not names and not model_names:
         print(f"no case matches {args.cases!r}; cases: {', '.join([*CASES, *MODEL_CASES])}",
               file=sys.stderr)
         return 2
-    shape = GPT2_TINY if args.tiny else (GPT2_SMALL_GPU if args.device == "cuda" else GPT2_SMALL)
+    size = "tiny" if args.tiny else args.device
+    shapes = {family: by_size[size] for family, by_size in MODEL_SHAPES.items()}
+    compiled = args.compile and bool(model_names)
+    if compiled and not hasattr(torch, "compile"):
+        print(f"--compile: torch.compile is unavailable in this torch ({torch.__version__}); "
+              f"no compiled style is added", file=sys.stderr)
+        _note(f"compiled: torch.compile is unavailable in torch {torch.__version__}")
+        compiled = False
 
     torch.set_num_threads(NUM_THREADS)
     torch.set_num_interop_threads(1)
 
     # moet first, in its own process, so the two never compete for the cores.
-    moet = run_moet(args.moet_bench, names, args.repeats) if names else {}
+    if not names:
+        moet = {}
+    elif args.moet_json:
+        moet = load_moet_json(args.moet_json, names)
+    else:
+        moet = run_moet(args.moet_bench, names, args.repeats)
     moet_model, moet_note = {}, ""
+    # moet_bench_model (CPU) has only the cases selected by default there.
+    moet_model_names = [n for n in model_names if args.device == "cuda" or MODEL_CASES[n].cpu_default]
     if model_names and args.tiny:
         moet_note = "moet: not run (--tiny: the moet binary only has the full-size model)"
-    elif model_names:
-        moet_model = run_moet(args.moet_bench_model, model_names, args.model_iters)
+    elif model_names and args.moet_model_json:
+        moet_model = load_moet_json(args.moet_model_json, moet_model_names)
+        if not moet_model:
+            moet_note = f"moet: n/a, no results in {args.moet_model_json} (see stderr)"
+    elif moet_model_names:
+        moet_model = run_moet(args.moet_bench_model, moet_model_names, args.model_iters)
         if not moet_model:
             moet_note = (f"moet: n/a, no results from {args.moet_bench_model} "
                          f"(missing or failed; see stderr)")
+    if model_names and not moet_note and len(moet_model_names) < len(model_names):
+        moet_note = f"moet: n/a where {args.moet_bench_model.name} has no such case"
     if names:
         print(f"timing PyTorch ({len(names)} cases)...", file=sys.stderr)
         torch_res = run_pytorch(names, args.repeats, args.iters, args.check)
         print_table(names, moet, torch_res, args.markdown)
     if model_names:
-        print(f"timing PyTorch training steps ({len(model_names)} cases, {shape.describe()})...",
-              file=sys.stderr)
-        torch_model = run_pytorch_model(model_names, shape, args.model_warmup, args.model_iters,
-                                        args.check)
+        used = dict.fromkeys(MODEL_CASES[n].family for n in model_names)
+        print(f"timing PyTorch training steps ({len(model_names)} cases, "
+              + "; ".join(shapes[f].describe() for f in used) + ")...", file=sys.stderr)
+        torch_model = run_pytorch_model(model_names, shapes, args.model_warmup, args.model_iters,
+                                        args.check, compiled)
         if names:
             print()
             print()
-        print_model_table(model_names, moet_model, torch_model, shape, args.markdown, moet_note)
+        print_model_tables(model_names, moet_model, torch_model, shapes, args.markdown, moet_note)
     return 0
 
 

@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Run ON THE GPU MACHINE, from the repository root, in one device call (device time is scarce):
 #   run(command="scripts/gpu-check.sh", carry=[".devdeps"])     after scripts/device-deps.sh here
+# and, if device time is left while the machine is still warm (build-gpu/ kept), a second call
+#   run(command="scripts/gpu-check.sh compile", carry=[".devdeps"])
+# that times torch.compile'd PyTorch styles of a few model cases against the first call's moet
+# numbers (compilation takes minutes, so it gets its own call).
 # Unpacks the carried Debian packages into /tmp/devroot (the image has nvcc, CMake and PyTorch,
 # not Eigen, Boost, Catch2, Google Benchmark or nlohmann-json), configures a CUDA build for
 # sm_90 with Eigen's own GEMM (no OpenBLAS there), builds the CUDA tests and benchmarks, and runs:
@@ -11,6 +15,7 @@
 # call brings it back) or ./gpu-check-out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+mode=${1:-all}
 out=${OUT:-gpu-check-out}
 mkdir -p "$out"
 root=/tmp/devroot
@@ -30,8 +35,16 @@ step() {  # name, seconds, command...: runs it (at most that long), keeps the wh
   echo "== $name: exit $rc"
   return $rc
 }
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/device.txt" 2>&1; cat "$out/device.txt"
-step configure 40 cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DMOET_CUDA=ON -DMOET_BLAS=EIGEN \
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv > "$out/device.txt" 2>&1
+cat "$out/device.txt"
+if [ "$mode" = compile ]; then
+  [ -f build-gpu/bench_cuda_model.json ] || { echo "no build-gpu/bench_cuda_model.json: run scripts/gpu-check.sh first"; exit 2; }
+  step compare_compile 560 python3 bench/compare_pytorch.py --device cuda --markdown --compile --model-warmup 1 --model-iters 2 \
+    --cases 'train_step/(gpt2_small|llama_1b)/(frozen|lora16|molora64_top2)' --moet-model-json build-gpu/bench_cuda_model.json
+  echo "logs in $out"
+  exit 0
+fi
+step configure 30 cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DMOET_CUDA=ON -DMOET_BLAS=EIGEN \
   -DCMAKE_PREFIX_PATH="$root/usr" -DCMAKE_CUDA_ARCHITECTURES="90-real;90-virtual" || exit 1
 step build 180 cmake --build build-gpu -j"$(nproc)" --target test_cuda_layers test_cuda_model test_cuda_errors moet_bench_cuda \
   moet_bench_cuda_model || exit 1
@@ -39,6 +52,9 @@ step tests 40 ctest --test-dir build-gpu -R "^test_cuda_(layers|model|errors)$" 
 step memcheck 60 ctest --test-dir build-gpu -L memcheck --output-on-failure
 step racecheck 40 ctest --test-dir build-gpu -L racecheck --output-on-failure
 step bench 40 build-gpu/bench/moet_bench_cuda --benchmark_out="$out/bench_cuda.json" --benchmark_out_format=json
-step bench_model 100 build-gpu/bench/moet_bench_cuda_model --benchmark_out="$out/bench_cuda_model.json" --benchmark_out_format=json
-step compare 40 python3 bench/compare_pytorch.py --device cuda --markdown --moet-bench build-gpu/bench/moet_bench_cuda
+step bench_model 110 build-gpu/bench/moet_bench_cuda_model --benchmark_out="$out/bench_cuda_model.json" --benchmark_out_format=json
+cp "$out"/bench_cuda*.json build-gpu/ 2> /dev/null  # for the compile call
+# PyTorch on the same machine against the JSON above (eager styles, SDPA, PEFT where importable)
+step compare 60 python3 bench/compare_pytorch.py --device cuda --markdown --model-warmup 1 --model-iters 2 \
+  --moet-json "$out/bench_cuda.json" --moet-model-json "$out/bench_cuda_model.json"
 echo "logs in $out"

@@ -171,9 +171,14 @@ void compare_model(const io::ModelConfig& config, const ModelOptions& options) {
     CudaAdamW gpu_opt(ctx, {.lr = 1e-2, .weight_decay = 0.01});
     for (int step = 0; step < 3; ++step) {
       const TrainStepResult rc = cpu.train_step(batch, cpu_opt, 0.5);
+      const long waits = cuda_impl::host_waits().load();
       const TrainStepResult rg = gpu.train_step(batch, gpu_opt, 0.5);
       INFO("step " << step);
+      // the step's numbers come back in one read: aux losses are summed and clipping decided on
+      // the device (the first step also sets up the optimizer's master copies)
+      if (step > 0) CHECK(cuda_impl::host_waits().load() - waits == 1);
       CHECK(std::abs(rg.loss - rc.loss) <= tolerance * rc.loss);
+      CHECK(std::abs(rg.aux_loss - rc.aux_loss) <= tolerance * std::max(1e-3, std::abs(rc.aux_loss)));
       CHECK(std::abs(rg.grad_norm - rc.grad_norm) <= tolerance * rc.grad_norm);
       CHECK(rg.clipped == rc.clipped);
     }

@@ -17,6 +17,7 @@
 #include "../core/param.hpp"
 #include "../core/shapes.hpp"
 #include "../core/tensor.hpp"
+#include "../optim/clip.hpp"
 #include "composition_layer.hpp"
 #include "layers.hpp"
 #include "ops/activations.hpp"
@@ -130,9 +131,7 @@ struct ops<cpu, T> {
     Tensor h = wte.lookup(ids);
     if (wpe)
       for (std::size_t t = 0; t < ids.size(); ++t) {
-        if (positions[t] < 0 || positions[t] >= wpe->count())
-          throw value_error(detail::concat("Embedding: position ", positions[t], " is outside the ", wpe->count(),
-                                           " learned positions"));
+        detail::check_learned_position(positions[t], wpe->count());
         h.row(Index(t)) += wpe->table.value().row(positions[t]);
       }
     return h;
@@ -159,6 +158,17 @@ struct ops<cpu, T> {
     sum += c.aux_loss();
   }
   static double aux_value(AuxSum sum) { return sum; }
+
+  /// After backward: the loss, the aux losses, and the global gradient norm, clipped to max_norm
+  /// (<= 0: measured only).
+  template <class Model, class Loss>
+  static StepNumbers finish_step(Model& model, const Loss& loss, const AuxSum* aux, double max_norm) {
+    StepNumbers r;
+    r.loss = scalar(loss);
+    r.aux_loss = aux ? *aux : 0.0;
+    r.clip = clip_grad_norm(model, max_norm);
+    return r;
+  }
 };
 
 }  // namespace moet

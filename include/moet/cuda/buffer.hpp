@@ -14,6 +14,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
@@ -163,6 +164,18 @@ class DeviceMatrix {
 
 namespace cuda_impl {
 
+/// How often the host has waited for a stream (every download, upload and synchronize() of moet):
+/// the tests hold a training step to one wait, the read of its numbers.
+inline std::atomic<long>& host_waits() {
+  static std::atomic<long> count{0};
+  return count;
+}
+/// Waits for `stream`, counted in host_waits().
+inline void wait_for(cudaStream_t stream) {
+  host_waits().fetch_add(1, std::memory_order_relaxed);
+  MOET_CUDA_CHECK(cudaStreamSynchronize(stream));
+}
+
 /// Copies a host row-major (rows, cols) matrix of any arithmetic type into `dst` (same shape),
 /// converting to T on the host. Synchronous with respect to the host.
 template <class T, class Host>
@@ -173,7 +186,7 @@ void upload(DeviceView<T> dst, const Host* host, std::ptrdiff_t host_ld, cudaStr
   if (staged.empty()) return;
   MOET_CUDA_CHECK(cudaMemcpy2DAsync(dst.data, std::size_t(dst.ld) * sizeof(T), staged.data(), std::size_t(dst.cols) * sizeof(T),
                                     std::size_t(dst.cols) * sizeof(T), std::size_t(dst.rows), cudaMemcpyHostToDevice, stream));
-  MOET_CUDA_CHECK(cudaStreamSynchronize(stream));
+  wait_for(stream);
 }
 
 /// The matrix as doubles, packed row-major (rows * cols). Synchronises the stream.
@@ -183,7 +196,7 @@ std::vector<double> download(DeviceView<const T> src, cudaStream_t stream) {
   if (!staged.empty())
     MOET_CUDA_CHECK(cudaMemcpy2DAsync(staged.data(), std::size_t(src.cols) * sizeof(T), src.data, std::size_t(src.ld) * sizeof(T),
                                       std::size_t(src.cols) * sizeof(T), std::size_t(src.rows), cudaMemcpyDeviceToHost, stream));
-  MOET_CUDA_CHECK(cudaStreamSynchronize(stream));
+  wait_for(stream);
   std::vector<double> out(staged.size());
   for (std::size_t i = 0; i < staged.size(); ++i) {
     if constexpr (std::is_same_v<T, int> || std::is_same_v<T, double> || std::is_same_v<T, unsigned char>) out[i] = double(staged[i]);

@@ -73,7 +73,6 @@ class CompositionLayer {
 
   Context forward(DeviceView<const T> h, DeviceView<const T> a, Geometry geometry) const {
     check(h, a, geometry);
-    const cudaStream_t st = ctx_->stream();
     Context c;
     c.geometry = std::move(geometry);
     c.p = project(a);
@@ -87,7 +86,6 @@ class CompositionLayer {
     c.attn = attention(*c.geometry).forward(c.q, c.k, c.v);
     c.y = ops<cuda, T>::copy(h);
     gemm<T, T>(*ctx_, Op::N, DeviceView<const T>(c.attn.y.view()), Op::N, value(wo), c.y.view(), 1.f, 1.f);
-    (void)st;
     return c;
   }
 

@@ -98,7 +98,7 @@ class CudaContext {
   cuda_impl::MatmulCache& matmuls() { return cache_; }
 
   /// Waits for everything queued on the stream; reports a fault of an earlier kernel.
-  void synchronize() const { MOET_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+  void synchronize() const { cuda_impl::wait_for(stream_); }
 
  private:
   void release() noexcept {

@@ -55,6 +55,11 @@ template <class T>
 void route_backward(const float* d_gates, std::int64_t ld_dg, const RoutingState& state, T* d_logits,
                     std::int64_t ld_dl, cudaStream_t stream);
 
+/// *sum += load_balance_weight * load_balance + z_loss_weight * z_loss from the state's statistics,
+/// on the device (router.hpp's aux_losses formula, in double and in its order); nothing when no
+/// row counted or both weights are zero. Lets a pass sum its aux losses without reading them.
+void add_weighted_aux(const RoutingState& state, double* sum, cudaStream_t stream);
+
 /// MoLoRA's backward row pass: from dV (row t of dv, E*rank values) and U (row t of u) forms
 /// dg_e = scale <dV_e, U_e> and dU_e = g_e scale dV_e, runs the router backward, and writes
 /// row t of d_right = [d_logits (E) | zeros (logits_pad) | dU (E*rank) | zeros (u_pad)].

@@ -75,11 +75,11 @@ void rotate(const T* x, std::int64_t ld_x, std::int64_t tokens, int heads, int h
 
 /// Attention's masked softmax. scores: (batch * heads * q_len, k_len) float, row (b, h, i);
 /// query i sees keys j <= k_len - q_len + i with valid[b k_len + j]. Writes p (T, same layout;
-/// 0 where masked) and, with write_lse, lse (one per row, -inf when nothing is visible); without,
-/// reads lse and recomputes p = exp(s - lse).
+/// 0 where masked) and, with lse_out, each row's log-sum-exp (-inf when nothing is visible); or
+/// reads it from lse_in (lse_out null) and recomputes p = exp(s - lse).
 template <class T>
 void softmax_rows(const float* scores, std::int64_t batch, std::int64_t heads, std::int64_t q_len, std::int64_t k_len,
-                  const unsigned char* valid, bool write_lse, float* lse, T* p, cudaStream_t stream);
+                  const unsigned char* valid, float* lse_out, const float* lse_in, T* p, cudaStream_t stream);
 /// ds = p (dp - d[row]) scale, in T; d: (batch, heads, q_len) as rows of softmax_rows.
 template <class T>
 void softmax_grad_rows(const T* p, const float* dp, const float* d, std::int64_t rows, std::int64_t k_len, float scale, T* ds,
@@ -110,5 +110,8 @@ void sum_squares(const GradSegment* segments, int count, int blocks, double* par
 void clip_segments(const GradSegment* segments, int count, const double* sq, double max_norm, cudaStream_t stream);
 /// Zeroes every segment.
 void zero_segments(const GradSegment* segments, int count, cudaStream_t stream);
+/// out[0..3) = {*loss, *aux (0 when null), *sq (0 when null)}: a training step's numbers in one
+/// place, so the host reads them with one copy.
+void gather_step_numbers(const float* loss, const double* aux, const double* sq, double* out, cudaStream_t stream);
 
 }  // namespace moet::cuda_impl

@@ -38,6 +38,7 @@
 #include "../core/shapes.hpp"
 #include "../core/tensor.hpp"
 #include "../cpu/ops/attention.hpp"
+#include "../cpu/ops/embedding.hpp"
 #include "../cpu/ops/rotary.hpp"
 #include "../model/batch.hpp"
 #include "../optim/clip.hpp"
@@ -220,7 +221,7 @@ class Attention {
     const Index B = s_.batch, L = s_.seq, H = s_.heads, hd = s_.head_dim;
     const cudaStream_t st = ctx_->stream();
     Context c{DeviceMatrix<T>(B * L, H * hd, st), DeviceMatrix<float>(B * H * L, 1, st)};
-    const DeviceMatrix<T> p = probabilities(q, k, c.lse, true);
+    const DeviceMatrix<T> p = probabilities(q, k, c.lse.data(), nullptr);
     for (Index b = 0; b < B; ++b)
       for (Index h = 0; h < H; ++h)
         gemm<T, T>(*ctx_, Op::N, head_rows(p, b, h), Op::N, kv_block(v, b, h), c.y.view().row_block(b * L, L).col_block(h * hd, hd),
@@ -236,7 +237,7 @@ class Attention {
     detail::expect_shape("CausalAttention", "output gradient dy", dy.rows, dy.cols, q.rows, q.cols, "the shape of q");
     const Index B = s_.batch, L = s_.seq, K = s_.kv_seq, H = s_.heads, hd = s_.head_dim, rows = B * H * L;
     const cudaStream_t st = ctx_->stream();
-    const DeviceMatrix<T> p = probabilities(q, k, const_cast<DeviceMatrix<float>&>(c.lse), false);
+    const DeviceMatrix<T> p = probabilities(q, k, nullptr, c.lse.data());
     DeviceMatrix<float> d(rows, 1, st), dp(rows, K, st);
     attention_row_dot<T>(dy.data, dy.ld, c.y.data(), c.y.ld(), B, H, L, int(hd), d.data(), st);
     for (Index b = 0; b < B; ++b)
@@ -282,9 +283,9 @@ class Attention {
     return p.view().row_block((b * s_.heads + h) * s_.seq, s_.seq);
   }
 
-  /// The probabilities (B*H*Lq, Lk) in T; forward writes each row's log-sum-exp into lse,
-  /// backward reads it back (and writes nothing).
-  DeviceMatrix<T> probabilities(DeviceView<const T> q, DeviceView<const T> k, DeviceMatrix<float>& lse, bool write_lse) const {
+  /// The probabilities (B*H*Lq, Lk) in T; forward writes each row's log-sum-exp into lse_out,
+  /// backward reads it back from lse_in.
+  DeviceMatrix<T> probabilities(DeviceView<const T> q, DeviceView<const T> k, float* lse_out, const float* lse_in) const {
     const Index B = s_.batch, L = s_.seq, K = s_.kv_seq, H = s_.heads, rows = B * H * L;
     const cudaStream_t st = ctx_->stream();
     DeviceMatrix<float> scores(rows, K, st);
@@ -294,7 +295,7 @@ class Attention {
         gemm<T, float>(*ctx_, Op::N, q_block(q, b, h), Op::T, kv_block(k, b, h), scores.view().row_block((b * H + h) * L, L), scale,
                        0.f);
     DeviceMatrix<T> p(rows, K, st);
-    softmax_rows<T>(scores.data(), B, H, L, K, valid_.data(), write_lse, lse.data(), p.data(), st);
+    softmax_rows<T>(scores.data(), B, H, L, K, valid_.data(), lse_out, lse_in, p.data(), st);
     return p;
   }
 
@@ -399,15 +400,21 @@ class GradientArena {
   /// and is finite (as clip_grad_norm on the CPU). Reads one number from the device.
   ClipResult clip(double max_norm) {
     ClipResult r;
-    if (count_ == 0) return r;
+    const double* sq = reduce_and_clip(max_norm);
+    if (!sq) return r;
+    r.norm = std::sqrt(download(DeviceView<const double>(sq_.view()), ctx_->stream())[0]);
+    r.clipped = clip_applies(r.norm, max_norm);
+    return r;
+  }
+
+  /// clip() without reading anything back: the squared norm stays on the device (the pointer
+  /// returned; nullptr when there are no gradients) and the kernel decides on the scaling.
+  const double* reduce_and_clip(double max_norm) {
+    if (count_ == 0) return nullptr;
     const cudaStream_t st = ctx_->stream();
     sum_squares(segments(), count_, blocks, partials_.data(), sq_.data(), st);
-    r.norm = std::sqrt(download(DeviceView<const double>(sq_.view()), st)[0]);
-    if (max_norm > 0 && std::isfinite(r.norm) && r.norm > max_norm) {
-      clip_segments(segments(), count_, sq_.data(), max_norm, st);
-      r.clipped = true;
-    }
-    return r;
+    if (max_norm > 0) clip_segments(segments(), count_, sq_.data(), max_norm, st);
+    return sq_.data();
   }
 
   void zero() {
@@ -577,10 +584,8 @@ struct ops<cuda, T> {
   static Tensor embed(const Embedding& wte, const Embedding* wpe, const std::vector<int>& ids, const Positions& positions) {
     std::vector<int> pos(positions.size());
     for (std::size_t t = 0; t < ids.size(); ++t) {
-      if (ids[t] < 0 || ids[t] >= wte.count())
-        throw value_error(detail::concat("Embedding: id ", ids[t], " at position ", t, " is outside [0, ", wte.count(), ")"));
-      if (wpe && (positions[t] < 0 || positions[t] >= wpe->count()))
-        throw value_error(detail::concat("Embedding: position ", positions[t], " is outside the ", wpe->count(), " learned positions"));
+      detail::check_token_id(ids[t], t, wte.count());
+      if (wpe) detail::check_learned_position(positions[t], wpe->count());
       pos[t] = int(positions[t]);
     }
     const cudaStream_t st = wte.context().stream();
@@ -611,15 +616,42 @@ struct ops<cuda, T> {
     return out;
   }
 
-  // --- auxiliary losses ------------------------------------------------------------------------
-  /// Host-side: a routed layer's aux loss is read from its device statistics only when a weight
-  /// is non-zero (then it copies 2E + 1 numbers per routed layer).
-  using AuxSum = double;
+  // --- auxiliary losses and a training step's numbers -------------------------------------------
+  /// The weighted aux losses of a pass, summed on the device (one double, allocated by the first
+  /// routed layer whose weights are not both zero); nothing is read until aux_value.
+  struct AuxSum {
+    DeviceMatrix<double> value;
+  };
   template <class Context>
   static void add_aux(AuxSum& sum, const Context& c) {
-    sum += c.aux_loss();
+    const RouterOptions& o = c.routing.options;
+    if (o.load_balance_weight == 0.0 && o.z_loss_weight == 0.0) return;
+    if (sum.value.size() == 0) sum.value = DeviceMatrix<double>::zeros(1, 1, stream());
+    c.add_aux_loss(sum.value.data());
   }
-  static double aux_value(AuxSum sum) { return sum; }
+  /// The sum on the host (waits for the stream when a routed layer added to it).
+  static double aux_value(const AuxSum& sum) {
+    return sum.value.size() ? cuda_impl::download(DeviceView<const double>(sum.value.view()), stream()).at(0) : 0.0;
+  }
+
+  /// After backward: the loss, the aux losses and the global gradient norm, clipping to max_norm
+  /// (<= 0: none) decided on the device, and all three numbers read with one wait for the stream
+  /// (the only one of a training step).
+  template <class Model>
+  static StepNumbers finish_step(Model& model, DeviceView<const float> loss, const AuxSum* aux, double max_norm) {
+    auto& arena = model.gradient_arena();
+    const double* sq = arena.reduce_and_clip(max_norm);
+    DeviceMatrix<double> numbers(1, 3, stream());
+    const double* aux_ptr = aux && aux->value.size() ? aux->value.data() : nullptr;
+    cuda_impl::gather_step_numbers(loss.data, aux_ptr, sq, numbers.data(), stream());
+    const std::vector<double> v = cuda_impl::download(DeviceView<const double>(numbers.view()), stream());
+    StepNumbers r;
+    r.loss = v[0];
+    r.aux_loss = v[1];
+    r.clip.norm = std::sqrt(v[2]);
+    r.clip.clipped = clip_applies(r.clip.norm, max_norm);
+    return r;
+  }
 
  private:
   static void copy_into(DeviceView<T> dst, View src) {

@@ -104,6 +104,12 @@ struct DeviceRouting {
     const AuxLosses a = aux();
     return options.load_balance_weight * a.load_balance + options.z_loss_weight * a.z_loss;
   }
+
+  /// *sum += aux_loss(), on the device: nothing is read back (a model pass sums its routers' aux
+  /// losses this way and reads the total once).
+  void add_aux_loss(double* sum) const {
+    if (rows > 0) add_weighted_aux(state(), sum, stream);
+  }
 };
 
 /// The part of every routed CUDA layer's context that reports on routing.
@@ -111,6 +117,7 @@ struct RoutedContext {
   DeviceRouting routing;
 
   double aux_loss() const { return routing.aux_loss(); }
+  void add_aux_loss(double* sum) const { routing.add_aux_loss(sum); }
   AuxLosses aux() const { return routing.aux(); }
   std::vector<double> expert_usage() const { return routing.usage(); }
 };

@@ -258,11 +258,8 @@ class ComposedModel {
                              NonFinite on_non_finite = NonFinite::raise) {
     const Context c = forward(b);
     backward(c, GradMode::overwrite);
-    TrainStepResult r;
-    r.loss = Ops::scalar(c.output());
-    const ClipResult clip = clip_grad_norm(*this, max_grad_norm);  // the composition layers' (nothing else trains)
-    r.grad_norm = clip.norm;
-    r.clipped = clip.clipped;
+    // the composition layers' gradients (nothing else trains); the anchor's routers' aux losses, if any
+    TrainStepResult r = detail::step_result(Ops::finish_step(*this, c.output(), &c.head.aux, max_grad_norm));
     if (!detail::finite_step(name(), r, on_non_finite)) {
       ++skipped_steps_;
       return r;

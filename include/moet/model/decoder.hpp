@@ -42,6 +42,17 @@ struct TrainStepResult {
   bool applied = true;   ///< false: the loss or the norm was not finite and the update was skipped
 };
 
+namespace detail {
+inline TrainStepResult step_result(const StepNumbers& n) {
+  TrainStepResult r;
+  r.loss = n.loss;
+  r.aux_loss = n.aux_loss;
+  r.grad_norm = n.clip.norm;
+  r.clipped = n.clip.clipped;
+  return r;
+}
+}  // namespace detail
+
 /// What train_step does when the loss (with the aux losses) or the gradient norm is NaN or
 /// infinite: raise (the default) throws a moet::numeric_error before the optimizer steps, skip
 /// leaves parameters and optimizer state untouched, returns applied = false and counts the step
@@ -243,12 +254,7 @@ class DecoderModel {
                              NonFinite on_non_finite = NonFinite::raise) {
     const Context c = forward(b);
     backward(c, GradMode::overwrite);
-    TrainStepResult r;
-    r.loss = Ops::scalar(c.output());
-    r.aux_loss = c.aux_loss();
-    const ClipResult clip = clip_grad_norm(*this, max_grad_norm);
-    r.grad_norm = clip.norm;
-    r.clipped = clip.clipped;
+    TrainStepResult r = detail::step_result(Ops::finish_step(*this, c.output(), &c.aux, max_grad_norm));
     if (!detail::finite_step(name(), r, on_non_finite)) {
       ++skipped_steps_;
       return r;

@@ -15,6 +15,16 @@ struct ClipResult {
   bool clipped = false;
 };
 
+/// The rule: scale when max_norm > 0 and the norm is finite and above it.
+inline bool clip_applies(double norm, double max_norm) { return max_norm > 0 && std::isfinite(norm) && norm > max_norm; }
+
+/// What a training step reads after its backward (ops<Backend, T>::finish_step).
+struct StepNumbers {
+  double loss = 0;      ///< the language-model loss
+  double aux_loss = 0;  ///< the routers' weighted aux losses
+  ClipResult clip;
+};
+
 /// max_norm <= 0: only measures. A norm that is not finite scales nothing (a training step
 /// refuses or skips it: model/decoder.hpp). On a model with a gradient arena (core/arena.hpp) the norm is
 /// one pass over it, summed in double, and so is the scaling; a layer on its own is walked tensor
@@ -30,7 +40,7 @@ ClipResult clip_on_host(Model& model, double max_norm) {
     for_each_param(model, [&](auto& p) { sq += double(p.grad().squaredNorm()); });
   }
   r.norm = std::sqrt(sq);
-  if (max_norm > 0 && std::isfinite(r.norm) && r.norm > max_norm) {
+  if (clip_applies(r.norm, max_norm)) {
     const double scale = max_norm / (r.norm + 1e-6);
     if constexpr (requires { model.gradient_arena().all(); }) {
       auto all = model.gradient_arena().all();

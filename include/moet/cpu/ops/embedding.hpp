@@ -13,7 +13,20 @@
 #include "../../core/param.hpp"
 #include "../../core/util.hpp"
 
-namespace moet::cpu_impl {
+namespace moet {
+namespace detail {
+/// The checks every backend's embedding makes: token ids in [0, vocab), learned positions in
+/// [0, count).
+inline void check_token_id(int id, std::size_t at, Index vocab) {
+  if (id < 0 || id >= vocab) throw value_error(concat("Embedding: id ", id, " at position ", at, " is outside [0, ", vocab, ")"));
+}
+inline void check_learned_position(Index position, Index count) {
+  if (position < 0 || position >= count)
+    throw value_error(concat("Embedding: position ", position, " is outside the ", count, " learned positions"));
+}
+}  // namespace detail
+
+namespace cpu_impl {
 
 template <class T>
 class Embedding {
@@ -33,8 +46,7 @@ class Embedding {
   Matrix<T> lookup(const std::vector<int>& ids) const {
     Matrix<T> out(Index(ids.size()), width());
     for (std::size_t t = 0; t < ids.size(); ++t) {
-      if (ids[t] < 0 || ids[t] >= count())
-        throw value_error(detail::concat(name(), ": id ", ids[t], " at position ", t, " is outside [0, ", count(), ")"));
+      detail::check_token_id(ids[t], t, count());
       out.row(Index(t)) = table.value().row(ids[t]);
     }
     return out;
@@ -43,4 +55,5 @@ class Embedding {
   BOOST_HANA_DEFINE_STRUCT(Embedding, (Frozen<T>, table));
 };
 
-}  // namespace moet::cpu_impl
+}  // namespace cpu_impl
+}  // namespace moet

@@ -224,7 +224,7 @@ __global__ void rotate_kernel(const T* x, std::int64_t ld_x, std::int64_t tokens
 template <class T>
 __global__ void __launch_bounds__(row_threads)
     softmax_rows_kernel(const float* scores, std::int64_t heads, std::int64_t q_len, std::int64_t k_len, std::int64_t rows,
-                        const unsigned char* valid, int write_lse, float* lse, T* p) {
+                        const unsigned char* valid, float* lse_out, const float* lse_in, T* p) {
   __shared__ float scratch[32];
   for (std::int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const std::int64_t b = r / (heads * q_len), i = r % q_len;
@@ -232,7 +232,7 @@ __global__ void __launch_bounds__(row_threads)
     const unsigned char* v = valid + b * k_len;
     const float* s = scores + r * k_len;
     float l;
-    if (write_lse) {
+    if (lse_out) {
       float m = -INFINITY;
       for (std::int64_t j = threadIdx.x; j < visible; j += blockDim.x)
         if (v[j]) m = fmaxf(m, s[j]);
@@ -243,9 +243,9 @@ __global__ void __launch_bounds__(row_threads)
           if (v[j]) sum += expf(s[j] - m);
       sum = block_sum(sum, scratch);
       l = m == -INFINITY ? -INFINITY : m + logf(sum);
-      if (threadIdx.x == 0) lse[r] = l;
+      if (threadIdx.x == 0) lse_out[r] = l;
     } else {
-      l = lse[r];
+      l = lse_in[r];
     }
     for (std::int64_t j = threadIdx.x; j < k_len; j += blockDim.x)
       p[r * k_len + j] = from_f<T>(j < visible && v[j] && l != -INFINITY ? expf(s[j] - l) : 0.f);
@@ -344,6 +344,13 @@ __global__ void clip_segments_kernel(const GradSegment* segments, const double* 
     float& v = g.data[(i / g.cols) * g.ld + i % g.cols];
     v = zero ? 0.f : v * factor;
   }
+}
+
+__global__ void gather_step_numbers_kernel(const float* loss, const double* aux, const double* sq, double* out) {
+  if (threadIdx.x != 0) return;
+  out[0] = double(loss[0]);
+  out[1] = aux ? aux[0] : 0.0;
+  out[2] = sq ? sq[0] : 0.0;
 }
 
 #undef MOET_GRID_STRIDE
@@ -463,11 +470,11 @@ void rotate(const T* x, std::int64_t ld_x, std::int64_t tokens, int heads, int h
 
 template <class T>
 void softmax_rows(const float* scores, std::int64_t batch, std::int64_t heads, std::int64_t q_len, std::int64_t k_len,
-                  const unsigned char* valid, bool write_lse, float* lse, T* p, cudaStream_t stream) {
+                  const unsigned char* valid, float* lse_out, const float* lse_in, T* p, cudaStream_t stream) {
   const std::int64_t rows = batch * heads * q_len;
   if (rows == 0) return;
   MOET_LAUNCH(row_grid(rows), row_threads, 0, stream, device::softmax_rows_kernel<T>)
-  (scores, heads, q_len, k_len, rows, valid, write_lse ? 1 : 0, lse, p);
+  (scores, heads, q_len, k_len, rows, valid, lse_out, lse_in, p);
   MOET_CUDA_CHECK_LAUNCH("softmax_rows_kernel");
 }
 
@@ -526,6 +533,11 @@ void zero_segments(const GradSegment* segments, int count, cudaStream_t stream) 
   MOET_CUDA_CHECK_LAUNCH("clip_segments_kernel");
 }
 
+void gather_step_numbers(const float* loss, const double* aux, const double* sq, double* out, cudaStream_t stream) {
+  MOET_LAUNCH(1, 32, 0, stream, device::gather_step_numbers_kernel)(loss, aux, sq, out);
+  MOET_CUDA_CHECK_LAUNCH("gather_step_numbers_kernel");
+}
+
 #define MOET_INSTANTIATE_MODEL(T)                                                                                              \
   template void embed<T>(const int*, const int*, std::int64_t, const T*, std::int64_t, const T*, std::int64_t, std::int64_t, T*, \
                          std::int64_t, cudaStream_t);                                                                           \
@@ -548,7 +560,7 @@ void zero_segments(const GradSegment* segments, int count, cudaStream_t stream) 
   template void rotate<T>(const T*, std::int64_t, std::int64_t, int, int, const int*, const double*, int, T*, std::int64_t,    \
                           cudaStream_t);                                                                                        \
   template void softmax_rows<T>(const float*, std::int64_t, std::int64_t, std::int64_t, std::int64_t, const unsigned char*,    \
-                                bool, float*, T*, cudaStream_t);                                                                \
+                                float*, const float*, T*, cudaStream_t);                                                                \
   template void softmax_grad_rows<T>(const T*, const float*, const float*, std::int64_t, std::int64_t, float, T*,              \
                                      cudaStream_t);                                                                             \
   template void attention_row_dot<T>(const T*, std::int64_t, const T*, std::int64_t, std::int64_t, std::int64_t, std::int64_t, \

@@ -305,6 +305,18 @@ __global__ void __launch_bounds__(block_threads)
 }
 
 /// Calls f(std::integral_constant<int, EPL>) for the smallest experts-per-lane that fits E.
+__global__ void add_weighted_aux_kernel(RoutingState s, double* sum) {
+  if (threadIdx.x != 0) return;
+  const double rows = double(s.counted_rows);
+  const double slots = rows * (s.k > 0 ? s.k : 1);
+  double load_balance = 0.0;
+  for (int e = 0; e < s.experts; ++e) {
+    const double f = s.stats[e] / slots;
+    load_balance += double(s.experts) * f * s.stats[s.experts + e] / rows;
+  }
+  sum[0] += s.load_balance_weight * load_balance + s.z_loss_weight * (s.stats[2 * s.experts] / rows);
+}
+
 template <class F>
 void by_experts_per_lane(int experts, F&& f) {
   if (experts <= 32) f(std::integral_constant<int, 1>{});
@@ -326,6 +338,12 @@ void route_forward(const L* logits, std::int64_t ld, const RoutingState& state, 
     (logits, ld, state);
   });
   MOET_CUDA_CHECK_LAUNCH("route_forward_kernel");
+}
+
+void add_weighted_aux(const RoutingState& state, double* sum, cudaStream_t stream) {
+  if (state.counted_rows <= 0 || (state.load_balance_weight == 0.0 && state.z_loss_weight == 0.0)) return;
+  MOET_LAUNCH(1, 32, 0, stream, device::add_weighted_aux_kernel)(state, sum);
+  MOET_CUDA_CHECK_LAUNCH("add_weighted_aux_kernel");
 }
 
 template <class T>
