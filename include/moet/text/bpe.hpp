@@ -1,0 +1,202 @@
+// Byte-level byte-pair encoding (GPT-2's scheme, as Hugging Face's tokenizers run it): a word's
+// UTF-8 bytes become printable code points (bytes_to_unicode below), one symbol each, and adjacent
+// symbols merge, lowest merge rank first and leftmost first among equal ranks, until no listed
+// merge applies. The merges run over token ids with a heap, O(n log n) per word; words already
+// seen come from a cache.
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <queue>
+#include <string>
+#include <string_view>
+#include <tuple>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "../core/error.hpp"
+#include "unicode.hpp"
+
+namespace moet::text {
+
+/// GPT-2's map from bytes to printable code points: the printable Latin-1 bytes map to
+/// themselves, the other 68 to U+0100 onwards in byte order.
+inline const std::array<char32_t, 256>& byte_to_char() {
+  static const std::array<char32_t, 256> table = [] {
+    std::array<char32_t, 256> t{};
+    const auto kept = [](int b) { return (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF); };
+    char32_t next = 256;
+    for (int b = 0; b < 256; ++b) t[std::size_t(b)] = kept(b) ? char32_t(b) : next++;
+    return t;
+  }();
+  return table;
+}
+
+/// The byte a code point of byte_to_char stands for, or -1.
+inline int char_to_byte(char32_t c) {
+  static const std::unordered_map<char32_t, int> inverse = [] {
+    std::unordered_map<char32_t, int> m;
+    for (int b = 0; b < 256; ++b) m[byte_to_char()[std::size_t(b)]] = b;
+    return m;
+  }();
+  const auto it = inverse.find(c);
+  return it == inverse.end() ? -1 : it->second;
+}
+
+/// `bytes` as byte_to_char's code points, in UTF-8 (the form tokens take in a vocabulary).
+inline std::string bytes_as_symbols(std::string_view bytes) {
+  std::string out;
+  out.reserve(bytes.size() * 2);
+  for (const char b : bytes) append_utf8(out, byte_to_char()[static_cast<unsigned char>(b)]);
+  return out;
+}
+
+/// A vocabulary and its merge list.
+class BytePairModel {
+ public:
+  struct Options {
+    bool ignore_merges = false;  ///< a word that is a token as a whole is that token (Llama 3)
+  };
+
+  BytePairModel() = default;
+
+  /// vocab: token (in byte_to_char's symbols) -> id; merges in rank order. Every merge's two
+  /// parts and their concatenation must be tokens, and every byte's symbol must be one: else a
+  /// moet::value_error naming the merge or the byte (`who` names the file).
+  BytePairModel(const std::unordered_map<std::string, int>& vocab, const std::vector<std::pair<std::string, std::string>>& merges,
+                Options options, const std::string& who)
+      : options_(options) {
+    int max_id = -1;
+    for (const auto& [token, id] : vocab) {
+      if (id < 0) throw value_error(moet::detail::concat(who, ": token ", token, " has the negative id ", id));
+      max_id = std::max(max_id, id);
+    }
+    tokens_.assign(std::size_t(max_id + 1), std::string());
+    for (const auto& [token, id] : vocab) {
+      if (!tokens_[std::size_t(id)].empty())
+        throw value_error(moet::detail::concat(who, ": tokens ", tokens_[std::size_t(id)], " and ", token, " share the id ", id));
+      tokens_[std::size_t(id)] = token;
+    }
+    ids_ = vocab;
+    for (std::size_t r = 0; r < merges.size(); ++r) {
+      const auto& [a, b] = merges[r];
+      const int ia = id(a), ib = id(b), im = id(a + b);
+      if (ia < 0 || ib < 0 || im < 0)
+        throw value_error(moet::detail::concat(who, ": merge ", r, " (\"", a, "\" \"", b, "\") names a token the vocabulary lacks (",
+                                         ia < 0 ? a : ib < 0 ? b : a + b, ")"));
+      merges_.try_emplace(key(ia, ib), Merge{int(r), im});  // a repeated pair keeps its first rank
+    }
+    for (int byte = 0; byte < 256; ++byte) {
+      std::string sym;
+      append_utf8(sym, byte_to_char()[std::size_t(byte)]);
+      byte_ids_[std::size_t(byte)] = id(sym);
+    }
+  }
+
+  BytePairModel(BytePairModel&& o) noexcept
+      : options_(o.options_), ids_(std::move(o.ids_)), tokens_(std::move(o.tokens_)), merges_(std::move(o.merges_)), byte_ids_(o.byte_ids_) {}
+  BytePairModel& operator=(BytePairModel&& o) noexcept {
+    options_ = o.options_;
+    ids_ = std::move(o.ids_);
+    tokens_ = std::move(o.tokens_);
+    merges_ = std::move(o.merges_);
+    byte_ids_ = o.byte_ids_;
+    std::scoped_lock lock(cache_mutex_);
+    cache_.clear();
+    return *this;
+  }
+
+  /// The id of a token, or -1.
+  int id(const std::string& token) const {
+    const auto it = ids_.find(token);
+    return it == ids_.end() ? -1 : it->second;
+  }
+  /// The token of an id ("" for an id nothing has).
+  const std::string& token(int id) const {
+    static const std::string none;
+    return id >= 0 && std::size_t(id) < tokens_.size() ? tokens_[std::size_t(id)] : none;
+  }
+  /// One past the largest id.
+  int size() const { return int(tokens_.size()); }
+  std::size_t merges() const { return merges_.size(); }
+
+  /// Appends the ids of one word (raw bytes) to out.
+  void encode_word(std::string_view word, std::vector<int>& out, const std::string& who) const {
+    if (word.empty()) return;
+    {
+      std::scoped_lock lock(cache_mutex_);
+      const auto it = cache_.find(std::string(word));
+      if (it != cache_.end()) {
+        out.insert(out.end(), it->second.begin(), it->second.end());
+        return;
+      }
+    }
+    std::vector<int> ids = merge(word, who);
+    out.insert(out.end(), ids.begin(), ids.end());
+    std::scoped_lock lock(cache_mutex_);
+    if (cache_.size() >= max_cached) cache_.clear();
+    cache_.emplace(std::string(word), std::move(ids));
+  }
+
+ private:
+  struct Merge {
+    int rank, result;
+  };
+  static constexpr std::size_t max_cached = 1 << 16;
+  static std::uint64_t key(int a, int b) { return (std::uint64_t(std::uint32_t(a)) << 32) | std::uint32_t(b); }
+
+  std::vector<int> merge(std::string_view word, const std::string& who) const {
+    if (options_.ignore_merges) {
+      if (const int whole = id(bytes_as_symbols(word)); whole >= 0) return {whole};
+    }
+    const std::size_t n = word.size();
+    std::vector<int> sym(n), prev(n), next(n);
+    for (std::size_t i = 0; i < n; ++i) {
+      const auto byte = static_cast<unsigned char>(word[i]);
+      sym[i] = byte_ids_[byte];
+      if (sym[i] < 0) throw value_error(moet::detail::concat(who, ": the vocabulary has no token for byte ", int(byte)));
+      prev[i] = int(i) - 1;
+      next[i] = i + 1 < n ? int(i) + 1 : -1;
+    }
+    // candidates (rank, left position, left id, right id), lowest rank then leftmost first
+    using Candidate = std::tuple<int, int, int, int>;
+    std::priority_queue<Candidate, std::vector<Candidate>, std::greater<>> heap;
+    const auto push = [&](int left) {
+      if (left < 0 || next[std::size_t(left)] < 0) return;
+      const int right = next[std::size_t(left)];
+      const auto it = merges_.find(key(sym[std::size_t(left)], sym[std::size_t(right)]));
+      if (it != merges_.end()) heap.emplace(it->second.rank, left, sym[std::size_t(left)], sym[std::size_t(right)]);
+    };
+    for (std::size_t i = 0; i + 1 < n; ++i) push(int(i));
+    while (!heap.empty()) {
+      const auto [rank, left, a, b] = heap.top();
+      heap.pop();
+      const int right = next[std::size_t(left)];
+      if (sym[std::size_t(left)] != a || right < 0 || sym[std::size_t(right)] != b) continue;  // stale
+      sym[std::size_t(left)] = merges_.at(key(a, b)).result;
+      sym[std::size_t(right)] = -1;
+      next[std::size_t(left)] = next[std::size_t(right)];
+      if (next[std::size_t(right)] >= 0) prev[std::size_t(next[std::size_t(right)])] = left;
+      push(prev[std::size_t(left)]);
+      push(left);
+    }
+    std::vector<int> ids;
+    for (int i = 0; i >= 0; i = next[std::size_t(i)]) ids.push_back(sym[std::size_t(i)]);
+    return ids;
+  }
+
+  Options options_;
+  std::unordered_map<std::string, int> ids_;
+  std::vector<std::string> tokens_;
+  std::unordered_map<std::uint64_t, Merge> merges_;
+  std::array<int, 256> byte_ids_{};
+  mutable std::mutex cache_mutex_;
+  mutable std::unordered_map<std::string, std::vector<int>> cache_;
+};
+
+}  // namespace moet::text

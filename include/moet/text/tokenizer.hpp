@@ -1,0 +1,384 @@
+// Tokenizers from a Hugging Face model folder, behind one interface:
+//
+//   moet::text::Tokenizer tok = moet::text::Tokenizer::from_folder("gpt2/");
+//   std::vector<int> ids = tok.encode("Hello world");      // special tokens split out, BOS per the template
+//   std::string text = tok.decode(ids);
+//
+// What it reads, in this order of preference:
+//   tokenizer.json             Hugging Face tokenizers' file: a byte-level BPE model (GPT-2, Llama 3
+//                              style) with its added tokens and post-processor template
+//   vocab.json + merges.txt    GPT-2's original pair (byte-level BPE, GPT-2's pre-tokenizer)
+// plus tokenizer_config.json / special_tokens_map.json for which tokens are BOS, EOS and padding.
+// Anything these files say that moet does not implement (another model type, a normalizer, a
+// pre-tokenizer pattern it does not know, byte fallback) is a moet::value_error naming it: a
+// tokenizer that silently splits text differently from the one the model was trained with would
+// be worse than none.
+#pragma once
+
+#include <algorithm>
+#include <filesystem>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "../core/error.hpp"
+#include "../io/files.hpp"
+#include "bpe.hpp"
+#include "pretokenize.hpp"
+#include "unicode.hpp"
+
+namespace moet::text {
+
+/// A token the tokenizer matches in the text before pre-tokenization (Hugging Face's added tokens).
+struct AddedToken {
+  int id = -1;
+  std::string content;
+  bool special = false;  ///< skipped by decode(ids, skip_special)
+  bool lstrip = false;   ///< swallows the white space on its left
+  bool rstrip = false;   ///< ... and on its right
+  bool single_word = false;  ///< matches only when no letter or number touches it
+};
+
+struct EncodeOptions {
+  bool add_special_tokens = true;  ///< the post-processor's template (Llama 3's BOS, for one)
+  bool split_special_tokens = false;  ///< true: added tokens in the text are plain text
+};
+
+class Tokenizer {
+ public:
+  Tokenizer() = default;
+
+  /// From a model folder (see the file comment).
+  static Tokenizer from_folder(const std::filesystem::path& dir) {
+    const std::string who = "Tokenizer (" + dir.string() + ")";
+    if (!std::filesystem::is_directory(dir)) throw format_error(who + ": not a directory");
+    Tokenizer t;
+    if (std::filesystem::exists(dir / "tokenizer.json")) {
+      t = from_tokenizer_json(dir / "tokenizer.json");
+    } else if (std::filesystem::exists(dir / "vocab.json") && std::filesystem::exists(dir / "merges.txt")) {
+      t = from_vocab_and_merges(dir / "vocab.json", dir / "merges.txt");
+    } else if (std::filesystem::exists(dir / "tokenizer.model")) {
+      throw value_error(who + ": has only tokenizer.model (SentencePiece); moet reads tokenizer.json or vocab.json + merges.txt");
+    } else {
+      throw format_error(who + ": has no tokenizer.json, nor vocab.json and merges.txt");
+    }
+    t.read_special_tokens(dir);
+    return t;
+  }
+
+  /// Hugging Face tokenizers' tokenizer.json.
+  static Tokenizer from_tokenizer_json(const std::filesystem::path& file) {
+    const std::string who = "Tokenizer (" + file.string() + ")";
+    const nlohmann::json j = io::parse_json(io::read_text_file(file, who), who);
+    if (!j.is_object()) throw format_error(who + ": expected a JSON object");
+    Tokenizer t;
+    t.who_ = who;
+    const nlohmann::json& model = member(j, "model", who);
+    const std::string type = model.value("type", std::string("BPE"));
+    if (type != "BPE") throw value_error(who + ": the model type " + type + " is not supported (moet reads byte-level BPE)");
+    if (model.value("byte_fallback", false))
+      throw value_error(who + ": byte_fallback BPE (SentencePiece-style models such as Llama 2) is not supported yet");
+    for (const char* field : {"continuing_subword_prefix", "end_of_word_suffix"})
+      if (model.contains(field) && !model[field].is_null() && !(model[field].is_string() && model[field].get<std::string>().empty()))
+        throw value_error(who + ": the BPE model's " + field + " is not supported");
+    if (model.contains("dropout") && !model["dropout"].is_null() && model["dropout"].get<double>() != 0.0)
+      throw value_error(who + ": BPE dropout is not supported (a trained model's tokenizer has none)");
+    if (j.contains("normalizer") && !j["normalizer"].is_null())
+      throw value_error(who + ": the normalizer " + j["normalizer"].value("type", std::string("?")) +
+                        " is not supported (byte-level BPE models have none)");
+    t.read_pre_tokenizer(j.contains("pre_tokenizer") ? j["pre_tokenizer"] : nlohmann::json());
+    if (j.contains("decoder") && !j["decoder"].is_null() && j["decoder"].value("type", std::string()) != "ByteLevel")
+      throw value_error(who + ": the decoder " + j["decoder"].value("type", std::string("?")) + " is not supported (ByteLevel is)");
+
+    std::unordered_map<std::string, int> vocab;
+    const nlohmann::json& v = member(model, "vocab", who);
+    if (!v.is_object()) throw format_error(who + ": model.vocab must be an object of token: id");
+    for (const auto& [token, id] : v.items()) {
+      if (!id.is_number_integer()) throw format_error(who + ": the id of token " + token + " is not an integer");
+      vocab.emplace(token, id.get<int>());
+    }
+    std::vector<std::pair<std::string, std::string>> merges;
+    const nlohmann::json& m = member(model, "merges", who);
+    if (!m.is_array()) throw format_error(who + ": model.merges must be an array");
+    for (std::size_t r = 0; r < m.size(); ++r) {
+      if (m[r].is_string()) {
+        merges.push_back(split_merge(m[r].get<std::string>(), who, r));
+      } else if (m[r].is_array() && m[r].size() == 2 && m[r][0].is_string() && m[r][1].is_string()) {
+        merges.emplace_back(m[r][0].get<std::string>(), m[r][1].get<std::string>());
+      } else {
+        throw format_error(moet::detail::concat(who, ": merge ", r, " is neither \"a b\" nor [\"a\", \"b\"]"));
+      }
+    }
+    t.model_ = std::make_shared<BytePairModel>(vocab, merges, BytePairModel::Options{model.value("ignore_merges", false)}, who);
+
+    if (j.contains("added_tokens") && j["added_tokens"].is_array())
+      for (const nlohmann::json& a : j["added_tokens"]) {
+        AddedToken tok;
+        tok.id = a.at("id").get<int>();
+        tok.content = a.at("content").get<std::string>();
+        tok.special = a.value("special", false);
+        tok.lstrip = a.value("lstrip", false);
+        tok.rstrip = a.value("rstrip", false);
+        tok.single_word = a.value("single_word", false);
+        t.add_token(tok);
+      }
+    t.read_post_processor(j.contains("post_processor") ? j["post_processor"] : nlohmann::json());
+    return t;
+  }
+
+  /// GPT-2's vocab.json (token: id) and merges.txt ("#version" line, then "a b" per line).
+  static Tokenizer from_vocab_and_merges(const std::filesystem::path& vocab_file, const std::filesystem::path& merges_file) {
+    Tokenizer t;
+    t.who_ = "Tokenizer (" + vocab_file.parent_path().string() + ")";
+    const nlohmann::json v = io::parse_json(io::read_text_file(vocab_file, t.who_), t.who_ + " vocab.json");
+    if (!v.is_object()) throw format_error(t.who_ + ": vocab.json must be an object of token: id");
+    std::unordered_map<std::string, int> vocab;
+    for (const auto& [token, id] : v.items()) {
+      if (!id.is_number_integer()) throw format_error(t.who_ + ": the id of token " + token + " in vocab.json is not an integer");
+      vocab.emplace(token, id.get<int>());
+    }
+    const std::string text = io::read_text_file(merges_file, t.who_);
+    std::vector<std::pair<std::string, std::string>> merges;
+    std::size_t start = 0, line = 0;
+    while (start < text.size()) {
+      std::size_t end = text.find('\n', start);
+      if (end == std::string::npos) end = text.size();
+      std::string_view l(text.data() + start, end - start);
+      if (!l.empty() && l.back() == '\r') l.remove_suffix(1);
+      if (!l.empty() && !(line == 0 && l.starts_with("#version"))) merges.push_back(split_merge(std::string(l), t.who_ + " merges.txt", line));
+      start = end + 1;
+      ++line;
+    }
+    t.model_ = std::make_shared<BytePairModel>(vocab, merges, BytePairModel::Options{}, t.who_);
+    t.pre_ = PreTokenizer::gpt2;
+    return t;
+  }
+
+  // --- encoding and decoding ---------------------------------------------------------------------
+
+  /// The ids of `text` (valid UTF-8, else a moet::value_error naming the byte offset).
+  std::vector<int> encode(std::string_view text, const EncodeOptions& options = {}) const {
+    require_model();
+    std::vector<int> ids;
+    if (options.add_special_tokens) ids.insert(ids.end(), prefix_.begin(), prefix_.end());
+    std::size_t pos = 0;
+    while (pos <= text.size()) {
+      const Match m = options.split_special_tokens ? Match{} : find_added(text, pos);
+      const std::size_t stop = m.token ? m.begin : text.size();
+      encode_text(text.substr(pos, stop - pos), ids);
+      if (!m.token) break;
+      ids.push_back(m.token->id);
+      pos = m.end;
+    }
+    if (options.add_special_tokens) ids.insert(ids.end(), suffix_.begin(), suffix_.end());
+    return ids;
+  }
+
+  /// The text of `ids` (added tokens as written; invalid UTF-8 where a sequence ends inside a
+  /// character becomes U+FFFD). An id outside the vocabulary is a moet::value_error.
+  std::string decode(std::span<const int> ids, bool skip_special_tokens = false) const {
+    require_model();
+    std::string bytes;
+    for (std::size_t i = 0; i < ids.size(); ++i) {
+      const int id = ids[i];
+      if (const auto it = added_by_id_.find(id); it != added_by_id_.end()) {
+        if (!(skip_special_tokens && added_[it->second].special)) bytes += added_[it->second].content;
+        continue;
+      }
+      const std::string& token = model_->token(id);
+      if (token.empty())
+        throw value_error(moet::detail::concat(who_, ": decode got id ", id, " at position ", i, ", outside the vocabulary of ", vocab_size()));
+      for (const CodePoint& c : decode_utf8(token, who_)) {
+        const int b = char_to_byte(c.value);
+        if (b < 0) throw value_error(moet::detail::concat(who_, ": token ", id, " (", token, ") is not byte-level"));
+        bytes += char(b);
+      }
+    }
+    return valid_utf8(bytes);
+  }
+  std::string decode(const std::vector<int>& ids, bool skip_special_tokens = false) const {
+    return decode(std::span<const int>(ids), skip_special_tokens);
+  }
+
+  // --- the vocabulary ----------------------------------------------------------------------------
+
+  /// One past the largest id (the embedding table needs at least this many rows).
+  int vocab_size() const {
+    int n = model_ ? model_->size() : 0;
+    for (const AddedToken& a : added_) n = std::max(n, a.id + 1);
+    return n;
+  }
+  std::optional<int> token_to_id(const std::string& token) const {
+    for (const AddedToken& a : added_)
+      if (a.content == token) return a.id;
+    const int id = model_ ? model_->id(token) : -1;
+    return id >= 0 ? std::optional<int>(id) : std::nullopt;
+  }
+  /// The token of an id as the vocabulary spells it ("" when no token has it).
+  std::string id_to_token(int id) const {
+    if (const auto it = added_by_id_.find(id); it != added_by_id_.end()) return added_[it->second].content;
+    return model_ ? model_->token(id) : std::string();
+  }
+  std::optional<int> bos_id() const { return bos_; }
+  std::optional<int> eos_id() const { return eos_; }
+  std::optional<int> pad_id() const { return pad_; }
+  const std::vector<AddedToken>& added_tokens() const { return added_; }
+  PreTokenizer pre_tokenizer() const { return pre_; }
+
+ private:
+  struct Match {
+    const AddedToken* token = nullptr;
+    std::size_t begin = 0, end = 0;  // the bytes it replaces, stripped white space included
+  };
+
+  static const nlohmann::json& member(const nlohmann::json& j, const char* key, const std::string& who) {
+    if (!j.is_object() || !j.contains(key)) throw format_error(who + ": expected a \"" + key + "\" entry");
+    return j[key];
+  }
+
+  static std::pair<std::string, std::string> split_merge(const std::string& line, const std::string& who, std::size_t index) {
+    const std::size_t sp = line.find(' ');
+    if (sp == std::string::npos || sp == 0 || sp + 1 >= line.size() || line.find(' ', sp + 1) != std::string::npos)
+      throw format_error(moet::detail::concat(who, ": merge ", index, " (\"", line, "\") is not two tokens separated by one space"));
+    return {line.substr(0, sp), line.substr(sp + 1)};
+  }
+
+  void require_model() const {
+    if (!model_) throw value_error("Tokenizer: this tokenizer is empty (load one with Tokenizer::from_folder)");
+  }
+
+  void add_token(const AddedToken& t) {
+    if (t.content.empty()) throw format_error(who_ + ": an added token has empty content");
+    if (t.id < 0) throw format_error(who_ + ": the added token " + t.content + " has a negative id");
+    if (const auto it = added_by_id_.find(t.id); it != added_by_id_.end()) {
+      added_[it->second] = t;
+      return;
+    }
+    added_by_id_[t.id] = added_.size();
+    added_.push_back(t);
+  }
+
+  void read_pre_tokenizer(const nlohmann::json& p) {
+    if (p.is_null()) throw value_error(who_ + ": no pre_tokenizer (moet reads byte-level BPE, which has one)");
+    const std::string type = p.value("type", std::string());
+    if (type == "ByteLevel") {
+      if (!p.value("use_regex", true))
+        throw value_error(who_ + ": a ByteLevel pre-tokenizer without its regex (and no Split before it) is not supported");
+      pre_ = PreTokenizer::gpt2;
+      prefix_space_ = p.value("add_prefix_space", false);
+      return;
+    }
+    if (type == "Sequence" && p.contains("pretokenizers") && p["pretokenizers"].is_array() && p["pretokenizers"].size() == 2) {
+      const nlohmann::json& split = p["pretokenizers"][0];
+      const nlohmann::json& bytes = p["pretokenizers"][1];
+      if (split.value("type", std::string()) == "Split" && bytes.value("type", std::string()) == "ByteLevel" &&
+          !bytes.value("use_regex", true) && split.contains("pattern") && split["pattern"].contains("Regex") &&
+          split.value("behavior", std::string()) == "Isolated" && !split.value("invert", false)) {
+        pre_ = pre_tokenizer_of(split["pattern"]["Regex"].get<std::string>(), who_);
+        prefix_space_ = bytes.value("add_prefix_space", false);
+        return;
+      }
+    }
+    throw value_error(who_ + ": the pre-tokenizer " + p.dump().substr(0, 300) +
+                      " is not supported (moet runs ByteLevel, or Split(Regex, Isolated) + ByteLevel without regex)");
+  }
+
+  void read_post_processor(const nlohmann::json& p) {
+    if (p.is_null()) return;
+    const std::string type = p.value("type", std::string());
+    if (type == "ByteLevel") return;  // offsets only
+    if (type == "Sequence" && p.contains("processors")) {
+      for (const nlohmann::json& q : p["processors"]) read_post_processor(q);
+      return;
+    }
+    if (type != "TemplateProcessing")
+      throw value_error(who_ + ": the post-processor " + type + " is not supported (ByteLevel and TemplateProcessing are)");
+    bool before = true;
+    for (const nlohmann::json& piece : member(p, "single", who_)) {
+      if (piece.contains("Sequence")) {
+        before = false;
+        continue;
+      }
+      const std::string name = piece.at("SpecialToken").at("id").get<std::string>();
+      const nlohmann::json& st = member(member(p, "special_tokens", who_), name.c_str(), who_);
+      for (const nlohmann::json& id : st.at("ids")) (before ? prefix_ : suffix_).push_back(id.get<int>());
+    }
+  }
+
+  /// BOS, EOS and padding from tokenizer_config.json, else special_tokens_map.json.
+  void read_special_tokens(const std::filesystem::path& dir) {
+    for (const char* name : {"tokenizer_config.json", "special_tokens_map.json"}) {
+      if (!std::filesystem::exists(dir / name)) continue;
+      const nlohmann::json j = io::parse_json(io::read_text_file(dir / name, who_), who_ + " " + name);
+      const auto token = [&](const char* key) -> std::optional<int> {
+        if (!j.contains(key) || j[key].is_null()) return std::nullopt;
+        const std::string s = j[key].is_object() ? j[key].value("content", std::string()) : j[key].get<std::string>();
+        const std::optional<int> id = token_to_id(s);
+        if (!id) throw value_error(who_ + ": " + name + " names " + key + " \"" + s + "\", which is not a token");
+        if (!added_by_id_.contains(*id)) add_token({*id, s, true, false, false, false});  // GPT-2's <|endoftext|>
+        return id;
+      };
+      bos_ = token("bos_token");
+      eos_ = token("eos_token");
+      pad_ = token("pad_token");
+      return;
+    }
+  }
+
+  /// The leftmost added token at or after pos (the longest of those starting there).
+  Match find_added(std::string_view text, std::size_t pos) const {
+    Match best;
+    for (const AddedToken& a : added_) {
+      for (std::size_t at = text.find(a.content, pos); at != std::string_view::npos; at = text.find(a.content, at + 1)) {
+        if (best.token && (at > best.begin || (at == best.begin && a.content.size() <= best.token->content.size()))) break;
+        if (a.single_word && !alone(text, at, at + a.content.size())) continue;
+        best = {&a, at, at + a.content.size()};
+        break;
+      }
+    }
+    if (!best.token) return best;
+    const std::size_t token_begin = best.begin;
+    if (best.token->lstrip)
+      while (best.begin > pos && is_space(static_cast<unsigned char>(text[best.begin - 1]))) --best.begin;
+    if (best.token->rstrip)
+      while (best.end < text.size() && is_space(static_cast<unsigned char>(text[best.end]))) ++best.end;
+    (void)token_begin;
+    return best;
+  }
+
+  /// No letter or number (ASCII) right before `begin` or right after `end`.
+  static bool alone(std::string_view text, std::size_t begin, std::size_t end) {
+    const auto word = [](char c) { return std::isalnum(static_cast<unsigned char>(c)) != 0 || c == '_'; };
+    return (begin == 0 || !word(text[begin - 1])) && (end >= text.size() || !word(text[end]));
+  }
+
+  void encode_text(std::string_view text, std::vector<int>& ids) const {
+    if (text.empty()) return;
+    std::string prefixed;
+    if (prefix_space_ && text.front() != ' ') {
+      prefixed.reserve(text.size() + 1);
+      prefixed.push_back(' ');
+      prefixed.append(text);
+      text = prefixed;
+    }
+    for (const Piece& p : pre_tokenize(pre_, text)) model_->encode_word(text.substr(p.begin, p.end - p.begin), ids, who_);
+  }
+
+  std::string who_ = "Tokenizer";
+  std::shared_ptr<const BytePairModel> model_;
+  PreTokenizer pre_ = PreTokenizer::gpt2;
+  bool prefix_space_ = false;
+  std::vector<AddedToken> added_;
+  std::unordered_map<int, std::size_t> added_by_id_;
+  std::vector<int> prefix_, suffix_;
+  std::optional<int> bos_, eos_, pad_;
+};
+
+}  // namespace moet::text
