@@ -46,6 +46,25 @@ struct AddedToken {
   bool single_word = false;  ///< matches only when no letter or number touches it
 };
 
+/// One message of a chat (role: "system", "user", "assistant", ...).
+struct ChatMessage {
+  std::string role, content;
+};
+
+/// A piece of a rendered chat: its text and whether training scores it (the assistant's replies
+/// and the tokens that close them).
+struct ChatSegment {
+  std::string text;
+  bool trained = false;
+};
+
+/// The chat formats moet renders itself, recognised from tokenizer_config.json's chat_template.
+enum class ChatFormat {
+  none,    ///< no chat_template in the folder
+  chatml,  ///< <|im_start|>role\ncontent<|im_end|>\n (Qwen, SmolLM, many fine-tunes)
+  llama3,  ///< <|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>
+};
+
 struct EncodeOptions {
   bool add_special_tokens = true;  ///< the post-processor's template (Llama 3's BOS, for one)
   bool split_special_tokens = false;  ///< true: added tokens in the text are plain text
@@ -207,6 +226,52 @@ class Tokenizer {
     return decode(std::span<const int>(ids), skip_special_tokens);
   }
 
+  // --- chats -------------------------------------------------------------------------------------
+
+  ChatFormat chat_format() const { return chat_; }
+
+  /// The chat as its template lays it out, in segments (the assistant's content and end marker
+  /// trained); with add_generation_prompt, ends with the header of an assistant turn. A folder
+  /// whose chat_template moet does not recognise (or has none) is a moet::value_error that quotes
+  /// the template's start: moet renders ChatML and Llama 3's format, not arbitrary Jinja.
+  std::vector<ChatSegment> chat_segments(const std::vector<ChatMessage>& messages, bool add_generation_prompt = false) const {
+    std::vector<ChatSegment> out;
+    const auto header = [&](const std::string& role) {
+      return chat_ == ChatFormat::chatml ? "<|im_start|>" + role + "\n" : "<|start_header_id|>" + role + "<|end_header_id|>\n\n";
+    };
+    const std::string end = chat_ == ChatFormat::chatml ? "<|im_end|>" : "<|eot_id|>";
+    switch (chat_) {
+      case ChatFormat::none:
+        throw value_error(who_ + ": " + (chat_template_.empty() ? std::string("has no chat_template (tokenizer_config.json)")
+                                                                   : "the chat_template is not one moet renders (ChatML, Llama 3): " +
+                                                                         chat_template_.substr(0, 120)));
+      case ChatFormat::llama3:
+        out.push_back({"<|begin_of_text|>", false});
+        break;
+      case ChatFormat::chatml:
+        break;
+    }
+    for (std::size_t i = 0; i < messages.size(); ++i) {
+      const ChatMessage& m = messages[i];
+      if (m.role.empty()) throw value_error(moet::detail::concat(who_, ": chat message ", i, " has no role"));
+      const bool assistant = m.role == "assistant";
+      std::string content = m.content;
+      if (chat_ == ChatFormat::llama3) content = trimmed(content);  // Llama 3's template trims
+      out.push_back({header(m.role), false});
+      out.push_back({content + end, assistant});
+      if (chat_ == ChatFormat::chatml) out.push_back({"\n", false});
+    }
+    if (add_generation_prompt) out.push_back({header("assistant"), false});
+    return out;
+  }
+
+  /// The chat as one string (chat_segments joined).
+  std::string apply_chat_template(const std::vector<ChatMessage>& messages, bool add_generation_prompt = false) const {
+    std::string text;
+    for (const ChatSegment& s : chat_segments(messages, add_generation_prompt)) text += s.text;
+    return text;
+  }
+
   // --- the vocabulary ----------------------------------------------------------------------------
 
   /// One past the largest id (the embedding table needs at least this many rows).
@@ -328,6 +393,14 @@ class Tokenizer {
       bos_ = token("bos_token");
       eos_ = token("eos_token");
       pad_ = token("pad_token");
+      if (j.contains("chat_template") && j["chat_template"].is_string()) {
+        chat_template_ = j["chat_template"].get<std::string>();
+        const bool chatml = chat_template_.find("<|im_start|>") != std::string::npos && token_to_id("<|im_start|>") &&
+                            token_to_id("<|im_end|>");
+        const bool llama3 = chat_template_.find("<|start_header_id|>") != std::string::npos && token_to_id("<|start_header_id|>") &&
+                            token_to_id("<|end_header_id|>") && token_to_id("<|eot_id|>") && token_to_id("<|begin_of_text|>");
+        chat_ = chatml ? ChatFormat::chatml : llama3 ? ChatFormat::llama3 : ChatFormat::none;
+      }
       return;
     }
   }
@@ -351,6 +424,12 @@ class Tokenizer {
       while (best.end < text.size() && is_space(static_cast<unsigned char>(text[best.end]))) ++best.end;
     (void)token_begin;
     return best;
+  }
+
+  static std::string trimmed(const std::string& s) {
+    const auto first = s.find_first_not_of(" \t\n\r");
+    if (first == std::string::npos) return {};
+    return s.substr(first, s.find_last_not_of(" \t\n\r") - first + 1);
   }
 
   /// No letter or number (ASCII) right before `begin` or right after `end`.
@@ -379,6 +458,8 @@ class Tokenizer {
   std::unordered_map<int, std::size_t> added_by_id_;
   std::vector<int> prefix_, suffix_;
   std::optional<int> bos_, eos_, pad_;
+  std::string chat_template_;
+  ChatFormat chat_ = ChatFormat::none;
 };
 
 }  // namespace moet::text
