@@ -10,7 +10,7 @@ scaling * (x lora_A^T) lora_B^T to a module's output, scaling = lora_alpha / r (
 rank_pattern per module, lora_alpha / sqrt(r) with use_rslora); (IA)^3 multiplies a module's output
 by ia3_l, or a feed-forward module's input.
 
-    tests/peft_reference.py BASE_DIR ADAPTER_DIR 3,1,4,1,5
+    tests/peft_reference.py BASE_DIR ADAPTER_DIR 3,1,4,1,5      (ADAPTER_DIR "-": the base alone)
 """
 from __future__ import annotations
 
@@ -47,9 +47,9 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
 class Peft:
     """The adapters of one PEFT folder, applied by module name."""
 
-    def __init__(self, folder: Path):
-        self.config = json.loads((folder / "adapter_config.json").read_text())
-        self.tensors = read_safetensors(folder / "adapter_model.safetensors")
+    def __init__(self, folder: Path | None):
+        self.config = json.loads((folder / "adapter_config.json").read_text()) if folder else {"peft_type": "NONE"}
+        self.tensors = read_safetensors(folder / "adapter_model.safetensors") if folder else {}
         self.kind = self.config["peft_type"]
         self.used: set[str] = set()
 
@@ -163,7 +163,8 @@ def gpt2(c, w, peft, ids):
 
 
 def main() -> int:
-    base, adapter, ids = Path(sys.argv[1]), Path(sys.argv[2]), [int(t) for t in sys.argv[3].split(",")]
+    base, ids = Path(sys.argv[1]), [int(t) for t in sys.argv[3].split(",")]
+    adapter = None if sys.argv[2] == "-" else Path(sys.argv[2])
     config = json.loads((base / "config.json").read_text())
     weights = read_safetensors(base / "model.safetensors")
     peft = Peft(adapter)

@@ -66,7 +66,7 @@ std::string error_of(const auto& f) {
 }
 
 /// The reference's logits for a base folder and an adapter folder; empty when python3 or numpy is missing.
-Matrix<double> reference_logits(const std::filesystem::path& base, const std::filesystem::path& adapter) {
+Matrix<double> reference_logits(const std::filesystem::path& base, const std::filesystem::path& adapter) {  // adapter "-": none
   std::string list;
   for (int id : ids) list += (list.empty() ? "" : ",") + std::to_string(id);
   const auto out = moet::testing::scratch_folder("reference") / "logits.json";
@@ -101,6 +101,24 @@ void round_trip(const io::ModelConfig& config, const ModelOptions& options, cons
   CHECK((logits(fresh) - moet_logits).cwiseAbs().maxCoeff() > 1e-3);
   load_peft(fresh, adapter);
   CHECK((logits(fresh) - moet_logits).cwiseAbs().maxCoeff() <= 1e-12 * moet_logits.cwiseAbs().maxCoeff());
+}
+
+/// save_merged, then the plain checkpoint loaded without adapters (and in the reference) computes
+/// what the adapted model computes.
+template <class M, class Arch>
+void check_merged(const io::ModelConfig& config, const std::string& name) {
+  Rng a(5);
+  typename M::template model<double> m(config, a, {.lora_alpha = 6}, 0.3);
+  randomize_adapters(m, 23);
+  const Matrix<double> adapted = logits(m);
+  const auto dir = moet::testing::scratch_folder(name);
+  save_merged(m, dir, {.dtype = io::DType::F64});
+  CHECK(logits(m) == adapted);  // the model is not changed
+  Rng b(1);
+  auto plain = load_pretrained<Decoder<Arch>, double>(dir, b);
+  CHECK((logits(plain) - adapted).cwiseAbs().maxCoeff() <= 1e-12 * adapted.cwiseAbs().maxCoeff());
+  const Matrix<double> ref = reference_logits(dir, "-");
+  if (ref.size()) CHECK((ref - adapted).cwiseAbs().maxCoeff() <= 1e-10 * adapted.cwiseAbs().maxCoeff());
 }
 
 }  // namespace
@@ -180,6 +198,19 @@ TEST_CASE("(IA)^3 adapters (MoV with one expert) in PEFT's format, Llama and GPT
 
   using G = Decoder<GPT2, Slots<at<keys, MoV<1>>, at<values, MoV<1>>, at<ffn_hidden, MoV<1>>>>;
   round_trip<G>(gpt2_config(), {}, "gpt2_ia3");
+}
+
+TEST_CASE("save_merged folds LoRA and (IA)^3 into a plain checkpoint with the adapted model's function", "[peft][merged]") {
+  using G = Decoder<GPT2, Slots<at<q, LoRAAdapter<2>>, at<v, LoRAAdapter<3>>, at<keys, MoV<1>>, at<values, MoV<1>>,
+                                at<ffn_down, LoRAAdapter<2>>, at<ffn_hidden, MoV<1>>>>;
+  using L = Decoder<Llama, Slots<at<k, LoRAAdapter<2>>, at<keys, MoV<1>>, at<values, MoV<1>>, at<ffn_up, LoRAAdapter<3>>,
+                                 at<ffn_hidden, MoV<1>>>>;
+  check_merged<G, GPT2>(gpt2_config(), "merged_gpt2");
+  check_merged<L, Llama>(llama_config(), "merged_llama");
+  using Mixed = Decoder<Llama, Slots<at<q, MoLoRA<4, 2>>>>;
+  Rng e(5);
+  Mixed::model<double> mixed(llama_config(), e, {}, 0.3);
+  CHECK_THAT(error_of([&] { save_merged(mixed, moet::testing::scratch_folder("merged_mixed")); }), Contains("a mixture of several experts"));
 }
 
 TEST_CASE("PEFT files moet cannot honour are refused, naming what is wrong", "[peft][errors]") {

@@ -113,18 +113,6 @@ constexpr io::DType native_dtype() {
 template <class T>
 using host_scalar = std::conditional_t<std::is_floating_point_v<T>, T, float>;
 
-template <class P>
-Matrix<host_scalar<typename P::Scalar>> join_columns(const std::vector<P*>& parts) {
-  Index cols = 0;
-  for (auto* p : parts) cols += p->cols();
-  Matrix<host_scalar<typename P::Scalar>> m(parts[0]->rows(), cols);
-  Index c = 0;
-  for (auto* p : parts) {
-    m.middleCols(c, p->cols()) = tensor_to_host(*p);
-    c += p->cols();
-  }
-  return m;
-}
 }  // namespace detail_io
 
 /// config.json text for a model configuration, in Hugging Face naming.
@@ -225,15 +213,24 @@ struct SaveOptions {
   std::size_t max_shard_bytes = 0;  ///< > 0: shards of at most about this size plus an index
 };
 
-/// Writes config.json and the frozen weights in Hugging Face layout.
-template <class Model>
-void save_pretrained(Model& model, const std::filesystem::path& dir, const SaveOptions& options = {}) {
+namespace detail_io {
+/// save_pretrained with each frozen tensor's value from value_of(const Frozen*) (save_merged
+/// passes the adapters folded in).
+template <class Model, class ValueOf>
+void save_base(Model& model, const std::filesystem::path& dir, const SaveOptions& options, const ValueOf& value_of) {
   io::make_directory(dir, "save_pretrained");
   io::write_text_file(dir / "config.json", model_config_json(model.config()), "save_pretrained");
   std::vector<std::vector<io::TensorToWrite>> shards(1);
   std::size_t bytes = 0;
   for (const auto& t : model.base_tensors()) {
-    auto m = detail_io::join_columns(t.parts);
+    Index cols = 0;
+    for (const auto* part : t.parts) cols += part->cols();
+    Matrix<host_scalar<typename Model::Scalar>> m(t.parts.front()->rows(), cols);
+    cols = 0;
+    for (const auto* part : t.parts) {
+      m.middleCols(cols, part->cols()) = value_of(part);
+      cols += part->cols();
+    }
     if (t.transposed) m.transposeInPlace();
     auto w = io::TensorToWrite::from(t.name, m, options.dtype);
     if (t.vector) w.shape = {m.cols()};
@@ -260,6 +257,13 @@ void save_pretrained(Model& model, const std::filesystem::path& dir, const SaveO
     for (const auto& t : shards[s]) index["weight_map"][t.name] = name;
   }
   io::write_text_file(dir / "model.safetensors.index.json", index.dump(2) + "\n", "save_pretrained");
+}
+}  // namespace detail_io
+
+/// Writes config.json and the frozen weights in Hugging Face layout.
+template <class Model>
+void save_pretrained(Model& model, const std::filesystem::path& dir, const SaveOptions& options = {}) {
+  detail_io::save_base(model, dir, options, [](const auto* frozen) { return tensor_to_host(*frozen); });
 }
 
 namespace detail_io {

@@ -1,6 +1,8 @@
 // Adapters in Hugging Face PEFT's format, which PEFT, vLLM and SGLang load:
 //   save_peft(model, dir)   adapter_config.json + adapter_model.safetensors
 //   load_peft(model, dir)   the same files, written by PEFT or by save_peft
+//   save_merged(model, dir) the adapters folded into the weights: a plain Hugging Face checkpoint
+//                           (config.json + model.safetensors) that any loader reads
 //
 // Which moet adapters have a PEFT form: one-expert mixtures, i.e. plain LoRA (LoRAAdapter<R>) and
 // plain (IA)^3 (MoV<1>), one kind per file (PEFT's peft_type). MoLoRA and MoV with E > 1 have no
@@ -104,7 +106,7 @@ struct Slot {
 };
 
 template <class T, class Model>
-std::vector<Slot<T>> slots_of(Model& model, const std::string& who) {
+std::vector<Slot<T>> slots_of(Model& model, const std::string& who, bool one_kind = true) {
   const nlohmann::ordered_json layout = adapter_layout_json(model);
   std::map<std::string, Slot<T>> by_where;
   const nlohmann::ordered_json& adapters = layout["adapters"];
@@ -139,7 +141,7 @@ std::vector<Slot<T>> slots_of(Model& model, const std::string& who) {
   if (out.empty()) throw format_error(who + ": the model has no adapters");
   const std::string type = out.front().type;
   for (const Slot<T>& s : out)
-    if (s.type != type)
+    if (one_kind && s.type != type)
       throw format_error(who + ": the model has LoRA and (IA)^3 adapters (" + out.front().where + ", " + s.where +
                          "); a PEFT file holds one kind");
   return out;
@@ -421,6 +423,66 @@ void load_peft(Model& model, const std::filesystem::path& dir, const LoadOptions
     const std::string param = name.substr(cut);
     if (param == "router_kernel") tensor_from_host(p, Matrix<T>::Zero(p.rows(), p.cols()));
     else tensor_from_host(p, s.tensors.at(param));
+  });
+}
+
+/// Writes the model with its one-expert LoRA and (IA)^3 adapters folded into the frozen weights
+/// as a plain Hugging Face checkpoint (config.json + model.safetensors; save_pretrained's options):
+/// W + (alpha / R) A B for a LoRA slot; (IA)^3 on keys and values scales the k / v projection's
+/// output columns (bias included), on ffn_hidden the down projection's input rows. The model is
+/// not changed. A mixture of several experts depends on each token's routing and cannot be
+/// folded: a moet::format_error naming it.
+template <class Model>
+void save_merged(Model& model, const std::filesystem::path& dir, const SaveOptions& options = {}) {
+  using T = detail_io::host_scalar<typename Model::Scalar>;
+  const std::string who = "save_merged";
+  std::map<std::string, const detail_peft::Slot<T>*> by_where;
+  const std::vector<detail_peft::Slot<T>> slots = detail_peft::slots_of<T>(model, who, false);
+  for (const auto& s : slots) by_where[s.where] = &s;
+  std::map<const void*, Matrix<T>> merged;  // frozen tensor -> its merged value
+  const auto value = [&](auto& frozen) -> Matrix<T>& {
+    auto it = merged.find(&frozen);
+    if (it == merged.end()) it = merged.emplace(&frozen, tensor_to_host(frozen).template cast<T>()).first;
+    return it->second;
+  };
+  // LoRA first, then (IA)^3, which scales the adapted projection: ((x (W + s A B) + b) * l)
+  for (const bool scaling : {false, true}) {
+    for (std::size_t i = 0; i < model.blocks.size(); ++i) {
+      auto& b = model.blocks[i];
+      const std::string layer = "layers." + std::to_string(i) + ".";
+      b.for_each_slot([&]<class S>(S, auto& s) {
+        const auto it = by_where.find(layer + S::name);
+        if (it == by_where.end() || scaling == S::linear) return;
+        const auto& a = *it->second;
+        if constexpr (S::linear) {
+          Matrix<T>& w = value(s.weight());
+          w += T(a.scale) * (a.tensors.at("lora_down") * a.tensors.at("lora_up"));
+        } else {
+          // (heads, head_dim) -> one row of width heads * head_dim
+          Eigen::Matrix<T, 1, Eigen::Dynamic> row(a.tensors.at("ia3_scales").size());
+          const Matrix<T>& scales = a.tensors.at("ia3_scales");
+          for (Index r = 0; r < scales.rows(); ++r) row.middleCols(r * scales.cols(), scales.cols()) = scales.row(r);
+          const auto scale_output = [&](auto& target) {
+            Matrix<T>& w = value(target.weight());
+            w.array().rowwise() *= row.array();
+            if (target.bias().size() > 0) {
+              Matrix<T>& bias = value(target.bias());
+              bias.array() *= row.array();
+            }
+          };
+          if constexpr (std::is_same_v<S, slot::keys>) scale_output(b.template slot<slot::k>());
+          else if constexpr (std::is_same_v<S, slot::values>) scale_output(b.template slot<slot::v>());
+          else {  // ffn_hidden: the input of the down projection
+            Matrix<T>& w = value(b.template slot<slot::ffn_down>().weight());
+            w.array().colwise() *= row.transpose().array();
+          }
+        }
+      });
+    }
+  }
+  detail_io::save_base(model, dir, options, [&](const auto* frozen) -> Matrix<T> {
+    const auto it = merged.find(frozen);
+    return it != merged.end() ? it->second : Matrix<T>(tensor_to_host(*frozen).template cast<T>());
   });
 }
 
