@@ -73,6 +73,8 @@ struct ops<cpu, T> {
   }
   /// d(loss) = 1.
   static Tensor scalar_one() { return Tensor::Ones(1, 1); }
+  /// A (1, 1) tensor holding v (d(loss) = 1 / parts for gradient accumulation).
+  static Tensor constant(double v) { return Tensor::Constant(1, 1, T(v)); }
   /// Rows [first, first + n) of m.
   static View rows(View m, Index first, Index n) { return m.middleRows(first, n); }
   /// dst rows [first, first + src.rows()) = src.

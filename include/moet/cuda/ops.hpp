@@ -528,10 +528,11 @@ struct ops<cuda, T> {
     cuda_impl::scale_by<T>(t.data, t.ld, s.data, t.rows, t.cols, out.data(), out.ld(), stream());
     return out;
   }
-  static Tensor scalar_one() {
-    Tensor one(1, 1, stream());
-    cuda_impl::fill<T>(one.data(), 1, 1.f, stream());
-    return one;
+  static Tensor scalar_one() { return constant(1.0); }
+  static Tensor constant(double v) {
+    Tensor t(1, 1, stream());
+    cuda_impl::fill<T>(t.data(), 1, float(v), stream());
+    return t;
   }
   static View rows(View m, Index first, Index n) { return m.row_block(first, n); }
   static void copy_rows(Tensor& dst, Index first, View src) { copy_into(dst.view().row_block(first, src.rows), src); }

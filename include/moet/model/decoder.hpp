@@ -263,6 +263,35 @@ class DecoderModel {
     return r;
   }
 
+  /// Gradient accumulation, one micro-batch of a step of `parts`: forward and backward of
+  /// d(loss / parts), overwriting the gradients on part 0 and adding to them after; returns the
+  /// micro-batch's loss. optimizer_step ends the step.
+  double accumulate_gradients(const TokenBatch& b, int part, int parts) {
+    if (parts < 1 || part < 0 || part >= parts)
+      throw value_error(detail::concat(name(), ": accumulate_gradients(part ", part, " of ", parts, ") is out of range"));
+    const Context c = forward(b);
+    backward(c, c.h0, Ops::constant(1.0 / parts), part == 0 ? GradMode::overwrite : GradMode::accumulate);
+    return Ops::scalar(c.output());
+  }
+
+  /// The end of a step whose gradients are in place (accumulate_gradients): clip to
+  /// max_grad_norm, refuse or skip a non-finite `loss` or norm as train_step does, then step.
+  template <class Optimizer>
+  TrainStepResult optimizer_step(Optimizer& optimizer, double loss, double max_grad_norm = 1.0,
+                                 NonFinite on_non_finite = NonFinite::raise) {
+    TrainStepResult r;
+    r.loss = loss;
+    const ClipResult clip = clip_grad_norm(*this, max_grad_norm);
+    r.grad_norm = clip.norm;
+    r.clipped = clip.clipped;
+    if (!detail::finite_step(name(), r, on_non_finite)) {
+      ++skipped_steps_;
+      return r;
+    }
+    optimizer.step(*this);
+    return r;
+  }
+
   /// Training steps skipped for a non-finite loss or gradient (NonFinite::skip).
   long skipped_steps() const { return skipped_steps_; }
 

@@ -7,6 +7,7 @@
 //   p -= lr * wd * p;        p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <utility>
@@ -64,6 +65,49 @@ class AdamW {
   const AdamWOptions& options() const { return options_; }
   long steps() const { return steps_; }
 
+  /// What a checkpoint keeps of the optimizer (train/fit.hpp): the steps taken and both moments
+  /// of every parameter, in the order for_each_param visits `model`'s (the model it steps), row
+  /// by row: independent of where the model's gradient arena put each tensor. Empty before the
+  /// first step.
+  struct State {
+    long steps = 0;
+    std::vector<T> first, second;
+  };
+  template <class Model>
+  State state(Model& model) const {
+    State s;
+    s.steps = steps_;
+    if (!started_) return s;
+    const_cast<AdamW*>(this)->for_each_moment(model, [&](auto& m, auto& v) {
+      for (Index r = 0; r < m.rows(); ++r)
+        for (Index c = 0; c < m.cols(); ++c) s.first.push_back(m(r, c)), s.second.push_back(v(r, c));
+    });
+    return s;
+  }
+  /// The optimizer as it was when `s` was taken from a model like `model`: a state whose size
+  /// does not fit the model is a moet::value_error, and the optimizer is left as it was.
+  template <class Model>
+  void restore(Model& model, const State& s) {
+    AdamW fresh(options_);
+    if (s.steps == 0 && s.first.empty()) {
+      *this = std::move(fresh);
+      return;
+    }
+    fresh.check_state(model);
+    std::size_t need = 0;
+    for_each_param(model, [&](Param<T>& p) { need += std::size_t(p.size()); });
+    if (s.first.size() != need || s.second.size() != need || s.steps < 1)
+      throw value_error(detail::concat("AdamW: the saved state holds ", s.first.size(), " and ", s.second.size(), " moment values after ", s.steps,
+                                       " steps; this model needs ", need, " after at least one"));
+    std::size_t at = 0;
+    fresh.for_each_moment(model, [&](auto& m, auto& v) {
+      for (Index r = 0; r < m.rows(); ++r)
+        for (Index c = 0; c < m.cols(); ++c, ++at) m(r, c) = s.first[at], v(r, c) = s.second[at];
+    });
+    fresh.steps_ = s.steps;
+    *this = std::move(fresh);
+  }
+
   /// One update of every trainable parameter of `model` from its gradient.
   template <class Model>
   void step(Model& model) {
@@ -104,6 +148,25 @@ class AdamW {
   }
 
  private:
+  /// f(m, v) with each parameter's moments as (rows, cols) views, in for_each_param order.
+  template <class Model, class F>
+  void for_each_moment(Model& model, F&& f) {
+    if (with_arena_) {
+      if constexpr (requires { model.gradient_arena().all(); }) {
+        auto& arena = model.gradient_arena();
+        for_each_param(model, [&](Param<T>& p) {
+          if (p.size() == 0) return;
+          const Index offset = arena.offset_of(p.grad().data()), stride = p.grad().outerStride();
+          MatrixView<T> m(flat_first_.data() + offset, p.rows(), p.cols(), Eigen::OuterStride<>(stride));
+          MatrixView<T> v(flat_second_.data() + offset, p.rows(), p.cols(), Eigen::OuterStride<>(stride));
+          f(m, v);
+        });
+      }
+    } else {
+      for (std::size_t i = 0; i < first_.size(); ++i) f(first_[i], second_[i]);
+    }
+  }
+
   template <class Model>
   void check_state(Model& model) {
     std::vector<std::pair<Index, Index>> shapes;
