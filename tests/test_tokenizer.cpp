@@ -5,6 +5,7 @@
 // random text; special tokens, templates, ignore_merges; and every refusal.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -75,6 +76,44 @@ json gpt2_tokenizer_json(bool merges_as_pairs) {
               {"model", json{{"type", "BPE"}, {"dropout", nullptr}, {"vocab", vocab}, {"merges", merges}}}};
 }
 
+/// Llama 2's vocabulary and merges (tests/data/llama2) as Hugging Face writes its tokenizer.json:
+/// the legacy layout (a Prepend + Replace normalizer) or the newer one (a Metaspace pre-tokenizer).
+json llama2_tokenizer_json(bool metaspace) {
+  std::ifstream v(data / "llama2" / "vocab.txt"), m(data / "llama2" / "merges.txt");
+  json vocab = json::object(), merges = json::array();
+  int id = 0;
+  for (std::string line; std::getline(v, line);) vocab[line] = id++;
+  for (std::string line; std::getline(m, line);)
+    if (!line.empty()) merges.push_back(line);
+  const std::string bar = "\u2581";
+  json added = json::array();
+  for (const auto& [i, t] : std::vector<std::pair<int, std::string>>{{0, "<unk>"}, {1, "<s>"}, {2, "</s>"}})
+    added.push_back(json{{"id", i}, {"content", t}, {"special", true}});
+  json j{{"added_tokens", added},
+         {"post_processor",
+          json{{"type", "TemplateProcessing"},
+               {"single", json::array({json{{"SpecialToken", json{{"id", "<s>"}, {"type_id", 0}}}},
+                                       json{{"Sequence", json{{"id", "A"}, {"type_id", 0}}}}})},
+               {"special_tokens", json{{"<s>", json{{"id", "<s>"}, {"ids", json::array({1})}}}}}}},
+         {"model", json{{"type", "BPE"}, {"unk_token", "<unk>"}, {"byte_fallback", true}, {"fuse_unk", true}, {"vocab", vocab},
+                        {"merges", merges}}}};
+  if (metaspace) {
+    j["normalizer"] = nullptr;
+    j["pre_tokenizer"] = json{{"type", "Metaspace"}, {"replacement", bar}, {"prepend_scheme", "first"}, {"split", false}};
+    j["decoder"] = json{{"type", "Metaspace"}, {"replacement", bar}, {"prepend_scheme", "first"}, {"split", false}};
+  } else {
+    j["normalizer"] = json{{"type", "Sequence"},
+                           {"normalizers", json::array({json{{"type", "Prepend"}, {"prepend", bar}},
+                                                        json{{"type", "Replace"}, {"pattern", json{{"String", " "}}}, {"content", bar}}})}};
+    j["pre_tokenizer"] = nullptr;
+    j["decoder"] = json{{"type", "Sequence"},
+                        {"decoders", json::array({json{{"type", "Replace"}, {"pattern", json{{"String", bar}}}, {"content", " "}},
+                                                  json{{"type", "ByteFallback"}}, json{{"type", "Fuse"}},
+                                                  json{{"type", "Strip"}, {"content", " "}, {"start", 1}, {"stop", 0}}})}};
+  }
+  return j;
+}
+
 Tokenizer from_json(const json& j, const std::string& name) {
   const auto dir = moet::testing::scratch_folder(name);
   write(dir / "tokenizer.json", j.dump());
@@ -123,6 +162,34 @@ TEST_CASE("tokenizer.json with GPT-2's vocabulary gives the same ids; added toke
     CHECK(t.token_to_id("<|endoftext|>") == 50256);
     CHECK(t.id_to_token(15496) == "Hello");
   }
+}
+
+TEST_CASE("Llama 2's tokenizer (SentencePiece-style BPE) gives the reference encoder's ids", "[tokenizer]") {
+  std::ifstream in(data / "tokenizer" / "expected_llama2.json");
+  const json expected = json::parse(in);
+  REQUIRE(expected.size() == references().size());
+  for (const bool metaspace : {false, true}) {
+    const Tokenizer t = from_json(llama2_tokenizer_json(metaspace), metaspace ? "llama2_metaspace" : "llama2_legacy");
+    CHECK(t.vocab_size() == 32000);
+    for (const json& e : expected) {
+      const std::string text = e["text"];
+      INFO("text: " << text << (metaspace ? " (Metaspace layout)" : " (legacy layout)"));
+      // the reference gives nothing at all for an empty text; Hugging Face (and moet) give BOS
+      const std::vector<int> want = text.empty() ? std::vector<int>{1} : e["llama2"].get<std::vector<int>>();
+      const std::vector<int> ids = t.encode(text);
+      CHECK(ids == want);
+      CHECK(t.decode(ids, true) == text);
+    }
+    CHECK(t.decode(t.encode("Hello world")) == "<s> Hello world");
+    // added tokens split out; the legacy layout puts a "▁" in front of every segment, Metaspace's "first" only at the start
+    const std::vector<int> ids = t.encode("Hi</s>there");
+    REQUIRE(ids.size() >= 4);
+    CHECK(std::count(ids.begin(), ids.end(), 2) == 1);
+    CHECK((ids.back() == t.token_to_id("\u2581there")) == !metaspace);
+  }
+  json j = llama2_tokenizer_json(true);
+  j["pre_tokenizer"]["split"] = true;
+  CHECK_THAT(error_of([&] { from_json(j, "split"); }), Catch::Matchers::Contains("split true is not supported"));
 }
 
 TEST_CASE("Llama 3's pre-tokenizer cuts text as its regex does", "[tokenizer]") {

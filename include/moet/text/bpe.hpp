@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdio>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -61,6 +62,10 @@ class BytePairModel {
  public:
   struct Options {
     bool ignore_merges = false;  ///< a word that is a token as a whole is that token (Llama 3)
+    bool chars = false;          ///< SentencePiece-style symbols (characters) instead of bytes
+    bool byte_fallback = false;  ///< chars: a character without a token becomes <0xXX> tokens
+    int unk = -1;                ///< chars: the unknown token, or -1
+    bool fuse_unk = false;       ///< chars: a run of unknown characters is one unk
   };
 
   BytePairModel() = default;
@@ -96,6 +101,8 @@ class BytePairModel {
       append_utf8(sym, byte_to_char()[std::size_t(byte)]);
       byte_ids_[std::size_t(byte)] = id(sym);
     }
+    if (options_.unk >= 0 && token(options_.unk).empty())
+      throw value_error(moet::detail::concat(who, ": the unknown token's id ", options_.unk, " is not in the vocabulary"));
   }
 
   BytePairModel(BytePairModel&& o) noexcept
@@ -125,7 +132,7 @@ class BytePairModel {
   int size() const { return int(tokens_.size()); }
   std::size_t merges() const { return merges_.size(); }
 
-  /// Appends the ids of one word (raw bytes) to out.
+  /// Appends the ids of one word (UTF-8 text) to out.
   void encode_word(std::string_view word, std::vector<int>& out, const std::string& who) const {
     if (word.empty()) return;
     {
@@ -136,7 +143,7 @@ class BytePairModel {
         return;
       }
     }
-    std::vector<int> ids = merge(word, who);
+    std::vector<int> ids = options_.chars ? merge_chars(word, who) : merge(word, who);
     out.insert(out.end(), ids.begin(), ids.end());
     std::scoped_lock lock(cache_mutex_);
     if (cache_.size() >= max_cached) cache_.clear();
@@ -154,12 +161,55 @@ class BytePairModel {
     if (options_.ignore_merges) {
       if (const int whole = id(bytes_as_symbols(word)); whole >= 0) return {whole};
     }
-    const std::size_t n = word.size();
-    std::vector<int> sym(n), prev(n), next(n);
-    for (std::size_t i = 0; i < n; ++i) {
+    std::vector<int> sym(word.size());
+    for (std::size_t i = 0; i < word.size(); ++i) {
       const auto byte = static_cast<unsigned char>(word[i]);
       sym[i] = byte_ids_[byte];
       if (sym[i] < 0) throw value_error(moet::detail::concat(who, ": the vocabulary has no token for byte ", int(byte)));
+    }
+    return merge_symbols(std::move(sym));
+  }
+
+  /// SentencePiece-style symbols: one per character (its UTF-8 text a token), a character without
+  /// a token as its bytes' <0xXX> tokens (byte fallback) or as unk (runs fused), else an error.
+  std::vector<int> merge_chars(std::string_view word, const std::string& who) const {
+    if (options_.ignore_merges) {
+      if (const int whole = id(std::string(word)); whole >= 0) return {whole};
+    }
+    std::vector<int> sym;
+    sym.reserve(word.size());
+    for (const CodePoint& c : decode_utf8(word, who)) {
+      const char32_t cp = c.value;
+      std::string ch;
+      append_utf8(ch, cp);
+      if (const int t = id(ch); t >= 0) {
+        sym.push_back(t);
+      } else if (options_.byte_fallback) {
+        for (const char b : ch) {
+          char name[8];
+          std::snprintf(name, sizeof name, "<0x%02X>", unsigned(static_cast<unsigned char>(b)));
+          const int t2 = id(name);
+          if (t2 < 0) throw value_error(moet::detail::concat(who, ": byte fallback needs the token ", name, ", which the vocabulary lacks"));
+          sym.push_back(t2);
+        }
+      } else if (options_.unk >= 0) {
+        if (!(options_.fuse_unk && !sym.empty() && sym.back() == options_.unk)) sym.push_back(options_.unk);
+      } else {
+        char code[16];
+        std::snprintf(code, sizeof code, "U+%04X", unsigned(cp));
+        throw value_error(moet::detail::concat(who, ": the vocabulary has no token for the character ", code,
+                                               " and the model has neither byte fallback nor an unknown token"));
+      }
+    }
+    return merge_symbols(std::move(sym));
+  }
+
+  /// The merges over a word's symbols (token ids), lowest rank first, leftmost first among equals.
+  std::vector<int> merge_symbols(std::vector<int> sym) const {
+    const std::size_t n = sym.size();
+    if (n == 0) return sym;
+    std::vector<int> prev(n), next(n);
+    for (std::size_t i = 0; i < n; ++i) {
       prev[i] = int(i) - 1;
       next[i] = i + 1 < n ? int(i) + 1 : -1;
     }

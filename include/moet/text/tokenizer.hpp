@@ -6,16 +6,19 @@
 //
 // What it reads, in this order of preference:
 //   tokenizer.json             Hugging Face tokenizers' file: a byte-level BPE model (GPT-2, Llama 3
-//                              style) with its added tokens and post-processor template
+//                              style), or a SentencePiece-style BPE over characters with byte
+//                              fallback and "▁" for spaces (Llama 2, Mistral, as Hugging Face
+//                              converts them), with its added tokens and post-processor template
 //   vocab.json + merges.txt    GPT-2's original pair (byte-level BPE, GPT-2's pre-tokenizer)
 // plus tokenizer_config.json / special_tokens_map.json for which tokens are BOS, EOS and padding.
-// Anything these files say that moet does not implement (another model type, a normalizer, a
-// pre-tokenizer pattern it does not know, byte fallback) is a moet::value_error naming it: a
+// Anything these files say that moet does not implement (another model type, a normalizer or
+// decoder it does not know, a pre-tokenizer pattern it does not know) is a moet::value_error naming it: a
 // tokenizer that silently splits text differently from the one the model was trained with would
 // be worse than none.
 #pragma once
 
 #include <algorithm>
+#include <cstdio>
 #include <filesystem>
 #include <memory>
 #include <optional>
@@ -101,20 +104,29 @@ class Tokenizer {
     t.who_ = who;
     const nlohmann::json& model = member(j, "model", who);
     const std::string type = model.value("type", std::string("BPE"));
-    if (type != "BPE") throw value_error(who + ": the model type " + type + " is not supported (moet reads byte-level BPE)");
-    if (model.value("byte_fallback", false))
-      throw value_error(who + ": byte_fallback BPE (SentencePiece-style models such as Llama 2) is not supported yet");
+    if (type != "BPE") throw value_error(who + ": the model type " + type + " is not supported (moet reads BPE)");
     for (const char* field : {"continuing_subword_prefix", "end_of_word_suffix"})
       if (model.contains(field) && !model[field].is_null() && !(model[field].is_string() && model[field].get<std::string>().empty()))
         throw value_error(who + ": the BPE model's " + field + " is not supported");
     if (model.contains("dropout") && !model["dropout"].is_null() && model["dropout"].get<double>() != 0.0)
       throw value_error(who + ": BPE dropout is not supported (a trained model's tokenizer has none)");
-    if (j.contains("normalizer") && !j["normalizer"].is_null())
-      throw value_error(who + ": the normalizer " + j["normalizer"].value("type", std::string("?")) +
-                        " is not supported (byte-level BPE models have none)");
-    t.read_pre_tokenizer(j.contains("pre_tokenizer") ? j["pre_tokenizer"] : nlohmann::json());
-    if (j.contains("decoder") && !j["decoder"].is_null() && j["decoder"].value("type", std::string()) != "ByteLevel")
-      throw value_error(who + ": the decoder " + j["decoder"].value("type", std::string("?")) + " is not supported (ByteLevel is)");
+    // SentencePiece-style (Llama 2, Mistral): "▁" for spaces from the normalizer or a Metaspace
+    // pre-tokenizer, characters with byte fallback; else byte-level
+    t.read_metaspace(j.contains("normalizer") ? j["normalizer"] : nlohmann::json(),
+                     j.contains("pre_tokenizer") ? j["pre_tokenizer"] : nlohmann::json());
+    if (!t.metaspace_) {
+      if (model.value("byte_fallback", false))
+        throw value_error(who + ": byte_fallback with a byte-level pre-tokenizer is not supported (SentencePiece-style models "
+                                "have a Metaspace pre-tokenizer or a Prepend/Replace normalizer)");
+      if (j.contains("normalizer") && !j["normalizer"].is_null())
+        throw value_error(who + ": the normalizer " + j["normalizer"].value("type", std::string("?")) +
+                          " is not supported (byte-level BPE models have none)");
+      t.read_pre_tokenizer(j.contains("pre_tokenizer") ? j["pre_tokenizer"] : nlohmann::json());
+      if (j.contains("decoder") && !j["decoder"].is_null() && j["decoder"].value("type", std::string()) != "ByteLevel")
+        throw value_error(who + ": the decoder " + j["decoder"].value("type", std::string("?")) + " is not supported (ByteLevel is)");
+    } else {
+      t.read_metaspace_decoder(j.contains("decoder") ? j["decoder"] : nlohmann::json());
+    }
 
     std::unordered_map<std::string, int> vocab;
     const nlohmann::json& v = member(model, "vocab", who);
@@ -135,7 +147,18 @@ class Tokenizer {
         throw format_error(moet::detail::concat(who, ": merge ", r, " is neither \"a b\" nor [\"a\", \"b\"]"));
       }
     }
-    t.model_ = std::make_shared<BytePairModel>(vocab, merges, BytePairModel::Options{model.value("ignore_merges", false)}, who);
+    BytePairModel::Options mo{.ignore_merges = model.value("ignore_merges", false)};
+    if (t.metaspace_) {
+      mo.chars = true;
+      mo.byte_fallback = model.value("byte_fallback", false);
+      mo.fuse_unk = model.value("fuse_unk", false);
+      if (model.contains("unk_token") && model["unk_token"].is_string()) {
+        const auto it = vocab.find(model["unk_token"].get<std::string>());
+        if (it == vocab.end()) throw value_error(who + ": the unk_token " + model["unk_token"].get<std::string>() + " is not in the vocabulary");
+        mo.unk = it->second;
+      }
+    }
+    t.model_ = std::make_shared<BytePairModel>(vocab, merges, mo, who);
 
     if (j.contains("added_tokens") && j["added_tokens"].is_array())
       for (const nlohmann::json& a : j["added_tokens"]) {
@@ -191,7 +214,7 @@ class Tokenizer {
     while (pos <= text.size()) {
       const Match m = options.split_special_tokens ? Match{} : find_added(text, pos);
       const std::size_t stop = m.token ? m.begin : text.size();
-      encode_text(text.substr(pos, stop - pos), ids);
+      encode_text(text.substr(pos, stop - pos), ids, pos == 0);
       if (!m.token) break;
       ids.push_back(m.token->id);
       pos = m.end;
@@ -204,6 +227,7 @@ class Tokenizer {
   /// character becomes U+FFFD). An id outside the vocabulary is a moet::value_error.
   std::string decode(std::span<const int> ids, bool skip_special_tokens = false) const {
     require_model();
+    if (metaspace_) return decode_metaspace(ids, skip_special_tokens);
     std::string bytes;
     for (std::size_t i = 0; i < ids.size(); ++i) {
       const int id = ids[i];
@@ -438,8 +462,105 @@ class Tokenizer {
     return (begin == 0 || !word(text[begin - 1])) && (end >= text.size() || !word(text[end]));
   }
 
-  void encode_text(std::string_view text, std::vector<int>& ids) const {
+  /// Recognises the SentencePiece-style layouts Hugging Face writes: a normalizer that prepends
+  /// "▁" and replaces spaces by it (legacy: a "▁" in front of every segment between added tokens),
+  /// or a Metaspace pre-tokenizer (prepend_scheme always / first / never, split false).
+  void read_metaspace(const nlohmann::json& normalizer, const nlohmann::json& pre) {
+    static const std::string bar = "\u2581";
+    if (!normalizer.is_null() && normalizer.value("type", std::string()) == "Sequence" && normalizer.contains("normalizers")) {
+      bool prepend = false, replace = false;
+      for (const nlohmann::json& n : normalizer["normalizers"]) {
+        const std::string type = n.value("type", std::string());
+        if (type == "Prepend" && n.value("prepend", std::string()) == bar) prepend = true;
+        else if (type == "Replace" && n.contains("pattern") && n["pattern"].value("String", std::string()) == " " &&
+                 n.value("content", std::string()) == bar)
+          replace = true;
+        else
+          throw value_error(who_ + ": the normalizer " + n.dump().substr(0, 200) + " is not supported (moet reads Prepend(\"\u2581\") "
+                                   "and Replace(\" \", \"\u2581\"), SentencePiece's space handling)");
+      }
+      if (!replace) throw value_error(who_ + ": a normalizer without Replace(\" \", \"\u2581\") is not supported");
+      if (!pre.is_null()) throw value_error(who_ + ": a pre-tokenizer after a Prepend/Replace normalizer is not supported");
+      metaspace_ = true;
+      prepend_ = prepend ? Prepend::always : Prepend::never;
+      return;
+    }
+    if (!pre.is_null() && pre.value("type", std::string()) == "Metaspace") {
+      if (!normalizer.is_null()) throw value_error(who_ + ": a normalizer before a Metaspace pre-tokenizer is not supported");
+      if (pre.value("replacement", bar) != bar) throw value_error(who_ + ": a Metaspace replacement other than \u2581 is not supported");
+      if (pre.value("split", false)) throw value_error(who_ + ": a Metaspace pre-tokenizer with split true is not supported");
+      const std::string scheme = pre.value("prepend_scheme", pre.value("add_prefix_space", true) ? std::string("always") : std::string("never"));
+      if (scheme != "always" && scheme != "first" && scheme != "never")
+        throw value_error(who_ + ": the Metaspace prepend_scheme " + scheme + " is not supported");
+      metaspace_ = true;
+      prepend_ = scheme == "always" ? Prepend::always : scheme == "first" ? Prepend::first : Prepend::never;
+    }
+  }
+
+  /// SentencePiece-style decoding: Replace("▁", " "), ByteFallback, Fuse, Strip(one leading space), or Metaspace.
+  void read_metaspace_decoder(const nlohmann::json& d) {
+    if (d.is_null()) throw value_error(who_ + ": a SentencePiece-style tokenizer needs its decoder (Replace, ByteFallback, Fuse, Strip or Metaspace)");
+    const std::string type = d.value("type", std::string());
+    if (type == "Metaspace") {
+      strip_ = d.value("prepend_scheme", std::string("always")) != "never" && d.value("add_prefix_space", true) ? 1 : 0;
+      return;
+    }
+    if (type != "Sequence" || !d.contains("decoders")) throw value_error(who_ + ": the decoder " + type + " is not supported here");
+    for (const nlohmann::json& x : d["decoders"]) {
+      const std::string t = x.value("type", std::string());
+      if (t == "Replace" || t == "ByteFallback" || t == "Fuse") continue;
+      if (t == "Strip" && x.value("content", std::string()) == " " && x.value("stop", 0) == 0) {
+        strip_ = x.value("start", 0);
+        continue;
+      }
+      throw value_error(who_ + ": the decoder step " + x.dump().substr(0, 200) + " is not supported");
+    }
+  }
+
+  std::string decode_metaspace(std::span<const int> ids, bool skip_special_tokens) const {
+    static const std::string bar = "\u2581";
+    std::string bytes;
+    for (std::size_t i = 0; i < ids.size(); ++i) {
+      const int id = ids[i];
+      if (const auto it = added_by_id_.find(id); it != added_by_id_.end()) {
+        if (!(skip_special_tokens && added_[it->second].special)) bytes += added_[it->second].content;
+        continue;
+      }
+      const std::string& token = model_->token(id);
+      if (token.empty())
+        throw value_error(moet::detail::concat(who_, ": decode got id ", id, " at position ", i, ", outside the vocabulary of ", vocab_size()));
+      unsigned byte = 0;
+      if (token.size() == 6 && token.starts_with("<0x") && token.back() == '>' && std::sscanf(token.c_str() + 3, "%2X", &byte) == 1) {
+        bytes += char(byte);
+        continue;
+      }
+      for (std::size_t k = 0; k < token.size();) {
+        if (token.compare(k, bar.size(), bar) == 0) {
+          bytes += ' ';
+          k += bar.size();
+        } else {
+          bytes += token[k++];
+        }
+      }
+    }
+    std::string text = valid_utf8(bytes);
+    for (int k = 0; k < strip_ && !text.empty() && text.front() == ' '; ++k) text.erase(0, 1);
+    return text;
+  }
+
+  void encode_text(std::string_view text, std::vector<int>& ids, bool at_start = true) const {
     if (text.empty()) return;
+    if (metaspace_) {  // the whole segment is one word: "▁" for every space, and one in front
+      std::string word;
+      word.reserve(text.size() + 8);
+      if (prepend_ == Prepend::always || (prepend_ == Prepend::first && at_start)) word += "\u2581";
+      for (const char c : text) {
+        if (c == ' ') word += "\u2581";
+        else word += c;
+      }
+      model_->encode_word(word, ids, who_);
+      return;
+    }
     std::string prefixed;
     if (prefix_space_ && text.front() != ' ') {
       prefixed.reserve(text.size() + 1);
@@ -460,6 +581,11 @@ class Tokenizer {
   std::optional<int> bos_, eos_, pad_;
   std::string chat_template_;
   ChatFormat chat_ = ChatFormat::none;
+  // SentencePiece-style tokenizers (Llama 2, Mistral)
+  enum class Prepend { always, first, never };
+  bool metaspace_ = false;
+  Prepend prepend_ = Prepend::always;
+  int strip_ = 0;  // leading spaces the decoder strips
 };
 
 }  // namespace moet::text
