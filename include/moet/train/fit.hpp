@@ -38,6 +38,7 @@
 #include "../data/jsonl.hpp"
 #include "../io/model_io.hpp"
 #include "../io/safetensors.hpp"
+#include "../model/decoder.hpp"
 
 namespace moet {
 
