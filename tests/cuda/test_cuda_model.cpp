@@ -189,6 +189,28 @@ void compare_model(const io::ModelConfig& config, const ModelOptions& options) {
       INFO("parameter " << i);
       CHECK(relative(values[i++], host(Matrix<double>(p.value()))) <= tolerance);
     });
+
+    // a checkpoint of the optimizer (moments and master copies) restored into a new one steps
+    // to the same bits as the optimizer it came from
+    const CudaAdamW::State state = gpu_opt.state(gpu);
+    std::vector<Matrix<float>> before;
+    for_each_param(gpu, [&](auto& p) { before.push_back(tensor_to_host(p)); });
+    const auto values_now = [&] {
+      std::vector<std::vector<double>> v;
+      for_each_param(gpu, [&](auto& p) { v.push_back(host(DeviceView<const float>(p.value()))); });
+      return v;
+    };
+    gpu.train_step(batch, gpu_opt, 0.5);
+    const auto continued = values_now();
+    std::size_t j = 0;
+    for_each_param(gpu, [&](auto& p) { tensor_from_host(p, before[j++]); });
+    CudaAdamW restored(ctx, {.lr = 1e-2, .weight_decay = 0.01});
+    restored.restore(gpu, state);
+    CHECK(restored.steps() == 3);
+    gpu.train_step(batch, restored, 0.5);
+    CHECK(values_now() == continued);
+    CHECK_THROWS_AS(restored.restore(gpu, CudaAdamW::State{3, {1.f}, {1.f}, {1.f}}), value_error);
+    CHECK(restored.steps() == 4);
   }
 
   SECTION("cached decoding equals the full forward; generation equals the CPU's") {

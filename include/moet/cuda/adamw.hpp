@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <cstddef>
+#include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -60,7 +61,7 @@ class CudaAdamW {
     std::size_t i = 0;
     for_each_device_param(layer, [&](auto& p) {
       using S = typename std::decay_t<decltype(p)>::Scalar;
-      State& s = states_[i++];
+      State_& s = states_[i++];
       const auto value = p.value();
       const DeviceView<float> grad = p.grad();
       std::get<std::vector<cuda_impl::AdamWTensor<S>>>(tables).push_back(
@@ -73,8 +74,57 @@ class CudaAdamW {
   /// The float32 master copy of the i-th parameter tensor (in the layer's parameter order).
   DeviceView<const float> master(std::size_t i) const { return states_.at(i).master.view(); }
 
- private:
+  /// What a checkpoint keeps (train/fit.hpp): the steps taken, both moments and the float32
+  /// master copies of every parameter, row by row in for_each_device_param order (the master
+  /// copies too, since the values in bf16 or fp16 are only their rounding). Empty before the
+  /// first step. Reads the device.
   struct State {
+    long steps = 0;
+    std::vector<float> first, second, master;
+  };
+  template <class Layer>
+  State state(Layer&) const {
+    State s;
+    s.steps = steps_;
+    const auto append = [&](std::vector<float>& out, const DeviceMatrix<float>& m) {
+      const std::vector<double> v = cuda_impl::download(DeviceView<const float>(m.view()), ctx_->stream());
+      out.insert(out.end(), v.begin(), v.end());
+    };
+    for (const State_& t : states_) append(s.first, t.m), append(s.second, t.v), append(s.master, t.master);
+    return s;
+  }
+  /// The optimizer as it was when `s` was taken from a layer like `layer`: a state whose size does
+  /// not fit is a moet::value_error, and the optimizer is left as it was.
+  template <class Layer>
+  void restore(Layer& layer, const State& s) {
+    std::size_t need = 0;
+    for_each_device_param(layer, [&](auto& p) { need += std::size_t(p.rows() * p.cols()); });
+    if (s.steps == 0 && s.first.empty()) {
+      steps_ = 0;
+      states_.clear();
+      return;
+    }
+    if (s.first.size() != need || s.second.size() != need || s.master.size() != need || s.steps < 1)
+      throw value_error(detail::concat("CudaAdamW: the saved state holds ", s.first.size(), ", ", s.second.size(), " and ", s.master.size(),
+                                       " values after ", s.steps, " steps; this model needs ", need, " of each after at least one"));
+    const cudaStream_t stream = ctx_->stream();
+    std::vector<State_> states;
+    std::size_t at = 0;
+    for_each_device_param(layer, [&](auto& p) {
+      State_ t{DeviceMatrix<float>(p.rows(), p.cols(), stream), DeviceMatrix<float>(p.rows(), p.cols(), stream),
+               DeviceMatrix<float>(p.rows(), p.cols(), stream)};
+      cuda_impl::upload(t.m.view(), s.first.data() + at, p.cols(), stream);
+      cuda_impl::upload(t.v.view(), s.second.data() + at, p.cols(), stream);
+      cuda_impl::upload(t.master.view(), s.master.data() + at, p.cols(), stream);
+      at += std::size_t(p.rows() * p.cols());
+      states.push_back(std::move(t));
+    });
+    states_ = std::move(states);
+    steps_ = s.steps;
+  }
+
+ private:
+  struct State_ {
     DeviceMatrix<float> master, m, v;
   };
 
@@ -84,13 +134,13 @@ class CudaAdamW {
     for_each_device_param(layer, [&](auto& p) { shapes.emplace_back(p.rows(), p.cols()); });
     if (!states_.empty()) {
       std::vector<std::pair<Index, Index>> state;
-      for (const State& s : states_) state.emplace_back(s.master.rows(), s.master.cols());
+      for (const State_& s : states_) state.emplace_back(s.master.rows(), s.master.cols());
       detail::check_adamw_state(shapes, state);
       return;
     }
     cudaStream_t stream = ctx_->stream();
     for_each_device_param(layer, [&](auto& p) {
-      State s{DeviceMatrix<float>(p.rows(), p.cols(), stream), DeviceMatrix<float>::zeros(p.rows(), p.cols(), stream),
+      State_ s{DeviceMatrix<float>(p.rows(), p.cols(), stream), DeviceMatrix<float>::zeros(p.rows(), p.cols(), stream),
               DeviceMatrix<float>::zeros(p.rows(), p.cols(), stream)};
       const std::vector<double> values = cuda_impl::download(DeviceView<const typename std::decay_t<decltype(p)>::Scalar>(p.value()), stream);
       cuda_impl::upload(s.master.view(), values.data(), p.cols(), stream);
@@ -112,7 +162,7 @@ class CudaAdamW {
   DeviceBuffer table_[3];  // the tensor tables of float, bf16 and fp16 parameters
   AdamWOptions options_;
   long steps_ = 0;
-  std::vector<State> states_;
+  std::vector<State_> states_;
 };
 
 }  // namespace moet

@@ -137,6 +137,8 @@ void save_optimizer(const Optimizer& opt, Model& model, const std::filesystem::p
       const io::DType dtype = std::is_same_v<T, double> ? io::DType::F64 : io::DType::F32;
       t.push_back({"first", {std::int64_t(s.first.size())}, std::vector<double>(s.first.begin(), s.first.end()), dtype});
       t.push_back({"second", {std::int64_t(s.second.size())}, std::vector<double>(s.second.begin(), s.second.end()), dtype});
+      if constexpr (requires { s.master; })  // CudaAdamW's float32 master copies
+        t.push_back({"master", {std::int64_t(s.master.size())}, std::vector<double>(s.master.begin(), s.master.end()), dtype});
     }
     io::write_safetensors(file, t, {{"steps", std::to_string(s.steps)}, {"optimizer", "AdamW"}});
   } else {
@@ -159,6 +161,10 @@ void load_optimizer(Optimizer& opt, Model& model, const std::filesystem::path& f
       const Matrix<T> a = f.template matrix<T>("first", 1, n), b = f.template matrix<T>("second", 1, n);
       s.first.assign(a.data(), a.data() + n);
       s.second.assign(b.data(), b.data() + n);
+      if constexpr (requires { s.master; }) {
+        const Matrix<T> c = f.template matrix<T>("master", 1, n);
+        s.master.assign(c.data(), c.data() + n);
+      }
     }
     opt.restore(model, s);
   } else {
