@@ -14,9 +14,11 @@
 
 #include <moet/data/jsonl.hpp>
 
+#include "error_of.hpp"
 #include "scratch.hpp"
 
 using namespace moet;
+using moet::testing::error_of;
 using namespace moet::data;
 using nlohmann::json;
 using Catch::Matchers::Contains;
@@ -61,16 +63,6 @@ std::filesystem::path jsonl(const std::string& name, const std::vector<std::stri
   for (const std::string& l : lines) text += l + "\n";
   write(p, text);
   return p;
-}
-
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const moet::error& e) {
-    return e.what();
-  }
-  return "(no error)";
 }
 
 }  // namespace

@@ -15,9 +15,11 @@
 #include <moet/models.hpp>
 #include <moet/train/fit.hpp>
 
+#include "error_of.hpp"
 #include "scratch.hpp"
 
 using namespace moet;
+using moet::testing::error_of;
 using namespace moet::slot;
 using nlohmann::json;
 using Catch::Matchers::Contains;
@@ -79,15 +81,6 @@ std::vector<std::vector<double>> adapter_values(Model& m) {
   std::vector<std::vector<double>> out;
   for_each_param(m, [&](auto& p) { out.emplace_back(p.value().data(), p.value().data() + p.size()); });
   return out;
-}
-
-std::string error_of(const auto& f) {
-  try {
-    f();
-  } catch (const moet::error& e) {
-    return e.what();
-  }
-  return "(no error)";
 }
 
 }  // namespace

@@ -16,9 +16,11 @@
 #include <moet/io/peft.hpp>
 #include <moet/models.hpp>
 
+#include "error_of.hpp"
 #include "scratch.hpp"
 
 using namespace moet;
+using moet::testing::error_of;
 using namespace moet::slot;
 using nlohmann::json;
 using Catch::Matchers::Contains;
@@ -54,15 +56,6 @@ void randomize_adapters(Model& m, std::uint64_t seed) {
 template <class Model>
 Matrix<double> logits(Model& m) {
   return m.logits(TokenBatch{1, Index(ids.size()), ids, {}, {}, {}});
-}
-
-std::string error_of(const auto& f) {
-  try {
-    f();
-  } catch (const moet::error& e) {
-    return e.what();
-  }
-  return "(no error)";
 }
 
 /// The reference's logits for a base folder and an adapter folder; empty when python3 or numpy is missing.

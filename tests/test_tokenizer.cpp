@@ -16,9 +16,11 @@
 
 #include <moet/text/tokenizer.hpp>
 
+#include "error_of.hpp"
 #include "scratch.hpp"
 
 using namespace moet;
+using moet::testing::error_of;
 using namespace moet::text;
 using nlohmann::json;
 
@@ -118,16 +120,6 @@ Tokenizer from_json(const json& j, const std::string& name) {
   const auto dir = moet::testing::scratch_folder(name);
   write(dir / "tokenizer.json", j.dump());
   return Tokenizer::from_folder(dir);
-}
-
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const moet::error& e) {
-    return e.what();
-  }
-  return "(no error)";
 }
 
 }  // namespace

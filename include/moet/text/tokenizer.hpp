@@ -227,24 +227,34 @@ class Tokenizer {
   /// character becomes U+FFFD). An id outside the vocabulary is a moet::value_error.
   std::string decode(std::span<const int> ids, bool skip_special_tokens = false) const {
     require_model();
-    if (metaspace_) return decode_metaspace(ids, skip_special_tokens);
+    static const std::string bar = "\u2581";
     std::string bytes;
-    for (std::size_t i = 0; i < ids.size(); ++i) {
-      const int id = ids[i];
-      if (const auto it = added_by_id_.find(id); it != added_by_id_.end()) {
-        if (!(skip_special_tokens && added_[it->second].special)) bytes += added_[it->second].content;
-        continue;
+    for_each_token(ids, skip_special_tokens, bytes, [&](int id, const std::string& token) {
+      if (!metaspace_) {  // byte-level: every code point of a token stands for one byte
+        for (const CodePoint& c : decode_utf8(token, who_)) {
+          const int b = char_to_byte(c.value);
+          if (b < 0) throw value_error(moet::detail::concat(who_, ": token ", id, " (", token, ") is not byte-level"));
+          bytes += char(b);
+        }
+        return;
       }
-      const std::string& token = model_->token(id);
-      if (token.empty())
-        throw value_error(moet::detail::concat(who_, ": decode got id ", id, " at position ", i, ", outside the vocabulary of ", vocab_size()));
-      for (const CodePoint& c : decode_utf8(token, who_)) {
-        const int b = char_to_byte(c.value);
-        if (b < 0) throw value_error(moet::detail::concat(who_, ": token ", id, " (", token, ") is not byte-level"));
-        bytes += char(b);
+      unsigned byte = 0;  // SentencePiece-style: <0xXX> byte tokens, "▁" for spaces
+      if (token.size() == 6 && token.starts_with("<0x") && token.back() == '>' && std::sscanf(token.c_str() + 3, "%2X", &byte) == 1) {
+        bytes += char(byte);
+        return;
       }
-    }
-    return valid_utf8(bytes);
+      for (std::size_t k = 0; k < token.size();) {
+        if (token.compare(k, bar.size(), bar) == 0) {
+          bytes += ' ';
+          k += bar.size();
+        } else {
+          bytes += token[k++];
+        }
+      }
+    });
+    std::string text = valid_utf8(bytes);
+    for (int k = 0; k < strip_ && !text.empty() && text.front() == ' '; ++k) text.erase(0, 1);
+    return text;
   }
   std::string decode(const std::vector<int>& ids, bool skip_special_tokens = false) const {
     return decode(std::span<const int>(ids), skip_special_tokens);
@@ -517,35 +527,21 @@ class Tokenizer {
     }
   }
 
-  std::string decode_metaspace(std::span<const int> ids, bool skip_special_tokens) const {
-    static const std::string bar = "\u2581";
-    std::string bytes;
+  /// decode's walk: an added token's content goes to `out` as written (a special one skipped when
+  /// asked), a vocabulary token to piece(id, token); an id outside the vocabulary is an error.
+  template <class Piece>
+  void for_each_token(std::span<const int> ids, bool skip_special_tokens, std::string& out, Piece&& piece) const {
     for (std::size_t i = 0; i < ids.size(); ++i) {
       const int id = ids[i];
       if (const auto it = added_by_id_.find(id); it != added_by_id_.end()) {
-        if (!(skip_special_tokens && added_[it->second].special)) bytes += added_[it->second].content;
+        if (!(skip_special_tokens && added_[it->second].special)) out += added_[it->second].content;
         continue;
       }
       const std::string& token = model_->token(id);
       if (token.empty())
         throw value_error(moet::detail::concat(who_, ": decode got id ", id, " at position ", i, ", outside the vocabulary of ", vocab_size()));
-      unsigned byte = 0;
-      if (token.size() == 6 && token.starts_with("<0x") && token.back() == '>' && std::sscanf(token.c_str() + 3, "%2X", &byte) == 1) {
-        bytes += char(byte);
-        continue;
-      }
-      for (std::size_t k = 0; k < token.size();) {
-        if (token.compare(k, bar.size(), bar) == 0) {
-          bytes += ' ';
-          k += bar.size();
-        } else {
-          bytes += token[k++];
-        }
-      }
+      piece(id, token);
     }
-    std::string text = valid_utf8(bytes);
-    for (int k = 0; k < strip_ && !text.empty() && text.front() == ' '; ++k) text.erase(0, 1);
-    return text;
   }
 
   void encode_text(std::string_view text, std::vector<int>& ids, bool at_start = true) const {
