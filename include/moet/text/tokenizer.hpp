@@ -451,12 +451,10 @@ class Tokenizer {
       }
     }
     if (!best.token) return best;
-    const std::size_t token_begin = best.begin;
     if (best.token->lstrip)
       while (best.begin > pos && is_space(static_cast<unsigned char>(text[best.begin - 1]))) --best.begin;
     if (best.token->rstrip)
       while (best.end < text.size() && is_space(static_cast<unsigned char>(text[best.end]))) ++best.end;
-    (void)token_begin;
     return best;
   }
 
