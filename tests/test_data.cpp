@@ -4,6 +4,7 @@
 // batches (every example exactly once, padding never trained, length buckets, packing).
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <set>
@@ -186,4 +187,38 @@ TEST_CASE("Truncation, seeded splits and batches", "[data]") {
     CHECK(rows == total / 8);
     CHECK_THAT(error_of([&] { batches(train, {.pack = true}); }), Contains("pack_length"));
   }
+}
+
+TEST_CASE("Chats and completions are encoded whole, as Hugging Face encodes them (Llama 2)", "[data]") {
+  const auto dir = moet::testing::scratch_folder("llama2_chat_data");
+  std::filesystem::copy_file(std::filesystem::path(MOET_TEST_DATA_DIR) / "llama2" / "tokenizer.model", dir / "tokenizer.model",
+                             std::filesystem::copy_options::overwrite_existing);
+  write(dir / "tokenizer_config.json",
+        json{{"chat_template",
+              "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ "
+              "raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if "
+              "message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' "
+              "%}{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}"
+              "{% endif %}{% endfor %}"}}
+            .dump());
+  const text::Tokenizer tok = text::Tokenizer::from_folder(dir);
+  REQUIRE(tok.chat_format() == text::ChatFormat::mistral);
+  const Dataset d = read_jsonl(jsonl("llama2.jsonl", {R"({"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]})",
+                                                      R"({"prompt": "Say hi:", "completion": " hi"})"}),
+                               tok, {.add_eos = false});
+  REQUIRE(d.examples.size() == 2);
+  // the ids are the whole rendered text's; only the reply and its </s> trained
+  const Example& chat = d.examples[0];
+  const std::string rendered = "<s>[INST] 2+2? [/INST]4</s>";
+  CHECK(chat.ids == tok.encode(rendered, {.add_special_tokens = false}));
+  std::vector<int> trained;
+  for (std::size_t t = 0; t < chat.size(); ++t)
+    if (chat.labels[t] != ignore_label) trained.push_back(chat.ids[t]);
+  CHECK(tok.decode(trained) == "4</s>");
+  // prompt + completion: BOS, then one text; encoding " hi" apart would have given "▁▁hi"
+  const Example& pc = d.examples[1];
+  CHECK(pc.ids == tok.encode("Say hi: hi"));
+  REQUIRE(pc.labels.back() != ignore_label);
+  CHECK(tok.id_to_token(pc.ids.back()) == "\u2581hi");
+  CHECK(std::count_if(pc.labels.begin(), pc.labels.end(), [](int l) { return l != ignore_label; }) == 1);
 }

@@ -6,6 +6,8 @@
 #include <catch2/catch.hpp>
 
 #include <algorithm>
+#include <cstring>
+#include <tuple>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -268,10 +270,7 @@ TEST_CASE("Tokenizers refuse what they cannot read, naming it", "[tokenizer][err
   const auto missing = moet::testing::scratch_root() / "nowhere";
   CHECK_THAT(error_of([&] { Tokenizer::from_folder(missing); }), Contains("not a directory"));
   const auto empty = moet::testing::scratch_folder("empty");
-  CHECK_THAT(error_of([&] { Tokenizer::from_folder(empty); }), Contains("no tokenizer.json, nor vocab.json and merges.txt"));
-  const auto spm = moet::testing::scratch_folder("spm");
-  write(spm / "tokenizer.model", "not really");
-  CHECK_THAT(error_of([&] { Tokenizer::from_folder(spm); }), Contains("tokenizer.model (SentencePiece)"));
+  CHECK_THAT(error_of([&] { Tokenizer::from_folder(empty); }), Contains("has no tokenizer.json, vocab.json and merges.txt, or tokenizer.model"));
 
   const json base = gpt2_tokenizer_json(false);
   json j = base;
@@ -322,4 +321,209 @@ TEST_CASE("BOS and EOS come from tokenizer_config.json", "[tokenizer]") {
   CHECK(t.bos_id() == 50256);
   CHECK(t.eos_id() == 50256);
   CHECK(t.pad_id() == std::nullopt);
+}
+
+// --- SentencePiece's tokenizer.model -------------------------------------------------------------
+
+namespace {
+
+/// A protobuf writer for hand-made SentencePiece models (the refusals and the merge order).
+struct Proto {
+  std::string bytes;
+  Proto& varint(std::uint64_t v) {
+    do {
+      bytes += char((v & 0x7F) | (v > 0x7F ? 0x80 : 0));
+      v >>= 7;
+    } while (v);
+    return *this;
+  }
+  Proto& number(int field, std::int64_t v) { return varint(std::uint64_t(field) << 3).varint(std::uint64_t(v)); }
+  Proto& string(int field, const std::string& s) { return varint((std::uint64_t(field) << 3) | 2).varint(s.size()).raw(s); }
+  Proto& real(int field, float f) {
+    varint((std::uint64_t(field) << 3) | 5);
+    char b[4];
+    std::memcpy(b, &f, 4);
+    return raw(std::string(b, 4));
+  }
+  Proto& raw(const std::string& s) {
+    bytes += s;
+    return *this;
+  }
+};
+
+/// A BPE model: pieces (text, score, type), then trainer and normalizer specs with extra fields.
+std::string spm_model(const std::vector<std::tuple<std::string, float, int>>& pieces, const Proto& trainer_extra = {},
+                      const Proto& normalizer_extra = {}, int model_type = 2) {
+  Proto m;
+  for (const auto& [text, score, type] : pieces) m.string(1, Proto{}.string(1, text).real(2, score).number(3, type).bytes);
+  m.string(2, Proto{}.number(3, model_type).raw(trainer_extra.bytes).bytes);
+  m.string(3, Proto{}.string(1, "identity").number(4, 0).raw(normalizer_extra.bytes).bytes);
+  return m.bytes;
+}
+
+const std::vector<std::tuple<std::string, float, int>> tiny_pieces{
+    {"<unk>", 0, 2}, {"<s>", 0, 3}, {"</s>", 0, 3}, {"\u2581", -1, 1}, {"a", -2, 1}, {"b", -3, 1},
+    {"c", -4, 1},    {"ab", -5, 1}, {"bc", -5, 1},  {"\u2581a", -6, 1}, {"\u2581ab", -7, 1}};
+
+Tokenizer tiny_spm(const std::string& bytes) { return Tokenizer::from_sentencepiece(parse_sentencepiece_model(bytes, "tiny"), "tiny"); }
+
+}  // namespace
+
+TEST_CASE("SentencePiece's tokenizer.model gives libsentencepiece's ids", "[tokenizer][sentencepiece]") {
+  std::ifstream in(data / "tokenizer" / "expected_sentencepiece.json");
+  const json expected = json::parse(in);
+  REQUIRE(expected["cases"].size() == 343);
+  for (const auto& [name, path] : expected["models"].items()) {
+    const Tokenizer t = Tokenizer::from_sentencepiece(data / path.get<std::string>());
+    const int unk = *t.token_to_id("<unk>");
+    std::size_t compared = 0, decoded = 0;
+    for (const json& c : expected["cases"]) {
+      const std::string text = c["text"];
+      INFO(name << ": " << text);
+      const std::vector<int> ids = t.encode(text, {.add_special_tokens = false, .split_special_tokens = true});
+      CHECK(ids == c[name].get<std::vector<int>>());
+      ++compared;
+      // libsentencepiece writes unk as " ⁇ ", moet as Hugging Face does (<unk>); compare the rest
+      if (std::find(ids.begin(), ids.end(), unk) == ids.end()) {
+        CHECK(t.decode(ids) == c[name + "_decoded"].get<std::string>());
+        ++decoded;
+      }
+    }
+    CHECK(compared == 343);
+    CHECK(decoded > (name == "llama2" ? 342u : 25u));  // the small model lacks many characters
+  }
+}
+
+TEST_CASE("Llama 2's tokenizer.model and its tokenizer.json encode alike", "[tokenizer][sentencepiece]") {
+  const Tokenizer model = Tokenizer::from_sentencepiece(data / "llama2" / "tokenizer.model");
+  const Tokenizer legacy = from_json(llama2_tokenizer_json(false), "llama2_vs_model");
+  CHECK(model.vocab_size() == 32000);
+  CHECK(model.bos_id() == 1);
+  CHECK(model.eos_id() == 2);
+  CHECK(model.pad_id() == std::nullopt);
+  for (const Reference& r : references()) {
+    INFO("text: " << r.text);
+    CHECK(model.encode(r.text) == legacy.encode(r.text));
+    CHECK(model.decode(model.encode(r.text), true) == r.text);
+  }
+  // special tokens split out, a "▁" in front of every piece of text between them (legacy), as the tokenizer.json does
+  for (const std::string text : {"<s>[INST] Hi [/INST] Hello! </s>", "a</s>b<unk>c", "x <s> y"}) {
+    INFO("text: " << text);
+    CHECK(model.encode(text) == legacy.encode(text));
+  }
+  CHECK(model.encode("Hello world") == std::vector<int>{1, 15043, 3186});
+  CHECK(model.decode(model.encode("Hello world")) == "<s> Hello world");
+}
+
+TEST_CASE("A folder with only tokenizer.model; tokenizer_config.json's flags", "[tokenizer][sentencepiece]") {
+  const auto dir = moet::testing::scratch_folder("spm_folder");
+  std::filesystem::copy_file(data / "llama2" / "tokenizer.model", dir / "tokenizer.model");
+  const Tokenizer plain = Tokenizer::from_folder(dir);
+  CHECK(plain.encode("Hi</s>there") == std::vector<int>{1, 6324, 2, 727});  // "▁there" after </s> (legacy)
+  write(dir / "tokenizer_config.json", R"({"add_bos_token": false, "add_eos_token": true, "legacy": false, "pad_token": "<unk>"})");
+  const Tokenizer t = Tokenizer::from_folder(dir);
+  CHECK(t.encode("Hi</s>there") == std::vector<int>{6324, 2, 12711, 2});  // "there" with no "▁"; EOS at the end
+  CHECK(t.pad_id() == 0);
+  CHECK(t.bos_id() == 1);
+  write(dir / "tokenizer_config.json", R"({"add_bos_token": "yes"})");
+  CHECK_THAT(error_of([&] { Tokenizer::from_folder(dir); }), Catch::Matchers::Contains("add_bos_token is not true or false"));
+}
+
+TEST_CASE("SentencePiece merges: highest score first, leftmost among equals; user-defined symbols stay whole", "[tokenizer][sentencepiece]") {
+  // every expectation here is what libsentencepiece gives for the same model (checked with
+  // python3-sentencepiece): ▁abc has ab and bc tied at -5, above ▁a (-6); the leftmost, ab,
+  // merges first, then ▁ + ab (-7), and nothing joins ▁ab + c
+  const Tokenizer t = tiny_spm(spm_model(tiny_pieces));
+  const EncodeOptions plain{.add_special_tokens = false};
+  CHECK(t.encode("abc", plain) == std::vector<int>{10, 6});
+  CHECK(t.encode("bc", plain) == std::vector<int>{3, 8});
+  CHECK(t.encode("ab", plain) == std::vector<int>{10});
+  CHECK(t.encode("a  b", plain) == std::vector<int>{9, 3, 3, 5});
+  CHECK(t.encode("a", {}) == std::vector<int>{1, 9});
+  // user-defined "<x>" matched before the characters, never merged; no byte fallback: unknowns are one unk per run
+  auto pieces = tiny_pieces;
+  pieces.emplace_back("<x>", 0, 4);
+  const Tokenizer u = tiny_spm(spm_model(pieces));
+  CHECK(u.encode("a<x>b", plain) == std::vector<int>{9, 11, 5});
+  CHECK(u.encode("zz a", plain) == std::vector<int>{3, 0, 9});
+  // an unused piece that comes out of the merges is refused (libsentencepiece re-splits it, here into ▁ ab)
+  pieces = tiny_pieces;
+  std::get<2>(pieces[10]) = 5;
+  CHECK_THAT(error_of([&] { tiny_spm(spm_model(pieces)).encode("ab"); }), Catch::Matchers::Contains("marks unused"));
+}
+
+TEST_CASE("tokenizer.model files moet cannot run are refused by name", "[tokenizer][sentencepiece][errors]") {
+  using Catch::Matchers::Contains;
+  CHECK_THAT(error_of([&] { tiny_spm(spm_model(tiny_pieces, {}, {}, 1)); }), Contains("model type UNIGRAM is not supported"));
+  CHECK_THAT(error_of([&] { tiny_spm(spm_model(tiny_pieces, {}, Proto{}.string(1, "nmt_nfkc").string(2, "rules"))); }),
+             Contains("normalizer nmt_nfkc with 5 bytes of precompiled rules is not supported"));
+  CHECK_THAT(error_of([&] { tiny_spm(spm_model(tiny_pieces, Proto{}.number(24, 1))); }), Contains("treat_whitespace_as_suffix"));
+  CHECK_THAT(error_of([&] { tiny_spm(spm_model(tiny_pieces, Proto{}.number(40, 3))); }), Contains("unk_id 3 is the piece"));
+  CHECK_THAT(error_of([&] { tiny_spm(spm_model(tiny_pieces, Proto{}.number(41, 99))); }), Contains("bos_id is 99, outside the 11 pieces"));
+  CHECK_THAT(error_of([&] { tiny_spm(spm_model(tiny_pieces, Proto{}.number(43, -2))); }), Contains("pad_id is -2"));
+  auto pieces = tiny_pieces;
+  pieces.emplace_back("ab", -9, 1);
+  CHECK_THAT(error_of([&] { tiny_spm(spm_model(pieces)); }), Contains("pieces 7 and 11 are both ab"));
+  // malformed files: cut short, a wrong wire type, nothing in it
+  const std::string good = spm_model(tiny_pieces);
+  CHECK_THAT(error_of([&] { tiny_spm(good.substr(0, good.size() - 3)); }), Contains("not a SentencePiece model") && Contains("runs past"));
+  CHECK_THAT(error_of([&] { tiny_spm(Proto{}.number(1, 5).bytes); }), Contains("pieces has wire type 0, expected 2"));
+  CHECK_THAT(error_of([&] { tiny_spm(""); }), Contains("has no pieces"));
+  const auto spm = moet::testing::scratch_folder("spm_garbage");
+  write(spm / "tokenizer.model", "not really");
+  CHECK_THAT(error_of([&] { Tokenizer::from_folder(spm); }), Contains("not a SentencePiece model"));
+}
+
+namespace {
+
+// the templates as Hugging Face's meta-llama/Llama-2-7b-chat-hf and mistralai/Mistral-7B-Instruct-v0.1 ship them
+const std::string llama2_chat_template =
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}"
+    "{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate "
+    "user/assistant/user/assistant/...') }}{% endif %}{% if loop.index0 == 0 and system_message != false %}{% set content = "
+    "'<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}"
+    "{% endif %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] "
+    "== 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}";
+const std::string mistral_chat_template =
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception("
+    "'Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'user' %}{{ "
+    "'[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}";
+
+Tokenizer llama2_with_template(const std::string& name, const std::string& chat_template) {
+  const auto dir = moet::testing::scratch_folder(name);
+  std::filesystem::copy_file(data / "llama2" / "tokenizer.model", dir / "tokenizer.model", std::filesystem::copy_options::overwrite_existing);
+  write(dir / "tokenizer_config.json", json{{"bos_token", "<s>"}, {"eos_token", "</s>"}, {"chat_template", chat_template}}.dump());
+  return Tokenizer::from_folder(dir);
+}
+
+}  // namespace
+
+TEST_CASE("Llama 2's and Mistral's [INST] chat templates", "[tokenizer][chat]") {
+  using Catch::Matchers::Contains;
+  const Tokenizer llama = llama2_with_template("llama2_chat", llama2_chat_template);
+  REQUIRE(llama.chat_format() == ChatFormat::llama2);
+  const std::vector<ChatMessage> chat{{"system", "Be brief."}, {"user", " Hi there "}, {"assistant", "Hello! "}, {"user", "Bye"}};
+  CHECK(llama.apply_chat_template(chat) ==
+        "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n Hi there [/INST] Hello! </s><s>[INST] Bye [/INST]");  // strip() runs on the joined text
+  CHECK(llama.apply_chat_template({{"user", "Q"}}, true) == "<s>[INST] Q [/INST]");  // no generation prompt in this format
+  const auto segments = llama.chat_segments({{"user", "Q"}, {"assistant", "A"}});
+  REQUIRE(segments.size() == 2);
+  CHECK((segments[1].text == " A </s>" && segments[1].trained && !segments[0].trained));
+  CHECK_THAT(error_of([&] { llama.apply_chat_template({{"user", "a"}, {"user", "b"}}); }),
+             Contains("Llama 2's chat template wants user and assistant turns alternating") && Contains("message 1 is user, expected assistant"));
+
+  const Tokenizer mistral = llama2_with_template("mistral_chat", mistral_chat_template);
+  REQUIRE(mistral.chat_format() == ChatFormat::mistral);
+  CHECK(mistral.apply_chat_template({{"user", " Hi "}, {"assistant", "Hello"}, {"user", "Bye"}}) ==
+        "<s>[INST]  Hi  [/INST]Hello</s>[INST] Bye [/INST]");
+  CHECK_THAT(error_of([&] { mistral.apply_chat_template({{"system", "s"}, {"user", "u"}}); }),
+             Contains("Mistral's chat template takes only user and assistant messages"));
+  // a template that is neither (here: Llama 2's with the system message stripped first) is refused, quoted
+  std::string other = llama2_chat_template;
+  other.replace(other.find("system_message + '\\n<</SYS>>"), 14, "system_message.strip() + '\\n<</SYS>>");
+  const Tokenizer unknown = llama2_with_template("other_chat", other);
+  CHECK(unknown.chat_format() == ChatFormat::none);
+  CHECK_THAT(error_of([&] { unknown.apply_chat_template({{"user", "x"}}); }), Contains("not one moet renders") && Contains("{% if messages[0]"));
 }

@@ -10,7 +10,12 @@
 //   {"text": "..."}                                  every token trained
 //   {"prompt": "...", "completion": "..."}           only the completion's tokens trained
 //   {"messages": [{"role": ..., "content": ...}]}    only the assistant's replies trained, laid out
-//                                                    by the tokenizer's chat template (ChatML, Llama 3)
+//                                                    by the tokenizer's chat template (ChatML, Llama 3,
+//                                                    Llama 2, Mistral)
+// A prompt + completion and a rendered chat are encoded as one text, as Hugging Face encodes them
+// (TRL's prompt-completion and chat data), and each token is trained or not by the part it starts
+// in (Tokenizer::encode_segments): encoding the parts apart would differ for SentencePiece-style
+// tokenizers, which put a "▁" in front of every text they encode.
 // Labels follow Hugging Face's convention (one per token, -100 where not trained; the model shifts).
 // A line that is not one of these (not JSON, a missing or mistyped field, an empty example) is a
 // moet::format_error naming the file and line, or, with skip_bad_lines, skipped and counted.
@@ -76,6 +81,12 @@ inline void append(Example& e, const std::vector<int>& ids, bool trained) {
   if (trained) std::copy(ids.begin(), ids.end(), e.labels.end() - std::ptrdiff_t(ids.size()));
 }
 
+/// Segments encoded whole (Tokenizer::encode_segments), labelled by their trained flags.
+inline void append(Example& e, const text::Tokenizer& tok, const std::vector<text::ChatSegment>& segments, const text::EncodeOptions& options) {
+  const auto [ids, trained] = tok.encode_segments(segments, options);
+  for (std::size_t i = 0; i < ids.size(); ++i) append(e, {ids[i]}, trained[i]);
+}
+
 /// One line's example (see the file comment); `where` names the file and line.
 inline Example parse_example(const nlohmann::json& j, const text::Tokenizer& tok, const ReadOptions& o, const std::string& where) {
   if (!j.is_object()) throw format_error(where + ": expected a JSON object, got " + std::string(j.type_name()));
@@ -91,8 +102,7 @@ inline Example parse_example(const nlohmann::json& j, const text::Tokenizer& tok
     if (e.trained() == 0) throw nothing_trained();
     eos(true);
   } else if (j.contains("prompt") || j.contains("completion")) {
-    append(e, tok.encode(string_field(j, "prompt", where)), false);
-    append(e, tok.encode(string_field(j, "completion", where), plain), true);
+    append(e, tok, {{string_field(j, "prompt", where), false}, {string_field(j, "completion", where), true}}, {});
     if (e.trained() == 0) throw nothing_trained();
     eos(true);
   } else if (j.contains("messages")) {
@@ -104,7 +114,7 @@ inline Example parse_example(const nlohmann::json& j, const text::Tokenizer& tok
       if (!m[i].is_object()) throw format_error(at + ": expected an object with \"role\" and \"content\"");
       chat.push_back({string_field(m[i], "role", at), string_field(m[i], "content", at)});
     }
-    for (const text::ChatSegment& s : tok.chat_segments(chat)) append(e, tok.encode(s.text, plain), s.trained);
+    append(e, tok, tok.chat_segments(chat), plain);
   } else {
     throw format_error(where + ": expected one of \"text\", \"prompt\"/\"completion\" or \"messages\"");
   }

@@ -66,16 +66,25 @@ class BytePairModel {
     bool byte_fallback = false;  ///< chars: a character without a token becomes <0xXX> tokens
     int unk = -1;                ///< chars: the unknown token, or -1
     bool fuse_unk = false;       ///< chars: a run of unknown characters is one unk
+    /// chars: tokens matched whole in a word before it is cut into characters, longest first,
+    /// never merged with a neighbour (SentencePiece's user-defined symbols)
+    std::vector<int> frozen = {};
+    /// chars: tokens that must not come out of the merges (SentencePiece's unused pieces, which
+    /// it re-splits; moet refuses instead of guessing the split): a word that yields one is an error
+    std::vector<int> unused = {};
   };
 
   BytePairModel() = default;
 
-  /// vocab: token (in byte_to_char's symbols) -> id; merges in rank order. Every merge's two
-  /// parts and their concatenation must be tokens, and every byte's symbol must be one: else a
-  /// moet::value_error naming the merge or the byte (`who` names the file).
+  /// vocab: token (in byte_to_char's symbols) -> id; merges in rank order, or with their ranks
+  /// in `ranks` (equal ranks: leftmost first; SentencePiece ranks merges by the merged piece's
+  /// score). Every merge's two parts and their concatenation must be tokens, and every byte's
+  /// symbol must be one: else a moet::value_error naming the merge or the byte (`who` names the file).
   BytePairModel(const std::unordered_map<std::string, int>& vocab, const std::vector<std::pair<std::string, std::string>>& merges,
-                Options options, const std::string& who)
-      : options_(options) {
+                Options options, const std::string& who, const std::vector<int>& ranks = {})
+      : options_(std::move(options)) {
+    if (!ranks.empty() && ranks.size() != merges.size())
+      throw value_error(moet::detail::concat(who, ": ", ranks.size(), " merge ranks for ", merges.size(), " merges"));
     int max_id = -1;
     for (const auto& [token, id] : vocab) {
       if (id < 0) throw value_error(moet::detail::concat(who, ": token ", token, " has the negative id ", id));
@@ -94,8 +103,16 @@ class BytePairModel {
       if (ia < 0 || ib < 0 || im < 0)
         throw value_error(moet::detail::concat(who, ": merge ", r, " (\"", a, "\" \"", b, "\") names a token the vocabulary lacks (",
                                          ia < 0 ? a : ib < 0 ? b : a + b, ")"));
-      merges_.try_emplace(key(ia, ib), Merge{int(r), im});  // a repeated pair keeps its first rank
+      merges_.try_emplace(key(ia, ib), Merge{ranks.empty() ? int(r) : ranks[r], im});  // a repeated pair keeps its first rank
     }
+    for (const int f : options_.frozen) {
+      if (token(f).empty()) throw value_error(moet::detail::concat(who, ": the user-defined symbol id ", f, " is not in the vocabulary"));
+      frozen_.emplace_back(token(f), f);
+    }
+    std::stable_sort(frozen_.begin(), frozen_.end(), [](const auto& a, const auto& b) { return a.first.size() > b.first.size(); });
+    unused_.assign(tokens_.size(), false);
+    for (const int u : options_.unused)
+      if (u >= 0 && std::size_t(u) < unused_.size()) unused_[std::size_t(u)] = true;
     for (int byte = 0; byte < 256; ++byte) {
       std::string sym;
       append_utf8(sym, byte_to_char()[std::size_t(byte)]);
@@ -106,13 +123,21 @@ class BytePairModel {
   }
 
   BytePairModel(BytePairModel&& o) noexcept
-      : options_(o.options_), ids_(std::move(o.ids_)), tokens_(std::move(o.tokens_)), merges_(std::move(o.merges_)), byte_ids_(o.byte_ids_) {}
+      : options_(std::move(o.options_)),
+        ids_(std::move(o.ids_)),
+        tokens_(std::move(o.tokens_)),
+        merges_(std::move(o.merges_)),
+        byte_ids_(o.byte_ids_),
+        frozen_(std::move(o.frozen_)),
+        unused_(std::move(o.unused_)) {}
   BytePairModel& operator=(BytePairModel&& o) noexcept {
-    options_ = o.options_;
+    options_ = std::move(o.options_);
     ids_ = std::move(o.ids_);
     tokens_ = std::move(o.tokens_);
     merges_ = std::move(o.merges_);
     byte_ids_ = o.byte_ids_;
+    frozen_ = std::move(o.frozen_);
+    unused_ = std::move(o.unused_);
     std::scoped_lock lock(cache_mutex_);
     cache_.clear();
     return *this;
@@ -178,7 +203,16 @@ class BytePairModel {
     }
     std::vector<int> sym;
     sym.reserve(word.size());
+    std::vector<std::size_t> frozen_at;  // positions in sym of frozen symbols
+    std::size_t skip_to = 0;             // bytes before this belong to a frozen symbol
     for (const CodePoint& c : decode_utf8(word, who)) {
+      if (c.offset < skip_to) continue;
+      if (const auto f = frozen_at_offset(word, c.offset)) {
+        frozen_at.push_back(sym.size());
+        sym.push_back(f->second);
+        skip_to = c.offset + f->first.size();
+        continue;
+      }
       const char32_t cp = c.value;
       std::string ch;
       append_utf8(ch, cp);
@@ -201,13 +235,39 @@ class BytePairModel {
                                                " and the model has neither byte fallback nor an unknown token"));
       }
     }
-    return merge_symbols(std::move(sym));
+    if (frozen_at.empty()) return check_unused(merge_symbols(std::move(sym)), word, who);
+    // merge the runs between frozen symbols on their own
+    std::vector<int> ids;
+    std::size_t begin = 0;
+    frozen_at.push_back(sym.size());
+    for (const std::size_t f : frozen_at) {
+      const std::vector<int> run = merge_symbols(std::vector<int>(sym.begin() + std::ptrdiff_t(begin), sym.begin() + std::ptrdiff_t(f)));
+      ids.insert(ids.end(), run.begin(), run.end());
+      if (f < sym.size()) ids.push_back(sym[f]);
+      begin = f + 1;
+    }
+    return check_unused(std::move(ids), word, who);
+  }
+
+  /// The longest frozen symbol starting at byte `at` of `word`, or null.
+  const std::pair<std::string, int>* frozen_at_offset(std::string_view word, std::size_t at) const {
+    for (const auto& f : frozen_)
+      if (word.compare(at, f.first.size(), f.first) == 0) return &f;
+    return nullptr;
+  }
+
+  std::vector<int> check_unused(std::vector<int> ids, std::string_view word, const std::string& who) const {
+    for (const int id : ids)
+      if (id >= 0 && std::size_t(id) < unused_.size() && unused_[std::size_t(id)])
+        throw value_error(moet::detail::concat(who, ": the word \"", word, "\" merges into the piece ", token(id), " (id ", id,
+                                               "), which the model marks unused; moet does not re-split unused pieces"));
+    return ids;
   }
 
   /// The merges over a word's symbols (token ids), lowest rank first, leftmost first among equals.
   std::vector<int> merge_symbols(std::vector<int> sym) const {
     const std::size_t n = sym.size();
-    if (n == 0) return sym;
+    if (n < 2) return sym;
     std::vector<int> prev(n), next(n);
     for (std::size_t i = 0; i < n; ++i) {
       prev[i] = int(i) - 1;
@@ -245,6 +305,8 @@ class BytePairModel {
   std::vector<std::string> tokens_;
   std::unordered_map<std::uint64_t, Merge> merges_;
   std::array<int, 256> byte_ids_{};
+  std::vector<std::pair<std::string, int>> frozen_;  // longest first
+  std::vector<bool> unused_;
   mutable std::mutex cache_mutex_;
   mutable std::unordered_map<std::string, std::vector<int>> cache_;
 };

@@ -10,6 +10,10 @@
 //                              fallback and "▁" for spaces (Llama 2, Mistral, as Hugging Face
 //                              converts them), with its added tokens and post-processor template
 //   vocab.json + merges.txt    GPT-2's original pair (byte-level BPE, GPT-2's pre-tokenizer)
+//   tokenizer.model            SentencePiece's own file (Llama 2, Mistral): BPE with the identity
+//                              normalizer, read by moet itself (sentencepiece.hpp); it encodes
+//                              as libsentencepiece does, with control tokens (<s>, </s>) and
+//                              <unk> split out of the text as Hugging Face's LlamaTokenizer does
 // plus tokenizer_config.json / special_tokens_map.json for which tokens are BOS, EOS and padding.
 // Anything these files say that moet does not implement (another model type, a normalizer or
 // decoder it does not know, a pre-tokenizer pattern it does not know) is a moet::value_error naming it: a
@@ -35,6 +39,7 @@
 #include "../io/files.hpp"
 #include "bpe.hpp"
 #include "pretokenize.hpp"
+#include "sentencepiece.hpp"
 #include "unicode.hpp"
 
 namespace moet::text {
@@ -66,6 +71,8 @@ enum class ChatFormat {
   none,    ///< no chat_template in the folder
   chatml,  ///< <|im_start|>role\ncontent<|im_end|>\n (Qwen, SmolLM, many fine-tunes)
   llama3,  ///< <|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>
+  llama2,  ///< <s>[INST] <<SYS>>\nsystem\n<</SYS>>\n\nuser [/INST] reply </s> (Llama 2 chat)
+  mistral, ///< <s>[INST] user [/INST]reply</s> (Mistral Instruct v0.1, v0.2)
 };
 
 struct EncodeOptions {
@@ -87,9 +94,9 @@ class Tokenizer {
     } else if (std::filesystem::exists(dir / "vocab.json") && std::filesystem::exists(dir / "merges.txt")) {
       t = from_vocab_and_merges(dir / "vocab.json", dir / "merges.txt");
     } else if (std::filesystem::exists(dir / "tokenizer.model")) {
-      throw value_error(who + ": has only tokenizer.model (SentencePiece); moet reads tokenizer.json or vocab.json + merges.txt");
+      t = from_sentencepiece(dir / "tokenizer.model");
     } else {
-      throw format_error(who + ": has no tokenizer.json, nor vocab.json and merges.txt");
+      throw format_error(who + ": has no tokenizer.json, vocab.json and merges.txt, or tokenizer.model");
     }
     t.read_special_tokens(dir);
     return t;
@@ -175,6 +182,98 @@ class Tokenizer {
     return t;
   }
 
+  /// SentencePiece's tokenizer.model. moet runs BPE models with the identity normalizer (Llama 2,
+  /// Mistral, and models trained with --normalization_rule_name=identity); any other model type,
+  /// normalizer, a denormalizer or treat_whitespace_as_suffix is a moet::value_error naming it.
+  /// Encoding gives libsentencepiece's ids (tested against it) for text without special tokens.
+  /// As Hugging Face's LlamaTokenizer: BOS is added in front, and text between special tokens
+  /// gets SentencePiece's dummy "▁" prefix each (its "legacy" mode, also what Llama 2's
+  /// tokenizer.json does); through from_folder, tokenizer_config.json's add_bos_token,
+  /// add_eos_token and "legacy": false (a prefix only at the start of the text) change that.
+  static Tokenizer from_sentencepiece(const std::filesystem::path& file) {
+    const std::string who = "Tokenizer (" + file.string() + ")";
+    return from_sentencepiece(read_sentencepiece_model(file, who), who);
+  }
+
+  static Tokenizer from_sentencepiece(const SentencePieceModel& m, const std::string& who) {
+    using Type = SentencePieceModel::PieceType;
+    if (m.model_type != SentencePieceModel::ModelType::bpe)
+      throw value_error(who + ": the SentencePiece model type " + to_string(m.model_type) +
+                        " is not supported (moet reads BPE models: Llama 2, Mistral)");
+    if (m.charsmap_bytes > 0 || !(m.normalizer.empty() || m.normalizer == "identity"))
+      throw value_error(moet::detail::concat(who, ": the normalizer ", m.normalizer.empty() ? "(unnamed)" : m.normalizer, " with ",
+                                             m.charsmap_bytes, " bytes of precompiled rules is not supported (moet runs the identity "
+                                             "normalizer, which Llama 2 and Mistral have)"));
+    if (m.denormalizer_charsmap_bytes > 0) throw value_error(who + ": a denormalizer with rules is not supported");
+    if (m.treat_whitespace_as_suffix) throw value_error(who + ": treat_whitespace_as_suffix is not supported");
+    const int n = int(m.pieces.size());
+    const auto check_id = [&](int id, const char* what, bool optional) {
+      if ((optional && id == -1) || (id >= 0 && id < n)) return;  // -1: the model has none
+      throw format_error(moet::detail::concat(who, ": ", what, " is ", id, ", outside the ", n, " pieces"));
+    };
+    check_id(m.unk_id, "unk_id", false);
+    check_id(m.bos_id, "bos_id", true);
+    check_id(m.eos_id, "eos_id", true);
+    check_id(m.pad_id, "pad_id", true);
+    if (m.pieces[std::size_t(m.unk_id)].type != Type::unknown)
+      throw format_error(moet::detail::concat(who, ": unk_id ", m.unk_id, " is the piece ", m.pieces[std::size_t(m.unk_id)].text,
+                                              ", which is not of type UNKNOWN"));
+
+    Tokenizer t;
+    t.who_ = who;
+    std::unordered_map<std::string, int> vocab;
+    BytePairModel::Options mo{.chars = true, .byte_fallback = m.byte_fallback, .unk = m.unk_id, .fuse_unk = true};
+    for (int id = 0; id < n; ++id) {
+      const SentencePieceModel::Piece& p = m.pieces[std::size_t(id)];
+      if (p.text.empty()) throw format_error(moet::detail::concat(who, ": piece ", id, " is empty"));
+      if (const auto [it, fresh] = vocab.emplace(p.text, id); !fresh)
+        throw format_error(moet::detail::concat(who, ": pieces ", it->second, " and ", id, " are both ", p.text));
+      if (p.type == Type::user_defined) mo.frozen.push_back(id);
+      if (p.type == Type::unused) mo.unused.push_back(id);
+      if (p.type == Type::control || p.type == Type::unknown) t.add_token({id, p.text, true, false, false, false});
+    }
+    // SentencePiece's BPE merges any two adjacent symbols whose concatenation is a piece (normal
+    // or unused), the highest-scoring first, the leftmost among equals: every split of such a
+    // piece into two such pieces is a merge, ranked by the piece's score
+    const auto mergeable = [&](const std::string& text) {
+      const auto it = vocab.find(text);
+      if (it == vocab.end()) return false;
+      const Type type = m.pieces[std::size_t(it->second)].type;
+      return type == Type::normal || type == Type::unused;
+    };
+    std::vector<std::pair<std::string, std::string>> merges;
+    std::vector<float> scores;
+    for (const SentencePieceModel::Piece& p : m.pieces) {
+      if (p.type != Type::normal && p.type != Type::unused) continue;
+      for (const CodePoint& c : decode_utf8(p.text, who)) {
+        if (c.offset == 0) continue;
+        std::string a = p.text.substr(0, c.offset), b = p.text.substr(c.offset);
+        if (!mergeable(a) || !mergeable(b)) continue;
+        merges.emplace_back(std::move(a), std::move(b));
+        scores.push_back(p.score);
+      }
+    }
+    std::vector<float> distinct = scores;
+    std::sort(distinct.begin(), distinct.end(), std::greater<>());
+    distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
+    std::vector<int> ranks(scores.size());
+    for (std::size_t r = 0; r < scores.size(); ++r)
+      ranks[r] = int(std::lower_bound(distinct.begin(), distinct.end(), scores[r], std::greater<>()) - distinct.begin());
+    t.model_ = std::make_shared<BytePairModel>(vocab, merges, std::move(mo), who, ranks);
+
+    t.metaspace_ = true;
+    t.sentencepiece_ = true;
+    t.prepend_ = m.add_dummy_prefix ? Prepend::always : Prepend::never;
+    t.strip_ = m.add_dummy_prefix ? 1 : 0;
+    t.escape_spaces_ = m.escape_whitespaces;
+    t.collapse_spaces_ = m.remove_extra_whitespaces;
+    if (m.bos_id >= 0) t.bos_ = m.bos_id;
+    if (m.eos_id >= 0) t.eos_ = m.eos_id;
+    if (m.pad_id >= 0) t.pad_ = m.pad_id;
+    if (t.bos_) t.prefix_ = {*t.bos_};
+    return t;
+  }
+
   /// GPT-2's vocab.json (token: id) and merges.txt ("#version" line, then "a b" per line).
   static Tokenizer from_vocab_and_merges(const std::filesystem::path& vocab_file, const std::filesystem::path& merges_file) {
     Tokenizer t;
@@ -223,6 +322,45 @@ class Tokenizer {
     return ids;
   }
 
+  /// The ids of the segments' concatenated text, encoded whole (as Hugging Face encodes a rendered
+  /// chat or a prompt + completion), with each id's segment's `trained` flag. An id belongs to
+  /// the segment it starts in: the ids the text up to a segment's end encodes to, where they agree
+  /// with the whole's, belong to it and those before; a token a merge carried across the boundary
+  /// goes to the later segment. The template's prefix (BOS) is not trained, its suffix is
+  /// trained as the last segment is.
+  std::pair<std::vector<int>, std::vector<bool>> encode_segments(const std::vector<ChatSegment>& segments,
+                                                                 const EncodeOptions& options = {}) const {
+    EncodeOptions body = options;
+    body.add_special_tokens = false;
+    std::string text;
+    for (const ChatSegment& s : segments) text += s.text;
+    const std::vector<int> whole = encode(text, body);
+    std::vector<int> ids;
+    std::vector<bool> trained;
+    if (options.add_special_tokens) {
+      ids = prefix_;
+      trained.assign(prefix_.size(), false);
+    }
+    std::size_t end = 0, done = 0;
+    for (std::size_t k = 0; k < segments.size(); ++k) {
+      end += segments[k].text.size();
+      std::size_t cut = whole.size();
+      if (k + 1 < segments.size()) {
+        const std::vector<int> head = encode(std::string_view(text).substr(0, end), body);
+        cut = std::size_t(std::mismatch(head.begin(), head.end(), whole.begin(), whole.end()).first - head.begin());
+      }
+      cut = std::max(cut, done);
+      ids.insert(ids.end(), whole.begin() + std::ptrdiff_t(done), whole.begin() + std::ptrdiff_t(cut));
+      trained.insert(trained.end(), cut - done, segments[k].trained);
+      done = cut;
+    }
+    if (options.add_special_tokens) {
+      ids.insert(ids.end(), suffix_.begin(), suffix_.end());
+      trained.insert(trained.end(), suffix_.size(), !segments.empty() && segments.back().trained);
+    }
+    return {std::move(ids), std::move(trained)};
+  }
+
   /// The text of `ids` (added tokens as written; invalid UTF-8 where a sequence ends inside a
   /// character becomes U+FFFD). An id outside the vocabulary is a moet::value_error.
   std::string decode(std::span<const int> ids, bool skip_special_tokens = false) const {
@@ -265,10 +403,14 @@ class Tokenizer {
   ChatFormat chat_format() const { return chat_; }
 
   /// The chat as its template lays it out, in segments (the assistant's content and end marker
-  /// trained); with add_generation_prompt, ends with the header of an assistant turn. A folder
-  /// whose chat_template moet does not recognise (or has none) is a moet::value_error that quotes
-  /// the template's start: moet renders ChatML and Llama 3's format, not arbitrary Jinja.
+  /// trained); with add_generation_prompt, ends with the header of an assistant turn (Llama 2's
+  /// and Mistral's formats have none: the prompt ends with [/INST]). A folder whose
+  /// chat_template moet does not recognise (or has none) is a moet::value_error that quotes the
+  /// template's start: moet renders ChatML, Llama 3's, Llama 2's and Mistral's formats, not
+  /// arbitrary Jinja. Llama 2 and Mistral want user and assistant turns alternating (Llama 2: after
+  /// an optional system message; Mistral: no system message), as their templates raise otherwise.
   std::vector<ChatSegment> chat_segments(const std::vector<ChatMessage>& messages, bool add_generation_prompt = false) const {
+    if (chat_ == ChatFormat::llama2 || chat_ == ChatFormat::mistral) return inst_segments(messages);
     std::vector<ChatSegment> out;
     const auto header = [&](const std::string& role) {
       return chat_ == ChatFormat::chatml ? "<|im_start|>" + role + "\n" : "<|start_header_id|>" + role + "<|end_header_id|>\n\n";
@@ -277,8 +419,10 @@ class Tokenizer {
     switch (chat_) {
       case ChatFormat::none:
         throw value_error(who_ + ": " + (chat_template_.empty() ? std::string("has no chat_template (tokenizer_config.json)")
-                                                                   : "the chat_template is not one moet renders (ChatML, Llama 3): " +
-                                                                         chat_template_.substr(0, 120)));
+                                                                   : "the chat_template is not one moet renders (ChatML, Llama 3, Llama 2, "
+                                                                     "Mistral): " + chat_template_.substr(0, 120)));
+      case ChatFormat::llama2:
+      case ChatFormat::mistral:
       case ChatFormat::llama3:
         out.push_back({"<|begin_of_text|>", false});
         break;
@@ -290,7 +434,7 @@ class Tokenizer {
       if (m.role.empty()) throw value_error(moet::detail::concat(who_, ": chat message ", i, " has no role"));
       const bool assistant = m.role == "assistant";
       std::string content = m.content;
-      if (chat_ == ChatFormat::llama3) content = trimmed(content);  // Llama 3's template trims
+      if (chat_ == ChatFormat::llama3) content = py_strip(content);  // Llama 3's template trims
       out.push_back({header(m.role), false});
       out.push_back({content + end, assistant});
       if (chat_ == ChatFormat::chatml) out.push_back({"\n", false});
@@ -424,19 +568,76 @@ class Tokenizer {
         if (!added_by_id_.contains(*id)) add_token({*id, s, true, false, false, false});  // GPT-2's <|endoftext|>
         return id;
       };
-      bos_ = token("bos_token");
-      eos_ = token("eos_token");
-      pad_ = token("pad_token");
+      for (const auto& [key, slot] : {std::pair{"bos_token", &bos_}, std::pair{"eos_token", &eos_}, std::pair{"pad_token", &pad_}})
+        if (j.contains(key)) *slot = token(key);
       if (j.contains("chat_template") && j["chat_template"].is_string()) {
         chat_template_ = j["chat_template"].get<std::string>();
         const bool chatml = chat_template_.find("<|im_start|>") != std::string::npos && token_to_id("<|im_start|>") &&
                             token_to_id("<|im_end|>");
         const bool llama3 = chat_template_.find("<|start_header_id|>") != std::string::npos && token_to_id("<|start_header_id|>") &&
                             token_to_id("<|end_header_id|>") && token_to_id("<|eot_id|>") && token_to_id("<|begin_of_text|>");
-        chat_ = chatml ? ChatFormat::chatml : llama3 ? ChatFormat::llama3 : ChatFormat::none;
+        // Llama 2 chat and Mistral Instruct (v0.1, v0.2): their templates' telling expressions,
+        // compared without white space; [INST] with its spaces as written
+        std::string squeezed;
+        for (const char c : chat_template_)
+          if (!is_space(static_cast<unsigned char>(c))) squeezed += c;
+        const bool inst = chat_template_.find("'[INST] '") != std::string::npos && chat_template_.find("' [/INST]'") != std::string::npos &&
+                          bos_ && eos_;
+        const bool llama2 = inst && squeezed.find("'<<SYS>>\\n'+system_message+'\\n<</SYS>>\\n\\n'+message['content']") != std::string::npos &&
+                            squeezed.find("bos_token+'[INST]'+content.strip()+'[/INST]'") != std::string::npos &&
+                            squeezed.find("''+content.strip()+''+eos_token") != std::string::npos;
+        const bool mistral = inst && squeezed.starts_with("{{bos_token}}") && squeezed.find("<<SYS>>") == std::string::npos &&
+                             squeezed.find("{{'[INST]'+message['content']+'[/INST]'}}") != std::string::npos &&
+                             squeezed.find("{{message['content']+eos_token}}") != std::string::npos;
+        chat_ = chatml ? ChatFormat::chatml : llama3 ? ChatFormat::llama3 : llama2 ? ChatFormat::llama2 : mistral ? ChatFormat::mistral : ChatFormat::none;
+      }
+      if (sentencepiece_) {  // Hugging Face's LlamaTokenizer: add_bos_token (true) and add_eos_token (false)
+        const auto flag = [&](const char* key, bool fallback) {
+          if (!j.contains(key) || j[key].is_null()) return fallback;
+          if (!j[key].is_boolean()) throw format_error(who_ + ": " + name + "'s " + key + " is not true or false");
+          return j[key].get<bool>();
+        };
+        prefix_.clear();
+        suffix_.clear();
+        if (prepend_ != Prepend::never && !flag("legacy", true)) prepend_ = Prepend::first;
+        if (flag("add_bos_token", true) && bos_) prefix_.push_back(*bos_);
+        if (flag("add_eos_token", false) && eos_) suffix_.push_back(*eos_);
       }
       return;
     }
+  }
+
+  /// Llama 2's and Mistral's [INST] layouts, as their Hugging Face templates render them.
+  std::vector<ChatSegment> inst_segments(const std::vector<ChatMessage>& messages) const {
+    const bool llama2 = chat_ == ChatFormat::llama2;
+    const std::string name = llama2 ? "Llama 2" : "Mistral";
+    const std::string bos = id_to_token(*bos_), eos = id_to_token(*eos_);
+    std::size_t first = 0;
+    std::string system;
+    if (!messages.empty() && messages[0].role == "system") {
+      if (!llama2) throw value_error(who_ + ": Mistral's chat template takes only user and assistant messages, message 0 is system");
+      system = messages[0].content;
+      first = 1;
+    }
+    std::vector<ChatSegment> out;
+    if (!llama2) out.push_back({bos, false});
+    for (std::size_t i = first; i < messages.size(); ++i) {
+      const ChatMessage& m = messages[i];
+      const char* want = (i - first) % 2 == 0 ? "user" : "assistant";
+      if (m.role != want)
+        throw value_error(moet::detail::concat(who_, ": ", name, "'s chat template wants user and assistant turns alternating, "
+                                               "starting with user; message ", i, " is ", m.role.empty() ? "(no role)" : m.role,
+                                               ", expected ", want));
+      if (!llama2) {
+        out.push_back(m.role == "user" ? ChatSegment{"[INST] " + m.content + " [/INST]", false} : ChatSegment{m.content + eos, true});
+        continue;
+      }
+      std::string content = m.content;
+      if (i == first && first == 1) content = std::string("<<SYS>>\n").append(system).append("\n<</SYS>>\n\n").append(m.content);
+      const bool user = m.role == "user";
+      out.push_back({(user ? bos + "[INST] " : std::string(" ")).append(py_strip(content)).append(user ? " [/INST]" : " " + eos), !user});
+    }
+    return out;
   }
 
   /// The leftmost added token at or after pos (the longest of those starting there).
@@ -458,10 +659,17 @@ class Tokenizer {
     return best;
   }
 
-  static std::string trimmed(const std::string& s) {
-    const auto first = s.find_first_not_of(" \t\n\r");
-    if (first == std::string::npos) return {};
-    return s.substr(first, s.find_last_not_of(" \t\n\r") - first + 1);
+  /// Python's str.strip() (what the templates' strip() and Jinja's trim run): white space in
+  /// Unicode's sense, and U+001C..U+001F, off both ends.
+  static std::string py_strip(const std::string& s) {
+    const std::vector<CodePoint> cps = decode_utf8(s);
+    const auto blank = [](char32_t c) { return is_space(c) || (c >= 0x1C && c <= 0x1F); };
+    std::size_t b = 0, e = cps.size();
+    while (b < e && blank(cps[b].value)) ++b;
+    while (e > b && blank(cps[e - 1].value)) --e;
+    if (b == e) return {};
+    const std::size_t end = e < cps.size() ? cps[e].offset : s.size();
+    return s.substr(cps[b].offset, end - cps[b].offset);
   }
 
   /// No letter or number (ASCII) right before `begin` or right after `end`.
@@ -545,11 +753,20 @@ class Tokenizer {
   void encode_text(std::string_view text, std::vector<int>& ids, bool at_start = true) const {
     if (text.empty()) return;
     if (metaspace_) {  // the whole segment is one word: "▁" for every space, and one in front
+      std::string collapsed;
+      if (collapse_spaces_) {  // SentencePiece's remove_extra_whitespaces: spaces (only ' ') trimmed, runs made one
+        for (const char c : text)
+          if (c != ' ' || (!collapsed.empty() && collapsed.back() != ' ')) collapsed += c;
+        if (!collapsed.empty() && collapsed.back() == ' ') collapsed.pop_back();
+        if (collapsed.empty()) return;
+        text = collapsed;
+      }
+      const char* space = escape_spaces_ ? "\u2581" : " ";
       std::string word;
       word.reserve(text.size() + 8);
-      if (prepend_ == Prepend::always || (prepend_ == Prepend::first && at_start)) word += "\u2581";
+      if (prepend_ == Prepend::always || (prepend_ == Prepend::first && at_start)) word += space;
       for (const char c : text) {
-        if (c == ' ') word += "\u2581";
+        if (c == ' ') word += space;
         else word += c;
       }
       model_->encode_word(word, ids, who_);
@@ -580,6 +797,10 @@ class Tokenizer {
   bool metaspace_ = false;
   Prepend prepend_ = Prepend::always;
   int strip_ = 0;  // leading spaces the decoder strips
+  // SentencePiece's own tokenizer.model
+  bool sentencepiece_ = false;
+  bool escape_spaces_ = true;     // spaces become "▁"
+  bool collapse_spaces_ = false;  // remove_extra_whitespaces
 };
 
 }  // namespace moet::text
