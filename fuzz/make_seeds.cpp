@@ -1,7 +1,8 @@
 // Writes the fuzzers' seed corpora from files moet itself writes: config.json of GPT-2 and
 // Llama models (plain, biased, rope-scaled, tied and untied), their checkpoints (F32, F16, BF16,
-// sharded), and adapter folders of fuzz_common.hpp's model. Usage: make_seeds <out dir>; it
-// makes <out>/{safetensors,config,adapters,checkpoint}/.
+// sharded), adapter folders of fuzz_common.hpp's model, tokenizer files (the committed small
+// SentencePiece model, two tiny tokenizer.json) with texts, and JSONL lines of each form.
+// Usage: make_seeds <out dir>; it makes <out>/{safetensors,config,adapters,checkpoint,tokenizer,jsonl}/.
 #include <iostream>
 
 #include "fuzz_common.hpp"
@@ -82,6 +83,28 @@ int main(int argc, char** argv) {
     save_adapters(model, dir);
     seed(out, "adapters", fuzz::join({fuzz::read_file(dir / "adapter_config.json"), fuzz::read_file(dir / "adapter_model.safetensors")}));
   }
+  // Tokenizer files (kind byte first, fuzz_tokenizer.cpp) with a text, and texts for GPT-2 and Llama 2.
+  const fs::path data = MOET_FUZZ_DATA_DIR;
+  const std::string text = "Hello  world\n\t<s> caf\xC3\xA9 \xE6\x97\xA5\xE6\x9C\xAC 12345 <sep>[MASK] \xF0\x9F\x91\x8D";
+  seed(out, "tokenizer", std::string(1, '\0') + fuzz::join({fuzz::read_file(data / "sentencepiece" / "small.model"), text}));
+  seed(out, "tokenizer",
+       std::string(1, '\1') +
+           fuzz::join({R"({"model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2, "\u0120": 3, "\u0120a": 4}, "merges": ["a b", "\u0120 a"]},)"
+                       R"( "pre_tokenizer": {"type": "ByteLevel"}, "added_tokens": [{"id": 5, "content": "<x>", "special": true}]})",
+                       "ab a<x>b"}));
+  seed(out, "tokenizer",
+       std::string(1, '\1') +
+           fuzz::join({R"({"model": {"type": "BPE", "vocab": {"<unk>": 0, "\u2581": 1, "a": 2, "\u2581a": 3, "<0x62>": 4}, "merges": ["\u2581 a"],)"
+                       R"( "byte_fallback": true, "unk_token": "<unk>"}, "pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581",)"
+                       R"( "prepend_scheme": "first"}, "decoder": {"type": "Metaspace"}})",
+                       "a ab"}));
+  seed(out, "tokenizer", std::string(1, '\2') + text);
+  seed(out, "tokenizer", std::string(1, '\3') + text);
+  // JSONL: the three line forms, a bad line; options byte first (fuzz_jsonl.cpp)
+  const std::string lines = R"({"text": "one two three"})" "\n" R"({"prompt": "Q: 2+2?", "completion": " 4"})" "\n"
+                            R"({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]})" "\n"
+                            "not json\n";
+  for (const char o : {'\x20', '\x47', '\xE5'}) seed(out, "jsonl", std::string(1, o) + lines);
   std::cout << "make_seeds: " << counter << " seeds in " << out << "\n";
   return 0;
 }

@@ -6,7 +6,7 @@
 # an exception that is not a moet::error) fails the script and leaves its input in
 # build-fuzz/findings/<target>/: commit it under fuzz/regressions/<target>/ with the fix.
 #
-#   scripts/fuzz.sh                        15 s per target (CI: about a minute in all)
+#   scripts/fuzz.sh                        15 s per target (CI runs 10 s: about a minute in all)
 #   scripts/fuzz.sh --seconds 1800 --parallel 2    the long run (docs/reliability.md)
 #   scripts/fuzz.sh --seconds 60 config adapters   some targets only
 #   scripts/fuzz.sh --regressions-only
@@ -26,7 +26,7 @@ while (($#)); do
     *) targets+=("$1"); shift ;;
   esac
 done
-((${#targets[@]})) || targets=(safetensors config adapters checkpoint)
+((${#targets[@]})) || targets=(safetensors config adapters checkpoint tokenizer jsonl)
 
 if ! command -v clang++ >/dev/null; then
   echo "fuzz.sh: clang++ not found (scripts/install-deps.sh --fuzz installs clang)" >&2

@@ -296,6 +296,15 @@ TEST_CASE("Tokenizers refuse what they cannot read, naming it", "[tokenizer][err
   j = base;
   j["model"]["merges"][5] = "Ġ nosuchtoken";
   CHECK_THAT(error_of([&] { from_json(j, "merge_token"); }), Contains("merge 5 (\"Ġ\" \"nosuchtoken\") names a token the vocabulary lacks"));
+  j = base;  // found by fuzz_tokenizer: an added token without content, a huge id
+  j["added_tokens"][0].erase("content");
+  CHECK_THAT(error_of([&] { from_json(j, "added_no_content"); }), Contains("an entry is missing or of the wrong type") && Contains("content"));
+  j = base;
+  j["model"]["vocab"]["Ġthe"] = 2147483647;
+  CHECK_THAT(error_of([&] { from_json(j, "huge_id"); }), Contains("the id 2147483647, far beyond the vocabulary's 50257 tokens"));
+  j = base;
+  j["model"]["vocab"]["Ġthe"] = 4294967296;
+  CHECK_THAT(error_of([&] { from_json(j, "id_overflow"); }), Contains("the token id 4294967296 is not an integer in [0, 2^31)"));
   j = base;
   j["decoder"] = json{{"type", "WordPiece"}};
   CHECK_THAT(error_of([&] { from_json(j, "decoder"); }), Contains("decoder WordPiece is not supported"));

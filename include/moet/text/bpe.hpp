@@ -90,6 +90,9 @@ class BytePairModel {
       if (id < 0) throw value_error(moet::detail::concat(who, ": token ", token, " has the negative id ", id));
       max_id = std::max(max_id, id);
     }
+    // ids index a table: a vocabulary with far larger ids than tokens is a broken file, not a reason to allocate gigabytes
+    if (std::size_t(max_id) >= 2 * vocab.size() + 1024)
+      throw value_error(moet::detail::concat(who, ": a token has the id ", max_id, ", far beyond the vocabulary's ", vocab.size(), " tokens"));
     tokens_.assign(std::size_t(max_id + 1), std::string());
     for (const auto& [token, id] : vocab) {
       if (!tokens_[std::size_t(id)].empty())

@@ -22,6 +22,8 @@
 #pragma once
 
 #include <algorithm>
+#include <climits>
+#include <cstdint>
 #include <cstdio>
 #include <filesystem>
 #include <memory>
@@ -107,6 +109,11 @@ class Tokenizer {
     const std::string who = "Tokenizer (" + file.string() + ")";
     const nlohmann::json j = io::parse_json(io::read_text_file(file, who), who);
     if (!j.is_object()) throw format_error(who + ": expected a JSON object");
+    return json_checked(who, [&] { return from_tokenizer_json(j, who); });
+  }
+
+  /// A parsed tokenizer.json; `who` starts every error.
+  static Tokenizer from_tokenizer_json(const nlohmann::json& j, const std::string& who) {
     Tokenizer t;
     t.who_ = who;
     const nlohmann::json& model = member(j, "model", who);
@@ -140,7 +147,7 @@ class Tokenizer {
     if (!v.is_object()) throw format_error(who + ": model.vocab must be an object of token: id");
     for (const auto& [token, id] : v.items()) {
       if (!id.is_number_integer()) throw format_error(who + ": the id of token " + token + " is not an integer");
-      vocab.emplace(token, id.get<int>());
+      vocab.emplace(token, token_id(id, who));
     }
     std::vector<std::pair<std::string, std::string>> merges;
     const nlohmann::json& m = member(model, "merges", who);
@@ -170,7 +177,7 @@ class Tokenizer {
     if (j.contains("added_tokens") && j["added_tokens"].is_array())
       for (const nlohmann::json& a : j["added_tokens"]) {
         AddedToken tok;
-        tok.id = a.at("id").get<int>();
+        tok.id = token_id(a.at("id"), who);
         tok.content = a.at("content").get<std::string>();
         tok.special = a.value("special", false);
         tok.lstrip = a.value("lstrip", false);
@@ -283,7 +290,7 @@ class Tokenizer {
     std::unordered_map<std::string, int> vocab;
     for (const auto& [token, id] : v.items()) {
       if (!id.is_number_integer()) throw format_error(t.who_ + ": the id of token " + token + " in vocab.json is not an integer");
-      vocab.emplace(token, id.get<int>());
+      vocab.emplace(token, token_id(id, t.who_));
     }
     const std::string text = io::read_text_file(merges_file, t.who_);
     std::vector<std::pair<std::string, std::string>> merges;
@@ -481,6 +488,24 @@ class Tokenizer {
     std::size_t begin = 0, end = 0;  // the bytes it replaces, stripped white space included
   };
 
+  /// Runs f, turning a JSON access that found the wrong type or no such key (nlohmann's
+  /// exceptions) into a moet::format_error starting with `who`.
+  template <class F>
+  static auto json_checked(const std::string& who, F&& f) -> decltype(f()) {
+    try {
+      return f();
+    } catch (const nlohmann::json::exception& e) {
+      throw format_error(who + ": an entry is missing or of the wrong type: " + e.what());
+    }
+  }
+
+  /// A token id: an integer in [0, 2^31).
+  static int token_id(const nlohmann::json& id, const std::string& who) {
+    if (!id.is_number_integer() || id.get<std::int64_t>() < 0 || id.get<std::int64_t>() > INT32_MAX)
+      throw format_error(who + ": the token id " + id.dump() + " is not an integer in [0, 2^31)");
+    return int(id.get<std::int64_t>());
+  }
+
   static const nlohmann::json& member(const nlohmann::json& j, const char* key, const std::string& who) {
     if (!j.is_object() || !j.contains(key)) throw format_error(who + ": expected a \"" + key + "\" entry");
     return j[key];
@@ -551,12 +576,15 @@ class Tokenizer {
       }
       const std::string name = piece.at("SpecialToken").at("id").get<std::string>();
       const nlohmann::json& st = member(member(p, "special_tokens", who_), name.c_str(), who_);
-      for (const nlohmann::json& id : st.at("ids")) (before ? prefix_ : suffix_).push_back(id.get<int>());
+      for (const nlohmann::json& id : st.at("ids")) (before ? prefix_ : suffix_).push_back(token_id(id, who_));
     }
   }
 
   /// BOS, EOS and padding from tokenizer_config.json, else special_tokens_map.json.
   void read_special_tokens(const std::filesystem::path& dir) {
+    json_checked(who_, [&] { read_special_tokens_unchecked(dir); });
+  }
+  void read_special_tokens_unchecked(const std::filesystem::path& dir) {
     for (const char* name : {"tokenizer_config.json", "special_tokens_map.json"}) {
       if (!std::filesystem::exists(dir / name)) continue;
       const nlohmann::json j = io::parse_json(io::read_text_file(dir / name, who_), who_ + " " + name);
