@@ -13,7 +13,8 @@
 // Options: --out DIR (run), --steps N (0: --epochs passes), --epochs N (1), --batch N (8),
 // --accumulate N (1), --lr X (2e-4), --warmup N (0), --max-length N (512), --eval-fraction X (0.05),
 // --eval-every N (0), --save-every N (0), --seed N (0), --prompt TEXT, --max-new-tokens N (32),
-// --merged (also write OUT/merged, a plain checkpoint with the adapters folded in).
+// --merged (also write OUT/merged, a plain checkpoint with the adapters folded in), --gguf (also
+// write OUT/adapter.gguf, the adapters as a llama.cpp LoRA file; Llama-architecture models).
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -24,6 +25,7 @@
 #include <nlohmann/json.hpp>
 
 #include <moet/data/jsonl.hpp>
+#include <moet/io/gguf.hpp>
 #include <moet/io/peft.hpp>
 #include <moet/models.hpp>
 #include <moet/train/fit.hpp>
@@ -41,6 +43,7 @@ struct Args {
   std::string prompt;
   int max_new_tokens = 32;
   bool merged = false;
+  bool gguf = false;
 };
 
 [[noreturn]] void usage(const char* why) {
@@ -75,6 +78,7 @@ Args parse(int argc, char** argv) {
       else if (s == "--prompt") a.prompt = value();
       else if (s == "--max-new-tokens") a.max_new_tokens = std::stoi(value());
       else if (s == "--merged") a.merged = true;
+      else if (s == "--gguf") a.gguf = true;
       else if (s.starts_with("--")) usage(("unknown option " + s).c_str());
       else positional.push_back(s);
     } catch (const std::logic_error&) {
@@ -160,6 +164,10 @@ int run(const Args& a, const text::Tokenizer& tok) {
   if (a.merged) {
     save_merged(model, a.out / "merged");
     std::printf("merged checkpoint: %s\n", (a.out / "merged").string().c_str());
+  }
+  if (a.gguf) {
+    save_gguf_lora(model, a.out / "adapter.gguf");
+    std::printf("llama.cpp LoRA: %s\n", (a.out / "adapter.gguf").string().c_str());
   }
   const std::vector<std::string> prompts =
       !a.prompt.empty() ? std::vector<std::string>{a.prompt} : std::vector<std::string>{"3 7 >", "0 5 >", "9 1 >"};

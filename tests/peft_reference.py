@@ -11,6 +11,13 @@ rank_pattern per module, lora_alpha / sqrt(r) with use_rslora); (IA)^3 multiplie
 by ia3_l, or a feed-forward module's input.
 
     tests/peft_reference.py BASE_DIR ADAPTER_DIR 3,1,4,1,5      (ADAPTER_DIR "-": the base alone)
+
+ADAPTER_DIR may also be a llama.cpp LoRA file (*.gguf), read from the GGUF specification: the
+header ("GGUF", version, tensor and metadata counts), typed metadata (general.type "adapter",
+adapter.type "lora", adapter.lora.alpha), tensor infos (name, dims fastest first, ggml type,
+offset) and the data after padding to general.alignment (32). Its blk.<i>.<name>.weight.lora_a /
+.lora_b pairs become PEFT's lora_A / lora_B of the matching Hugging Face module, with the rows of
+q's and k's lora_b put back from llama.cpp's interleaved rotary layout to Hugging Face's.
 """
 from __future__ import annotations
 
@@ -44,12 +51,80 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-class Peft:
-    """The adapters of one PEFT folder, applied by module name."""
+GGUF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
 
-    def __init__(self, folder: Path | None):
-        self.config = json.loads((folder / "adapter_config.json").read_text()) if folder else {"peft_type": "NONE"}
-        self.tensors = read_safetensors(folder / "adapter_model.safetensors") if folder else {}
+
+def read_gguf(path: Path, model_config: dict) -> tuple[dict, dict[str, np.ndarray]]:
+    """A llama.cpp LoRA file as a PEFT config and PEFT-named tensors."""
+    data = path.read_bytes()
+    pos = 0
+
+    def take(fmt):
+        nonlocal pos
+        values = struct.unpack_from("<" + fmt, data, pos)
+        pos += struct.calcsize("<" + fmt)
+        return values[0] if len(values) == 1 else values
+
+    def string():
+        nonlocal pos
+        n = take("Q")
+        pos += n
+        return data[pos - n:pos].decode("utf-8")
+
+    scalars = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+    def value(kind):
+        if kind == 8:
+            return string()
+        if kind == 9:
+            inner, n = take("I"), take("Q")
+            return [value(inner) for _ in range(n)]
+        return take(scalars[kind])
+
+    if data[:4] != b"GGUF":
+        raise SystemExit(f"{path}: not a GGUF file")
+    pos = 4
+    version, n_tensors, n_kv = take("I"), take("Q"), take("Q")
+    assert version == 3, version
+    meta = {}
+    for _ in range(n_kv):
+        key = string()
+        meta[key] = value(take("I"))
+    if (meta.get("general.type"), meta.get("adapter.type"), meta.get("general.architecture")) != ("adapter", "lora", "llama"):
+        raise SystemExit(f"{path}: not a llama LoRA adapter: {meta}")
+    infos = []
+    for _ in range(n_tensors):
+        name = string()
+        dims = [take("Q") for _ in range(take("I"))]
+        infos.append((name, dims, take("I"), take("Q")))
+    alignment = meta.get("general.alignment", 32)
+    start = (pos + alignment - 1) // alignment * alignment
+    tensors = {}
+    for name, dims, kind, offset in infos:
+        dtype = {0: np.float32, 1: np.float16}[kind]
+        count = int(np.prod(dims))
+        values = np.frombuffer(data, dtype=dtype, count=count, offset=start + offset).astype(np.float64)
+        m = values.reshape(list(reversed(dims)))
+        _, layer, short, _, ab = name.split(".")
+        if short in ("attn_q", "attn_k") and ab == "lora_b":  # llama.cpp's interleaved halves back to HF's layout
+            heads = model_config["num_attention_heads"] if short == "attn_q" else model_config["num_key_value_heads"]
+            hd = m.shape[0] // heads
+            m = m.reshape(heads, hd // 2, 2, -1).swapaxes(1, 2).reshape(m.shape)
+        module = f"base_model.model.model.layers.{layer}.{GGUF_NAMES[short]}"
+        tensors[module + (".lora_A.weight" if ab == "lora_a" else ".lora_B.weight")] = m
+    return {"peft_type": "LORA", "lora_alpha": float(meta["adapter.lora.alpha"])}, tensors
+
+
+class Peft:
+    """The adapters of one PEFT folder (or llama.cpp LoRA file), applied by module name."""
+
+    def __init__(self, folder: Path | None, model_config: dict | None = None):
+        if folder is not None and folder.suffix == ".gguf":
+            self.config, self.tensors = read_gguf(folder, model_config)
+        else:
+            self.config = json.loads((folder / "adapter_config.json").read_text()) if folder else {"peft_type": "NONE"}
+            self.tensors = read_safetensors(folder / "adapter_model.safetensors") if folder else {}
         self.kind = self.config["peft_type"]
         self.used: set[str] = set()
 
@@ -167,7 +242,7 @@ def main() -> int:
     adapter = None if sys.argv[2] == "-" else Path(sys.argv[2])
     config = json.loads((base / "config.json").read_text())
     weights = read_safetensors(base / "model.safetensors")
-    peft = Peft(adapter)
+    peft = Peft(adapter, config)
     logits = (llama if config["model_type"] == "llama" else gpt2)(config, weights, peft, np.array(ids))
     unused = set(peft.tensors) - peft.used
     if unused:

@@ -6,6 +6,7 @@
 #include <catch2/catch.hpp>
 
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -13,6 +14,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <moet/io/gguf.hpp>
 #include <moet/io/peft.hpp>
 #include <moet/models.hpp>
 
@@ -204,6 +206,46 @@ TEST_CASE("save_merged folds LoRA and (IA)^3 into a plain checkpoint with the ad
   Rng e(5);
   Mixed::model<double> mixed(llama_config(), e, {}, 0.3);
   CHECK_THAT(error_of([&] { save_merged(mixed, moet::testing::scratch_folder("merged_mixed")); }), Contains("a mixture of several experts"));
+}
+
+TEST_CASE("Llama LoRA as a llama.cpp GGUF adapter gives the reference's logits", "[peft][gguf]") {
+  // alpha = R per slot (lora_alpha 0): ranks 2, 3, 4 give alphas 2, 3, 4, so the file's one alpha
+  // (2, the most common) is folded into the others' lora_b; q and k (GQA: 4 and 2 heads) have
+  // their lora_b rows in llama.cpp's interleaved rotary layout, which the reference undoes
+  using M = Decoder<Llama, Slots<at<q, LoRAAdapter<2>>, at<k, LoRAAdapter<2>>, at<v, LoRAAdapter<3>>, at<o, LoRAAdapter<2>, layers<1>>,
+                                 at<ffn_gate, LoRAAdapter<2>>, at<ffn_up, LoRAAdapter<4>>, at<ffn_down, LoRAAdapter<2>>>>;
+  Rng a(5);
+  M::model<double> m(llama_config(), a, {}, 0.3);
+  randomize_adapters(m, 29);
+  const auto base = moet::testing::scratch_folder("gguf_base");
+  const auto file = moet::testing::scratch_folder("gguf") / "adapter.gguf";
+  save_pretrained(m, base, {.dtype = io::DType::F64});
+  save_gguf_lora(m, file);
+  std::ifstream in(file, std::ios::binary);
+  const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  REQUIRE(bytes.size() > 24);
+  std::uint32_t version = 0;
+  std::uint64_t tensors = 0;
+  std::memcpy(&version, bytes.data() + 4, 4);
+  std::memcpy(&tensors, bytes.data() + 8, 8);
+  CHECK(bytes.substr(0, 4) == "GGUF");
+  CHECK(version == 3);
+  CHECK(tensors == 2 * (6 * 2 + 1));  // q k v gate up down in both layers, o in one
+  CHECK(bytes.find("blk.1.attn_output.weight.lora_a") != std::string::npos);
+  CHECK(bytes.find("blk.0.attn_output.weight.lora_a") == std::string::npos);
+  const Matrix<double> moet_logits = logits(m);
+  const Matrix<double> ref = reference_logits(base, file);
+  if (ref.size() == 0) WARN("python3 with numpy not found: the GGUF reference did not run");
+  else CHECK((ref - moet_logits).cwiseAbs().maxCoeff() <= 1e-5 * moet_logits.cwiseAbs().maxCoeff());  // float32 tensors
+
+  using Gpt2Lora = Decoder<GPT2, Slots<at<q, LoRAAdapter<2>>>>;
+  Rng b(5);
+  Gpt2Lora::model<double> g(gpt2_config(), b, {}, 0.3);
+  CHECK_THAT(error_of([&] { save_gguf_lora(g, file); }), Contains("Llama-architecture models") && Contains("this is GPT-2"));
+  using LlamaMoV = Decoder<Llama, Slots<at<values, MoV<1>>>>;
+  Rng c(5);
+  LlamaMoV::model<double> v(llama_config(), c, {}, 0.3);
+  CHECK_THAT(error_of([&] { save_gguf_lora(v, file); }), Contains("llama.cpp adapters are LoRA"));
 }
 
 TEST_CASE("PEFT files moet cannot honour are refused, naming what is wrong", "[peft][errors]") {

@@ -15,9 +15,13 @@
 
 #include <moet/cuda/models.hpp>
 #include <moet/models.hpp>
+#include <moet/train/fit.hpp>
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
+#include <memory>
+#include <stdexcept>
 #include <vector>
 
 #include "../scratch.hpp"
@@ -237,12 +241,106 @@ ModelOptions with_aux() {
   return o;
 }
 
+/// moet::fit on the CUDA model (CudaAdamW) against fit on the CPU model (AdamW) from the same
+/// weights on the same examples (accumulation 2, warm-up, clipping): every step's loss, the
+/// final evaluation and adapters to the tolerance above; then a GPU run interrupted after its
+/// first checkpoint and resumed from it (adapters and CudaAdamW's moments and master copies
+/// through the files) ends with exactly the bits of the uninterrupted GPU run.
+template <class M>
+void compare_fit(const io::ModelConfig& config, const ModelOptions& model_options) {
+  CudaContext& ctx = context();
+  std::vector<data::Example> examples;
+  for (int i = 0; i < 14; ++i) {
+    data::Example e;
+    for (int t = 0; t < 3 + i % 4; ++t) {
+      e.ids.push_back((5 * i + 3 * t + 1) % int(config.vocab));
+      e.labels.push_back(t == 0 ? ignore_label : e.ids.back());  // the first token is a prompt
+    }
+    examples.push_back(std::move(e));
+  }
+  const std::vector<data::Example> train(examples.begin(), examples.begin() + 12), eval(examples.begin() + 12, examples.end());
+  const auto options = [](const std::filesystem::path& dir) {
+    return FitOptions{.steps = 6, .batch_size = 3, .grad_accumulation = 2, .lr = 1e-2, .warmup_steps = 2, .max_grad_norm = 0.5,
+                      .save_every = 3, .output_dir = dir, .progress = Progress::none};
+  };
+  const AdamWOptions adamw{.lr = 1e-2, .weight_decay = 0.01};
+  Rng a(11), b(11);
+  typename M::template model<double> cpu(config, a, model_options, 0.3);
+  typename M::template model<float, cuda> gpu(ctx, config, b, model_options, 0.3);
+  share_weights(cpu, gpu, 21);
+  std::vector<Matrix<float>> start;
+  for_each_param(gpu, [&](auto& p) { start.push_back(tensor_to_host(p)); });
+
+  std::vector<double> cpu_losses, gpu_losses;
+  AdamW<double> cpu_opt(adamw);
+  FitOptions oc = options({});
+  oc.on_step = [&](long, const TrainStepResult& r) { cpu_losses.push_back(r.loss); };
+  const FitResult rc = fit(cpu, cpu_opt, train, eval, oc);
+  const auto whole_dir = moet::testing::scratch_folder("cuda_fit_whole");
+  CudaAdamW gpu_opt(ctx, adamw);
+  FitOptions og = options(whole_dir);
+  og.on_step = [&](long, const TrainStepResult& r) { gpu_losses.push_back(r.loss); };
+  const FitResult rg = fit(gpu, gpu_opt, train, eval, og);
+  REQUIRE(cpu_losses.size() == 6);
+  REQUIRE(gpu_losses.size() == 6);
+  for (std::size_t s = 0; s < 6; ++s) {
+    INFO("step " << s + 1);
+    CHECK(std::abs(gpu_losses[s] - cpu_losses[s]) <= tolerance * cpu_losses[s]);
+  }
+  CHECK(std::abs(rg.eval_loss - rc.eval_loss) <= tolerance * rc.eval_loss);
+  CHECK(std::isfinite(rc.eval_loss));
+  const auto gpu_values = [](auto& model) {
+    std::vector<std::vector<double>> v;
+    for_each_param(model, [&](auto& p) { v.push_back(host(DeviceView<const float>(p.value()))); });
+    return v;
+  };
+  const std::vector<std::vector<double>> whole = gpu_values(gpu);
+  std::size_t i = 0;
+  for_each_param(cpu, [&](auto& p) {
+    INFO("parameter " << i);
+    CHECK(relative(whole[i++], host(Matrix<double>(p.value()))) <= tolerance);
+  });
+
+  // interrupted after step 4 (checkpoint-3 written), resumed in a new model and optimizer
+  const auto dir = moet::testing::scratch_folder("cuda_fit_interrupted");
+  const auto fresh = [&](Rng& rng) {
+    auto m = std::make_unique<typename M::template model<float, cuda>>(ctx, config, rng, model_options, 0.3);
+    std::size_t j = 0;
+    for_each_param(*m, [&](auto& p) { tensor_from_host(p, start[j++]); });
+    return m;
+  };
+  {
+    Rng c(11);
+    auto first = fresh(c);
+    CudaAdamW opt(ctx, adamw);
+    FitOptions o = options(dir);
+    o.on_step = [](long step, const TrainStepResult&) {
+      if (step == 4) throw std::runtime_error("interrupted");
+    };
+    CHECK_THROWS_WITH(fit(*first, opt, train, eval, o), "interrupted");
+  }
+  REQUIRE(std::filesystem::exists(dir / "checkpoint-3" / "optimizer.safetensors"));
+  Rng d(11);
+  auto resumed = fresh(d);
+  CudaAdamW opt(ctx, adamw);
+  const FitResult rr = fit(*resumed, opt, train, eval, options(dir));
+  CHECK(rr.resumed_from == 3);
+  CHECK(rr.steps == 6);
+  CHECK(gpu_values(*resumed) == whole);
+  CHECK(opt.steps() == gpu_opt.steps());
+}
+
+using Gpt2AllSlots = Decoder<GPT2, Slots<at<q, MoLoRA<3, 2>>, at<v, LoRAAdapter<2>>, at<keys, MoV<2>>,
+                                         at<ffn_up, Mixture<Router<TopK<2>>, Expert<LoRA<2>>, 4>>, at<ffn_hidden, MoV<3>>>>;
+
 }  // namespace
 
 TEST_CASE("CUDA GPT-2 with MoLoRA, LoRA and MoV slots matches the CPU model", "[cuda][model]") {
-  using M = Decoder<GPT2, Slots<at<q, MoLoRA<3, 2>>, at<v, LoRAAdapter<2>>, at<keys, MoV<2>>,
-                                at<ffn_up, Mixture<Router<TopK<2>>, Expert<LoRA<2>>, 4>>, at<ffn_hidden, MoV<3>>>>;
-  compare_model<M>(gpt2_config(), with_aux());
+  compare_model<Gpt2AllSlots>(gpt2_config(), with_aux());
+}
+
+TEST_CASE("moet::fit trains a CUDA model as it trains the CPU model, and resumes it bit for bit", "[cuda][model][fit]") {
+  compare_fit<Gpt2AllSlots>(gpt2_config(), with_aux());
 }
 
 TEST_CASE("CUDA Llama with grouped top-k MoLoRA and MoV slots matches the CPU model", "[cuda][model]") {

@@ -259,13 +259,8 @@ class ComposedModel {
     const Context c = forward(b);
     backward(c, GradMode::overwrite);
     // the composition layers' gradients (nothing else trains); the anchor's routers' aux losses, if any
-    TrainStepResult r = detail::step_result(Ops::finish_step(*this, c.output(), &c.head.aux, max_grad_norm));
-    if (!detail::finite_step(name(), r, on_non_finite)) {
-      ++skipped_steps_;
-      return r;
-    }
-    optimizer.step(*this);
-    return r;
+    return detail::apply_step(*this, optimizer, detail::step_result(Ops::finish_step(*this, c.output(), &c.head.aux, max_grad_norm)),
+                              on_non_finite, skipped_steps_);
   }
   template <class Optimizer>
   TrainStepResult train_step(const TokenBatch& b, Optimizer& optimizer, double max_grad_norm = 1.0,

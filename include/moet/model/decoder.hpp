@@ -70,6 +70,18 @@ inline bool finite_step(const std::string& who, TrainStepResult& r, NonFinite po
   r.applied = false;
   return false;
 }
+
+/// The end of every training step (train_step, optimizer_step, CALM's train_step): a non-finite
+/// result is raised or skipped and counted in `skipped` (finite_step), else the optimizer steps.
+template <class Model, class Optimizer>
+TrainStepResult apply_step(Model& model, Optimizer& optimizer, TrainStepResult r, NonFinite policy, long& skipped) {
+  if (!finite_step(model.name(), r, policy)) {
+    ++skipped;
+    return r;
+  }
+  optimizer.step(model);
+  return r;
+}
 }  // namespace detail
 
 namespace model_impl {
@@ -254,13 +266,8 @@ class DecoderModel {
                              NonFinite on_non_finite = NonFinite::raise) {
     const Context c = forward(b);
     backward(c, GradMode::overwrite);
-    TrainStepResult r = detail::step_result(Ops::finish_step(*this, c.output(), &c.aux, max_grad_norm));
-    if (!detail::finite_step(name(), r, on_non_finite)) {
-      ++skipped_steps_;
-      return r;
-    }
-    optimizer.step(*this);
-    return r;
+    return detail::apply_step(*this, optimizer, detail::step_result(Ops::finish_step(*this, c.output(), &c.aux, max_grad_norm)),
+                              on_non_finite, skipped_steps_);
   }
 
   /// Gradient accumulation, one micro-batch of a step of `parts`: forward and backward of
@@ -284,12 +291,7 @@ class DecoderModel {
     const ClipResult clip = clip_grad_norm(*this, max_grad_norm);
     r.grad_norm = clip.norm;
     r.clipped = clip.clipped;
-    if (!detail::finite_step(name(), r, on_non_finite)) {
-      ++skipped_steps_;
-      return r;
-    }
-    optimizer.step(*this);
-    return r;
+    return detail::apply_step(*this, optimizer, r, on_non_finite, skipped_steps_);
   }
 
   /// Training steps skipped for a non-finite loss or gradient (NonFinite::skip).
