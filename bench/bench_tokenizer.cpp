@@ -2,13 +2,23 @@
 // merges) over ~1 MB of text, in MB/s (Google Benchmark's bytes_per_second). Two corpora: English
 // prose with code (most words repeat, so the word cache serves them) and mixed scripts with digits
 // and emoji; and each cold, i.e. from a freshly loaded tokenizer with an empty word cache.
+// Then Llama 2's tokenizer.model (tests/data/llama2) on the same corpora cut into lines, as a
+// data set is encoded, each line unique: moet's reader, and libsentencepiece itself when the
+// build found it (the ids are checked equal before timing). SentencePiece encodes a line as one
+// word, so moet's word cache has nothing to serve; both run one thread.
 //   build/bench/moet_bench_tokenizer [--benchmark_filter=...]
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
+#include <filesystem>
 #include <string>
 #include <vector>
 
 #include <moet/text/tokenizer.hpp>
+
+#ifdef MOET_BENCH_SENTENCEPIECE
+#include <sentencepiece_processor.h>
+#endif
 
 namespace {
 
@@ -55,11 +65,91 @@ void encode(benchmark::State& state, bool mixed, bool cold) {
   state.counters["bytes_per_token"] = double(text.size()) / double(tokens);
 }
 
+const std::filesystem::path llama2_model = MOET_BENCH_DATA_DIR "/llama2/tokenizer.model";
+
+/// The text's lines, each made unique by its number in front (as the lines of a real data set
+/// are): moet's word cache, which holds whole SentencePiece lines, must not serve repeats that
+/// libsentencepiece (no cache) would encode again.
+std::vector<std::string> lines_of(const std::string& text) {
+  std::vector<std::string> lines;
+  std::size_t start = 0;
+  while (start < text.size()) {
+    const std::size_t end = std::min(text.find('\n', start), text.size());
+    if (end > start) lines.push_back(std::to_string(lines.size()) + ": " + text.substr(start, end - start));
+    start = end + 1;
+  }
+  return lines;
+}
+
+std::size_t bytes_of(const std::vector<std::string>& lines) {
+  std::size_t n = 0;
+  for (const std::string& l : lines) n += l.size();
+  return n;
+}
+
+std::vector<std::vector<int>> moet_encode(const moet::text::Tokenizer& t, const std::vector<std::string>& lines) {
+  std::vector<std::vector<int>> out;
+  out.reserve(lines.size());
+  for (const std::string& l : lines) out.push_back(t.encode(l, {.add_special_tokens = false, .split_special_tokens = true}));
+  return out;
+}
+
+void encode_sentencepiece_moet(benchmark::State& state, bool mixed) {
+  const std::string text = corpus(mixed, 1 << 20);
+  const std::vector<std::string> lines = lines_of(text);
+  const moet::text::Tokenizer t = moet::text::Tokenizer::from_sentencepiece(llama2_model);
+  std::size_t tokens = 0;
+  for (auto _ : state) {
+    const auto ids = moet_encode(t, lines);
+    tokens = 0;
+    for (const auto& v : ids) tokens += v.size();
+    benchmark::DoNotOptimize(ids.data());
+  }
+  state.SetBytesProcessed(std::int64_t(state.iterations()) * std::int64_t(bytes_of(lines)));
+  state.counters["tokens"] = double(tokens);
+}
+
+#ifdef MOET_BENCH_SENTENCEPIECE
+void encode_sentencepiece_lib(benchmark::State& state, bool mixed) {
+  const std::string text = corpus(mixed, 1 << 20);
+  const std::vector<std::string> lines = lines_of(text);
+  sentencepiece::SentencePieceProcessor sp;
+  if (!sp.Load(llama2_model.string()).ok()) {
+    state.SkipWithError("libsentencepiece cannot load tokenizer.model");
+    return;
+  }
+  const auto encode_all = [&] {
+    std::vector<std::vector<int>> out(lines.size());
+    for (std::size_t i = 0; i < lines.size(); ++i) sp.Encode(lines[i], &out[i]).IgnoreError();
+    return out;
+  };
+  if (encode_all() != moet_encode(moet::text::Tokenizer::from_sentencepiece(llama2_model), lines)) {
+    state.SkipWithError("moet's and libsentencepiece's ids differ");
+    return;
+  }
+  std::size_t tokens = 0;
+  for (auto _ : state) {
+    const auto ids = encode_all();
+    tokens = 0;
+    for (const auto& v : ids) tokens += v.size();
+    benchmark::DoNotOptimize(ids.data());
+  }
+  state.SetBytesProcessed(std::int64_t(state.iterations()) * std::int64_t(bytes_of(lines)));
+  state.counters["tokens"] = double(tokens);
+}
+#endif
+
 }  // namespace
 
 BENCHMARK_CAPTURE(encode, english_warm, false, false)->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(encode, english_cold, false, true)->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(encode, mixed_warm, true, false)->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(encode, mixed_cold, true, true)->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(encode_sentencepiece_moet, llama2_english, false)->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(encode_sentencepiece_moet, llama2_mixed, true)->Unit(benchmark::kMillisecond);
+#ifdef MOET_BENCH_SENTENCEPIECE
+BENCHMARK_CAPTURE(encode_sentencepiece_lib, llama2_english, false)->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(encode_sentencepiece_lib, llama2_mixed, true)->Unit(benchmark::kMillisecond);
+#endif
 
 BENCHMARK_MAIN();
