@@ -186,6 +186,19 @@ TEST_CASE("Llama 2's tokenizer (SentencePiece-style BPE) gives the reference enc
   CHECK_THAT(error_of([&] { from_json(j, "split"); }), Catch::Matchers::Contains("split true is not supported"));
 }
 
+TEST_CASE("Added tokens with lstrip / rstrip swallow whole white-space characters only", "[tokenizer]") {
+  json j = gpt2_tokenizer_json(false);
+  j["added_tokens"].push_back(json{{"id", 50257}, {"content", "<mask>"}, {"special", true}, {"lstrip", true}, {"rstrip", true}});
+  const Tokenizer t = from_json(j, "gpt2_mask");
+  // "à" ends in the byte 0xA0 and "Å" in 0x85, which are also NBSP's and NEL's code points: not white space here
+  for (const std::string text : {"\u00e0<mask>\u00c5", "x \u00a0<mask>\u3000 y"}) {
+    INFO("text: " << text);
+    const std::vector<int> ids = t.encode(text);
+    REQUIRE(std::count(ids.begin(), ids.end(), 50257) == 1);
+    CHECK(t.decode(ids) == (text[0] == 'x' ? std::string("x<mask>y") : text));
+  }
+}
+
 TEST_CASE("Llama 3's pre-tokenizer cuts text as its regex does", "[tokenizer]") {
   for (const Reference& r : references()) {
     INFO("text: " << r.text);

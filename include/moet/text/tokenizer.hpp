@@ -608,7 +608,7 @@ class Tokenizer {
         // compared without white space; [INST] with its spaces as written
         std::string squeezed;
         for (const char c : chat_template_)
-          if (!is_space(static_cast<unsigned char>(c))) squeezed += c;
+          if (c != ' ' && c != '\t' && c != '\n' && c != '\r') squeezed += c;
         const bool inst = chat_template_.find("'[INST] '") != std::string::npos && chat_template_.find("' [/INST]'") != std::string::npos &&
                           bos_ && eos_;
         const bool llama2 = inst && squeezed.find("'<<SYS>>\\n'+system_message+'\\n<</SYS>>\\n\\n'+message['content']") != std::string::npos &&
@@ -681,9 +681,19 @@ class Tokenizer {
     }
     if (!best.token) return best;
     if (best.token->lstrip)
-      while (best.begin > pos && is_space(static_cast<unsigned char>(text[best.begin - 1]))) --best.begin;
+      while (best.begin > pos) {  // whole white-space characters, never a byte inside one (à ends in 0xA0)
+        std::size_t start = best.begin - 1;
+        while (start > pos && (static_cast<unsigned char>(text[start]) & 0xC0) == 0x80) --start;
+        char32_t cp = 0;
+        if (utf8_at(text, start, cp) != best.begin - start || !is_space(cp)) break;
+        best.begin = start;
+      }
     if (best.token->rstrip)
-      while (best.end < text.size() && is_space(static_cast<unsigned char>(text[best.end]))) ++best.end;
+      for (char32_t cp = 0; best.end < text.size();) {
+        const std::size_t n = utf8_at(text, best.end, cp);
+        if (n == 0 || !is_space(cp)) break;
+        best.end += n;
+      }
     return best;
   }
 
