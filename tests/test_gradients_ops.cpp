@@ -113,6 +113,34 @@ TEST_CASE("Causal attention: multi-head, grouped-query, padding", "[grad][ops]")
     const Matrix<double> y_last = last.forward(q.bottomRows(1), k, v).output();
     REQUIRE((y_full.bottomRows(1) - y_last).cwiseAbs().maxCoeff() < 1e-14);
   }
+  {  // keys and values read in place from a cache's storage (sequences kv_stride rows apart): the
+     // same output and gradients as the compact rows, gradients past each sequence's keys zero,
+     // and finite differences through the strided layout
+    const AttentionShape compact{.batch = 2, .seq = 2, .heads = 2, .kv_heads = 1, .head_dim = 3, .kv_seq = 4};
+    AttentionShape strided = compact;
+    strided.kv_stride = 7;
+    const std::vector<unsigned char> valid{1, 1, 1, 1, 0, 1, 1, 1};
+    CausalAttention<double> a(compact, valid), b(strided, valid);
+    const Matrix<double> q = rng.normal_matrix<double>(4, 6), dy = rng.normal_matrix<double>(4, 6);
+    const Matrix<double> ks = rng.normal_matrix<double>(14, 3), vs = rng.normal_matrix<double>(14, 3);
+    Matrix<double> k(8, 3), v(8, 3);
+    k << ks.middleRows(0, 4), ks.middleRows(7, 4);
+    v << vs.middleRows(0, 4), vs.middleRows(7, 4);
+    const auto ca = a.forward(q, k, v), cb = b.forward(q, ks, vs);
+    REQUIRE((ca.output() - cb.output()).cwiseAbs().maxCoeff() == 0.0);
+    const auto [dqa, dka, dva] = a.backward(ca, q, k, v, dy, overwrite);
+    const auto [dqb, dkb, dvb] = b.backward(cb, q, ks, vs, dy, overwrite);
+    REQUIRE((dqa - dqb).cwiseAbs().maxCoeff() == 0.0);
+    for (Index s = 0; s < 2; ++s) {
+      REQUIRE((dka.middleRows(4 * s, 4) - dkb.middleRows(7 * s, 4)).cwiseAbs().maxCoeff() == 0.0);
+      REQUIRE((dva.middleRows(4 * s, 4) - dvb.middleRows(7 * s, 4)).cwiseAbs().maxCoeff() == 0.0);
+      REQUIRE(dkb.middleRows(7 * s + 4, 3).isZero());
+    }
+    require_gradients(b, rng, q, ks, vs);
+    REQUIRE_THROWS_WITH(b.forward(q, k, v), Catch::Matchers::Contains("expected (14, 3) (batch*kv_stride x kv_heads*head_dim)"));
+    REQUIRE_THROWS_WITH(CausalAttention<double>({.seq = 2, .kv_seq = 4, .kv_stride = 3}),
+                        Catch::Matchers::Contains("kv_stride 3 is shorter than the 4 key positions"));
+  }
   REQUIRE_THROWS_WITH(CausalAttention<double>({.heads = 3, .kv_heads = 2}), Catch::Matchers::Contains("not a multiple of kv_heads"));
   REQUIRE_THROWS_WITH(CausalAttention<double>({.seq = 3, .kv_seq = 2}), Catch::Matchers::Contains("kv_seq 2 is shorter than the 3"));
 }

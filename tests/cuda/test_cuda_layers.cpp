@@ -2,6 +2,7 @@
 // and parameters: output, routing, input gradients and every parameter gradient, in float, bf16
 // and fp16 (cuda_harness.hpp). Needs a GPU; skipped (exit 77) without one.
 #include <catch2/catch.hpp>
+#include <moet/cuda/ops.hpp>
 
 #include "cuda_harness.hpp"
 
@@ -251,6 +252,93 @@ TEST_CASE("cuBLASLt heuristics are queried once per problem", "[cuda]") {
   for (int i = 0; i < 3; ++i) step();
   context().synchronize();
   CHECK(context().matmuls().heuristic_queries() == queries);
+}
+
+TEST_CASE("strided-batched GEMMs equal one GEMM per batch entry", "[cuda]") {
+  // Row-major C_i (3 x 5) = A_i^T (3 x 4) B_i (4 x 5) for 4 entries whose operands sit at strides
+  // larger than the matrices (the gaps hold NaN-free filler that must not be read or written).
+  using moet::testing::detail::download_matrix;
+  using moet::testing::detail::upload_matrix;
+  Rng rng(20);
+  const cudaStream_t st = context().stream();
+  const Index n = 4, sa = 4 * 3 + 5, sb = 4 * 5 + 3, sc = 3 * 5 + 2;
+  const Matrix<double> a = rng.normal_matrix<double>(n * sa, 1), b = rng.normal_matrix<double>(n * sb, 1);
+  const DeviceMatrix<float> da = upload_matrix<float>(a, st), db = upload_matrix<float>(b, st);
+  DeviceMatrix<float> batched = upload_matrix<float>(Matrix<double>::Constant(n * sc, 1, 7.0), st),
+                      single = upload_matrix<float>(Matrix<double>::Constant(n * sc, 1, 7.0), st);
+  auto view = [](auto& m, Index offset, Index rows, Index cols) {
+    return decltype(m.view()){m.view().data + offset, rows, cols, cols};
+  };
+  const auto lookups = context().matmuls().lookups();
+  cuda_impl::gemm<float, float>(context(), cuda_impl::Op::T, view(da, 0, 4, 3), cuda_impl::Op::N, view(db, 0, 4, 5),
+                                view(batched, 0, 3, 5), 1.f, 0.f, nullptr, cuda_impl::Batch{n, sa, sb, sc});
+  CHECK(context().matmuls().lookups() == lookups + 1);
+  for (Index i = 0; i < n; ++i)
+    cuda_impl::gemm<float, float>(context(), cuda_impl::Op::T, view(da, i * sa, 4, 3), cuda_impl::Op::N, view(db, i * sb, 4, 5),
+                                  view(single, i * sc, 3, 5), 1.f, 0.f);
+  const Matrix<double> got = download_matrix<float>(batched.view(), st), want = download_matrix<float>(single.view(), st);
+  CHECK(got == want);
+  for (Index i = 0; i < n; ++i) {  // and the products themselves, from the host values
+    const Matrix<double> ai = Eigen::Map<const Matrix<double>>(a.data() + i * sa, 4, 3);
+    const Matrix<double> bi = Eigen::Map<const Matrix<double>>(b.data() + i * sb, 4, 5);
+    const Matrix<double> ci = Eigen::Map<const Matrix<double>>(got.data() + i * sc, 3, 5);
+    CHECK((ci - ai.transpose() * bi).cwiseAbs().maxCoeff() < 1e-5);
+    CHECK(got.middleRows(i * sc + 15, 2).isConstant(7.0));  // the gaps are untouched
+  }
+  CHECK_THROWS_WITH((cuda_impl::gemm<float, float>(context(), cuda_impl::Op::T, view(da, 0, 4, 3), cuda_impl::Op::N,
+                                                   view(db, 0, 4, 5), view(batched, 0, 3, 5), 1.f, 0.f, nullptr,
+                                                   cuda_impl::Batch{0, sa, sb, sc})),
+                    Catch::Contains("cuBLASLt matmul: a batch of 0"));
+}
+
+TEMPLATE_TEST_CASE("CUDA attention matches the CPU's: grouped heads, padding, a KV storage read in place", "[cuda]", float, bf16) {
+  // Sequences of 4 queries over 6 key positions, kept 9 rows apart (a decoding cache's
+  // capacity); 4 query heads share 2 kv heads; sequence 1 has one padded position, sequence 2 two.
+  using moet::testing::detail::download_matrix;
+  using moet::testing::detail::rounded;
+  using moet::testing::detail::upload_matrix;
+  const Index B = 3, L = 4, K = 6, S = 9, H = 4, Hkv = 2, hd = 8;
+  const AttentionShape shape{B, L, H, Hkv, hd, K, S};
+  std::vector<unsigned char> valid(std::size_t(B * K), 1);
+  valid[std::size_t(K)] = 0;
+  valid[std::size_t(2 * K)] = valid[std::size_t(2 * K + 1)] = 0;
+  Rng rng(21);
+  const Matrix<double> q = rounded<TestType>(rng.normal_matrix<double>(B * L, H * hd)),
+                       k = rounded<TestType>(rng.normal_matrix<double>(B * S, Hkv * hd)),
+                       v = rounded<TestType>(rng.normal_matrix<double>(B * S, Hkv * hd)),
+                       dy = rounded<TestType>(rng.normal_matrix<double>(B * L, H * hd));
+  const cpu_impl::CausalAttention<double> cpu(shape, valid);
+  const auto cc = cpu.forward(q, k, v);
+  const auto [dq, dk, dv] = cpu.backward(cc, q, k, v, dy, overwrite);
+
+  const cudaStream_t st = context().stream();
+  const cuda_impl::Attention<TestType> gpu(context(), shape, valid);
+  const auto q_d = upload_matrix<TestType>(q, st), k_d = upload_matrix<TestType>(k, st), v_d = upload_matrix<TestType>(v, st),
+             dy_d = upload_matrix<TestType>(dy, st);
+  const auto lookups = context().matmuls().lookups();
+  const auto gc = gpu.forward(q_d.view(), k_d.view(), v_d.view());
+  CHECK(context().matmuls().lookups() == lookups + 2);  // S = Q K^T and O = P V: one batched GEMM each
+  const auto [gq, gk, gv] = gpu.backward(gc, q_d.view(), k_d.view(), v_d.view(), dy_d.view(), overwrite);
+  CHECK(context().matmuls().lookups() == lookups + 7);  // + S again, dP, dQ, dK, dV
+
+  // The layers' tolerances (compare_options): float32 arithmetic for float; bf16 rounds every
+  // stored intermediate (P, dS, the head-major copies are exact) to 8 significant bits.
+  const double tolerance = moet::testing::compare_options<TestType>().tolerance;
+  auto check = [&](const char* what, const Matrix<double>& got, const Matrix<double>& want) {
+    const double error = (got - want).cwiseAbs().maxCoeff() / want.cwiseAbs().maxCoeff();
+    INFO(what << ": max |gpu - cpu| / max |cpu| = " << error << ", tolerance " << tolerance);
+    CHECK(error <= tolerance);
+  };
+  check("output", download_matrix<TestType>(gc.y.view(), st), cc.y);
+  check("dq", download_matrix<TestType>(gq.view(), st), dq);
+  check("dk", download_matrix<TestType>(gk.view(), st), dk);
+  check("dv", download_matrix<TestType>(gv.view(), st), dv);
+  const Matrix<double> gk_h = download_matrix<TestType>(gk.view(), st);
+  for (Index b = 0; b < B; ++b) CHECK(gk_h.middleRows(b * S + K, S - K).isZero());  // rows past a sequence's keys
+
+  // A storage of the wrong height is refused with the expected shape named.
+  CHECK_THROWS_WITH(gpu.forward(q_d.view(), k_d.view().row_block(0, B * K), v_d.view()),
+                    Catch::Contains("batch*kv_stride x kv_heads*head_dim"));
 }
 
 TEST_CASE("CUDA layers reject wrong shapes with the CPU's messages", "[cuda]") {

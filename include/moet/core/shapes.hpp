@@ -11,7 +11,8 @@ namespace moet {
 /// kv_seq in training; fewer when decoding against a cache).
 struct AttentionShape {
   Index batch = 1, seq = 1, heads = 1, kv_heads = 1, head_dim = 1;
-  Index kv_seq = 0;  ///< key/value positions per sequence; 0 means seq
+  Index kv_seq = 0;     ///< key/value positions per sequence; 0 means seq
+  Index kv_stride = 0;  ///< rows from one sequence's first key to the next's (a cache's capacity); 0 means kv_seq
 };
 
 /// A frozen MLP's activation (GPT-2's activation_function; Llama gates with silu).

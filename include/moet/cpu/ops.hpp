@@ -79,6 +79,13 @@ struct ops<cpu, T> {
   static View rows(View m, Index first, Index n) { return m.middleRows(first, n); }
   /// dst rows [first, first + src.rows()) = src.
   static void copy_rows(Tensor& dst, Index first, View src) { dst.middleRows(first, src.rows()) = src; }
+  /// `blocks` blocks of n rows: dst rows [dst_first + b dst_stride, + n) = src rows
+  /// [src_first + b src_stride, + n) (a decoding cache's append and growth, every sequence at once).
+  static void copy_blocks(Tensor& dst, Index dst_first, Index dst_stride, View src, Index src_first, Index src_stride, Index blocks,
+                          Index n) {
+    for (Index b = 0; b < blocks; ++b)
+      dst.middleRows(dst_first + b * dst_stride, n) = src.middleRows(src_first + b * src_stride, n);
+  }
   /// Row `row` of m on the host (sampling reads the last row of the logits).
   static std::vector<double> row_to_host(View m, Index row) {
     std::vector<double> out(static_cast<std::size_t>(m.cols()));

@@ -7,9 +7,13 @@
 // cuBLASLt is column-major; a row-major (r x c, ld) matrix is the column-major (c x r, ld) one,
 // so C = op_a(A) op_b(B) is computed as C^T = op_b(B)^T op_a(A)^T: the operands swap, each keeps
 // its own transpose flag, and no data moves.
+//
+// Strided batches (`Batch`): `count` products at once, operand i at a + i stride_a (elements),
+// and likewise for B and C: one launch for attention's per-head products.
 #pragma once
 
 #include <cstdint>
+#include <limits>
 
 #include "buffer.hpp"
 #include "context.hpp"
@@ -19,8 +23,16 @@ namespace moet::cuda_impl {
 
 enum class Op { N, T };
 
-inline int pointer_alignment(const void* p) {
-  const auto address = reinterpret_cast<std::uintptr_t>(p);
+/// `count` products over operands `stride_*` elements apart (count 1: one product).
+struct Batch {
+  std::int64_t count = 1;
+  std::int64_t stride_a = 0, stride_b = 0, stride_c = 0;
+};
+
+/// The largest power of two (at most 256) dividing the address and, for a batch, every
+/// operand's offset (stride_bytes): the alignment cuBLASLt may assume for each of them.
+inline int pointer_alignment(const void* p, std::int64_t stride_bytes = 0) {
+  const auto address = reinterpret_cast<std::uintptr_t>(p) | std::uintptr_t(stride_bytes);
   int alignment = 256;
   while (alignment > 1 && address % alignment != 0) alignment /= 2;
   return alignment;
@@ -28,7 +40,7 @@ inline int pointer_alignment(const void* p) {
 
 template <class T, class TC>
 void gemm(CudaContext& ctx, Op op_a, DeviceView<const T> a, Op op_b, DeviceView<const T> b, DeviceView<TC> c, float alpha,
-          float beta, const TC* bias = nullptr) {
+          float beta, const TC* bias = nullptr, Batch batch = {}) {
   static_assert(is_storage_type<T> && (std::is_same_v<TC, T> || std::is_same_v<TC, float>),
                 "gemm: A and B of one storage type, C of that type or float");
   const std::int64_t M = op_a == Op::N ? a.rows : a.cols, K = op_a == Op::N ? a.cols : a.rows;
@@ -37,11 +49,16 @@ void gemm(CudaContext& ctx, Op op_a, DeviceView<const T> a, Op op_b, DeviceView<
     throw shape_error(detail::concat("cuBLASLt matmul: op(A) is ", detail::shape_string(M, K), ", op(B) is ",
                                      detail::shape_string(KB, N), ", C is ", detail::shape_string(c.rows, c.cols),
                                      "; expected C = (M, N) from (M, K) x (K, N)"));
+  if (batch.count < 1 || batch.count > std::numeric_limits<std::int32_t>::max() || batch.stride_a < 0 || batch.stride_b < 0 ||
+      batch.stride_c < 0 || (batch.count > 1 && bias))
+    throw value_error(detail::concat("cuBLASLt matmul: a batch of ", batch.count, " with strides ", batch.stride_a, ", ",
+                                     batch.stride_b, ", ", batch.stride_c, " (needs 1 <= count < 2^31, strides >= 0, no bias)"));
   if (M == 0 || N == 0) return;
   if (K == 0) {
     if (beta == 0.f)
-      MOET_CUDA_CHECK(cudaMemset2DAsync(c.data, std::size_t(c.ld) * sizeof(TC), 0, std::size_t(N) * sizeof(TC), std::size_t(M),
-                                        ctx.stream()));
+      for (std::int64_t i = 0; i < batch.count; ++i)
+        MOET_CUDA_CHECK(cudaMemset2DAsync(c.data + i * batch.stride_c, std::size_t(c.ld) * sizeof(TC), 0, std::size_t(N) * sizeof(TC),
+                                          std::size_t(M), ctx.stream()));
     return;
   }
   // Column-major: D (N x M) = op_b(Bs) (N x K) * op_a(As) (K x M).
@@ -57,9 +74,15 @@ void gemm(CudaContext& ctx, Op op_a, DeviceView<const T> a, Op op_b, DeviceView<
   key.ab_type = int(data_type<T>());
   key.c_type = int(data_type<TC>());
   key.bias = bias != nullptr;
-  key.align_a = pointer_alignment(b.data);
-  key.align_b = pointer_alignment(a.data);
-  key.align_c = pointer_alignment(c.data);
+  key.align_a = pointer_alignment(b.data, batch.stride_b * std::int64_t(sizeof(T)));
+  key.align_b = pointer_alignment(a.data, batch.stride_a * std::int64_t(sizeof(T)));
+  key.align_c = pointer_alignment(c.data, batch.stride_c * std::int64_t(sizeof(TC)));
+  if (batch.count > 1) {
+    key.batch = int(batch.count);
+    key.stride_a = batch.stride_b;
+    key.stride_b = batch.stride_a;
+    key.stride_c = batch.stride_c;
+  }
   const MatmulPlan& plan = ctx.matmuls().plan(ctx.lt(), key, CudaContext::workspace_bytes);
   if (bias)
     MOET_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));

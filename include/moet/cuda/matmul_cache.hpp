@@ -8,21 +8,28 @@
 
 #include <cstdint>
 #include <map>
+#include <utility>
 #include <tuple>
 
 #include "error.hpp"
 
 namespace moet::cuda_impl {
 
-/// Column-major cuBLASLt problem D (m x n) = op(A) (m x k) op(B) (k x n) [+ beta C] [+ bias].
+/// Column-major cuBLASLt problem D (m x n) = op(A) (m x k) op(B) (k x n) [+ beta C] [+ bias],
+/// `batch` times over strided operands (element strides; batch 1 is a single product).
 struct MatmulKey {
   std::int64_t m = 0, n = 0, k = 0, lda = 0, ldb = 0, ldc = 0;
   int trans_a = 0, trans_b = 0;
   int ab_type = 0, c_type = 0;
   int bias = 0;
   int align_a = 0, align_b = 0, align_c = 0;
+  int batch = 1;
+  std::int64_t stride_a = 0, stride_b = 0, stride_c = 0;
 
-  auto tie() const { return std::tie(m, n, k, lda, ldb, ldc, trans_a, trans_b, ab_type, c_type, bias, align_a, align_b, align_c); }
+  auto tie() const {
+    return std::tie(m, n, k, lda, ldb, ldc, trans_a, trans_b, ab_type, c_type, bias, align_a, align_b, align_c, batch, stride_a,
+                    stride_b, stride_c);
+  }
   bool operator<(const MatmulKey& other) const { return tie() < other.tie(); }
 };
 
@@ -42,6 +49,7 @@ class MatmulCache {
 
   /// The plan of `key`, made on first use with the heuristic (workspace at most `workspace_bytes`).
   const MatmulPlan& plan(cublasLtHandle_t lt, const MatmulKey& key, std::size_t workspace_bytes) {
+    ++lookups_;
     auto found = plans_.find(key);
     if (found != plans_.end()) return found->second;
     MatmulPlan plan;
@@ -58,6 +66,8 @@ class MatmulCache {
   /// How many times the heuristic was asked (once per distinct problem).
   std::int64_t heuristic_queries() const { return heuristic_queries_; }
   std::size_t size() const { return plans_.size(); }
+  /// How many plans were asked for: one per cublasLtMatmul issued (a strided batch counts once).
+  std::int64_t lookups() const { return lookups_; }
 
   void clear() noexcept {
     for (auto& entry : plans_) destroy(entry.second);
@@ -78,6 +88,12 @@ class MatmulCache {
     MOET_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.a, ab, key.trans_a ? key.k : key.m, key.trans_a ? key.m : key.k, key.lda));
     MOET_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.b, ab, key.trans_b ? key.n : key.k, key.trans_b ? key.k : key.n, key.ldb));
     MOET_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.c, c, key.m, key.n, key.ldc));
+    if (key.batch > 1)
+      for (auto [layout, stride] : {std::pair{plan.a, key.stride_a}, {plan.b, key.stride_b}, {plan.c, key.stride_c}}) {
+        const std::int32_t count = key.batch;
+        MOET_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof count));
+        MOET_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof stride));
+      }
 
     cublasLtMatmulPreference_t preference = nullptr;
     MOET_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&preference));
@@ -106,7 +122,7 @@ class MatmulCache {
     if (found == 0)
       throw cuda_error(detail::concat("cublasLtMatmulAlgoGetHeuristic found no algorithm for m=", key.m, " n=", key.n, " k=", key.k,
                                       " lda=", key.lda, " ldb=", key.ldb, " ldc=", key.ldc, " transa=", key.trans_a,
-                                      " transb=", key.trans_b, " (column-major)"),
+                                      " transb=", key.trans_b, " batch=", key.batch, " (column-major)"),
                        int(CUBLAS_STATUS_NOT_SUPPORTED));
     plan.algo = result.algo;
     plan.workspace = result.workspaceSize;
@@ -122,6 +138,7 @@ class MatmulCache {
 
   std::map<MatmulKey, MatmulPlan> plans_;
   std::int64_t heuristic_queries_ = 0;
+  std::int64_t lookups_ = 0;
 };
 
 }  // namespace moet::cuda_impl

@@ -73,6 +73,17 @@ template <class T>
 void rotate(const T* x, std::int64_t ld_x, std::int64_t tokens, int heads, int head_dim, const int* positions,
             const double* inv_freq, int sign, T* out, std::int64_t ld_out, cudaStream_t stream);
 
+/// Between token-major and head-major layouts. Token-major: (token, head * head_dim) rows with
+/// row stride ld, sequence b's token t at row b seq_stride + t. Head-major: contiguous
+/// (batch * heads * seq, head_dim), row (b heads + h) seq + t. to_heads copies token-major x
+/// into head-major out; from_heads the other way.
+template <class T>
+void to_heads(const T* x, std::int64_t ld, std::int64_t seq_stride, std::int64_t batch, std::int64_t seq, int heads, int head_dim,
+              T* out, cudaStream_t stream);
+template <class T>
+void from_heads(const T* x, std::int64_t batch, std::int64_t seq, int heads, int head_dim, T* out, std::int64_t ld,
+                std::int64_t seq_stride, cudaStream_t stream);
+
 /// Attention's masked softmax. scores: (batch * heads * q_len, k_len) float, row (b, h, i);
 /// query i sees keys j <= k_len - q_len + i with valid[b k_len + j]. Writes p (T, same layout;
 /// 0 where masked) and, with lse_out, each row's log-sum-exp (-inf when nothing is visible); or

@@ -11,10 +11,12 @@
 // Tensors are DeviceMatrix (owning) and DeviceView (reading, any row stride); frozen weights are
 // built from host matrices of double (the checkpoint's or the random init's, so a seed gives the
 // CPU model's weights rounded to T). The ops are kernels of kernels/model.cu and cuBLASLt GEMMs:
-//   attention  per (sequence, head): S = Q K^T / sqrt(hd) (GEMM, float32), a masked causal
-//              softmax kernel (keeps the log-sum-exp), O = P V (GEMM); backward recomputes P from
-//              the log-sum-exp: dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO O)), dQ = dS K,
-//              dK = dS^T Q, with dK and dV summed over a kv group in float32.
+//   attention  q, k, v copied into head-major layouts (a kv group's query heads stacked), then one
+//              strided-batched GEMM per product over every (sequence, kv head): S = Q K^T / sqrt(hd)
+//              (float32), a masked causal softmax kernel (keeps the log-sum-exp), O = P V;
+//              backward recomputes P from the log-sum-exp: dV = P^T dO, dP = dO V^T,
+//              dS = P (dP - rowsum(dO O)), dQ = dS K, dK = dS^T Q (the group's heads summed
+//              inside the product, in float32).
 //   LM head    fused with cross-entropy in token chunks: a chunk's (rows, vocab) float32 logits
 //              live only while the chunk is processed; the loss is reduced on the device in a
 //              fixed order and read once by the caller.
@@ -213,19 +215,22 @@ class Attention {
   Attention(CudaContext& ctx, const AttentionShape& shape, const std::vector<unsigned char>& valid) : ctx_(&ctx), s_(shape) {
     (void)cpu_impl::CausalAttention<float>(shape, valid);  // the CPU's checks and messages
     if (s_.kv_seq == 0) s_.kv_seq = s_.seq;
+    if (s_.kv_stride == 0) s_.kv_stride = s_.kv_seq;
     valid_ = to_device(valid.empty() ? std::vector<unsigned char>(std::size_t(s_.batch * s_.kv_seq), 1) : valid, ctx.stream());
   }
 
+  /// k, v: sequence b's keys at rows [b kv_stride, b kv_stride + kv_seq) (a decoding cache's
+  /// storage is read in place).
   Context forward(DeviceView<const T> q, DeviceView<const T> k, DeviceView<const T> v) const {
     check(q, k, v);
     const Index B = s_.batch, L = s_.seq, H = s_.heads, hd = s_.head_dim;
     const cudaStream_t st = ctx_->stream();
     Context c{DeviceMatrix<T>(B * L, H * hd, st), DeviceMatrix<float>(B * H * L, 1, st)};
-    const DeviceMatrix<T> p = probabilities(q, k, c.lse.data(), nullptr);
-    for (Index b = 0; b < B; ++b)
-      for (Index h = 0; h < H; ++h)
-        gemm<T, T>(*ctx_, Op::N, head_rows(p, b, h), Op::N, kv_block(v, b, h), c.y.view().row_block(b * L, L).col_block(h * hd, hd),
-                   1.f, 0.f);
+    const DeviceMatrix<T> qh = heads_of(q, L, L, H), kh = heads_of(k, s_.kv_seq, stride(), s_.kv_heads);
+    const DeviceMatrix<T> p = probabilities(qh, kh, c.lse.data(), nullptr);
+    DeviceMatrix<T> oh(B * H * L, hd, st);
+    product(Op::N, p, Op::N, heads_of(v, s_.kv_seq, stride(), s_.kv_heads), oh);  // O = P V
+    from_heads<T>(oh.data(), B, L, int(H), int(hd), c.y.data(), c.y.ld(), L, st);
     return c;
   }
 
@@ -235,65 +240,70 @@ class Attention {
                                                                          DeviceView<const T> dy, GradMode) const {
     check(q, k, v);
     detail::expect_shape("CausalAttention", "output gradient dy", dy.rows, dy.cols, q.rows, q.cols, "the shape of q");
-    const Index B = s_.batch, L = s_.seq, K = s_.kv_seq, H = s_.heads, hd = s_.head_dim, rows = B * H * L;
+    const Index B = s_.batch, L = s_.seq, K = s_.kv_seq, H = s_.heads, Hkv = s_.kv_heads, hd = s_.head_dim, rows = B * H * L;
     const cudaStream_t st = ctx_->stream();
-    const DeviceMatrix<T> p = probabilities(q, k, nullptr, c.lse.data());
+    const DeviceMatrix<T> qh = heads_of(q, L, L, H), kh = heads_of(k, K, stride(), Hkv), vh = heads_of(v, K, stride(), Hkv),
+                          doh = heads_of(dy, L, L, H);
+    const DeviceMatrix<T> p = probabilities(qh, kh, nullptr, c.lse.data());
     DeviceMatrix<float> d(rows, 1, st), dp(rows, K, st);
     attention_row_dot<T>(dy.data, dy.ld, c.y.data(), c.y.ld(), B, H, L, int(hd), d.data(), st);
-    for (Index b = 0; b < B; ++b)
-      for (Index h = 0; h < H; ++h)
-        gemm<T, float>(*ctx_, Op::N, q_block(dy, b, h), Op::T, kv_block(v, b, h), dp.view().row_block((b * H + h) * L, L), 1.f, 0.f);
+    product(Op::N, doh, Op::T, vh, dp);  // dP = dO V^T
     DeviceMatrix<T> ds(rows, K, st);
     softmax_grad_rows<T>(p.data(), dp.data(), d.data(), rows, K, float(1.0 / std::sqrt(double(hd))), ds.data(), st);
+    DeviceMatrix<T> dqh(rows, hd, st), dkh(B * Hkv * K, hd, st), dvh(B * Hkv * K, hd, st);
+    product(Op::N, ds, Op::N, kh, dqh);   // dQ = dS K
+    product(Op::T, ds, Op::N, qh, dkh);   // dK = dS^T Q, summed over the group's heads by the product
+    product(Op::T, p, Op::N, doh, dvh);   // dV = P^T dO
     DeviceMatrix<T> dq(B * L, H * hd, st);
-    DeviceMatrix<float> dk_f = DeviceMatrix<float>::zeros(k.rows, k.cols, st), dv_f = DeviceMatrix<float>::zeros(v.rows, v.cols, st);
-    for (Index b = 0; b < B; ++b)
-      for (Index h = 0; h < H; ++h) {
-        const DeviceView<const T> ds_bh = head_rows(ds, b, h), p_bh = head_rows(p, b, h);
-        gemm<T, T>(*ctx_, Op::N, ds_bh, Op::N, kv_block(k, b, h), dq.view().row_block(b * L, L).col_block(h * hd, hd), 1.f, 0.f);
-        gemm<T, float>(*ctx_, Op::T, ds_bh, Op::N, q_block(q, b, h), kv_out(dk_f, b, h), 1.f, 1.f);
-        gemm<T, float>(*ctx_, Op::T, p_bh, Op::N, q_block(dy, b, h), kv_out(dv_f, b, h), 1.f, 1.f);
-      }
-    DeviceMatrix<T> dk(k.rows, k.cols, st), dv(v.rows, v.cols, st);
-    convert<T>(dk_f.data(), dk_f.ld(), k.rows, k.cols, dk.data(), dk.ld(), st);
-    convert<T>(dv_f.data(), dv_f.ld(), v.rows, v.cols, dv.data(), dv.ld(), st);
-    return {std::move(dq), std::move(dk), std::move(dv)};
+    from_heads<T>(dqh.data(), B, L, int(H), int(hd), dq.data(), dq.ld(), L, st);
+    auto kv_grad = [&](const DeviceMatrix<T>& gh, DeviceView<const T> like) {
+      DeviceMatrix<T> g = stride() == K ? DeviceMatrix<T>(like.rows, like.cols, st) : DeviceMatrix<T>::zeros(like.rows, like.cols, st);
+      from_heads<T>(gh.data(), B, K, int(Hkv), int(hd), g.data(), g.ld(), stride(), st);
+      return g;
+    };
+    return {std::move(dq), kv_grad(dkh, k), kv_grad(dvh, v)};
   }
 
  private:
+  Index stride() const { return s_.kv_stride; }
   void check(DeviceView<const T> q, DeviceView<const T> k, DeviceView<const T> v) const {
-    const Index rows = s_.batch * s_.seq, kv_rows = s_.batch * s_.kv_seq;
+    const Index rows = s_.batch * s_.seq, kv_rows = s_.batch * stride();
+    const char* kv_shape = stride() == s_.kv_seq ? "batch*kv_seq x kv_heads*head_dim" : "batch*kv_stride x kv_heads*head_dim";
     detail::expect_shape("CausalAttention", "q", q.rows, q.cols, rows, s_.heads * s_.head_dim, "batch*seq x heads*head_dim");
-    detail::expect_shape("CausalAttention", "k", k.rows, k.cols, kv_rows, s_.kv_heads * s_.head_dim,
-                         "batch*kv_seq x kv_heads*head_dim");
-    detail::expect_shape("CausalAttention", "v", v.rows, v.cols, kv_rows, s_.kv_heads * s_.head_dim,
-                         "batch*kv_seq x kv_heads*head_dim");
+    detail::expect_shape("CausalAttention", "k", k.rows, k.cols, kv_rows, s_.kv_heads * s_.head_dim, kv_shape);
+    detail::expect_shape("CausalAttention", "v", v.rows, v.cols, kv_rows, s_.kv_heads * s_.head_dim, kv_shape);
   }
   Index group() const { return s_.heads / s_.kv_heads; }
-  DeviceView<const T> q_block(DeviceView<const T> x, Index b, Index h) const {
-    return x.row_block(b * s_.seq, s_.seq).col_block(h * s_.head_dim, s_.head_dim);
-  }
-  DeviceView<const T> kv_block(DeviceView<const T> x, Index b, Index h) const {
-    return x.row_block(b * s_.kv_seq, s_.kv_seq).col_block((h / group()) * s_.head_dim, s_.head_dim);
-  }
-  DeviceView<float> kv_out(DeviceMatrix<float>& x, Index b, Index h) const {
-    return x.view().row_block(b * s_.kv_seq, s_.kv_seq).col_block((h / group()) * s_.head_dim, s_.head_dim);
-  }
-  DeviceView<const T> head_rows(const DeviceMatrix<T>& p, Index b, Index h) const {
-    return p.view().row_block((b * s_.heads + h) * s_.seq, s_.seq);
+
+  /// x token-major (sequence b's rows from b seq_stride) as head-major (B heads seq, head_dim).
+  DeviceMatrix<T> heads_of(DeviceView<const T> x, Index seq, Index seq_stride, Index heads) const {
+    DeviceMatrix<T> out(s_.batch * heads * seq, s_.head_dim, ctx_->stream());
+    to_heads<T>(x.data, x.ld, seq_stride, s_.batch, seq, int(heads), int(s_.head_dim), out.data(), ctx_->stream());
+    return out;
   }
 
-  /// The probabilities (B*H*Lq, Lk) in T; forward writes each row's log-sum-exp into lse_out,
-  /// backward reads it back from lse_in.
-  DeviceMatrix<T> probabilities(DeviceView<const T> q, DeviceView<const T> k, float* lse_out, const float* lse_in) const {
-    const Index B = s_.batch, L = s_.seq, K = s_.kv_seq, H = s_.heads, rows = B * H * L;
+  /// One strided-batched product per (sequence, kv head): c_i = op_a(a_i) op_b(b_i), where an
+  /// operand with B*H*Lq rows is split into the kv groups' (group*Lq)-row blocks (a group's query
+  /// heads are consecutive, so its heads stack into one block) and one with B*Hkv*Lk rows into
+  /// Lk-row blocks.
+  template <class TC>
+  void product(Op op_a, const DeviceMatrix<T>& a, Op op_b, const DeviceMatrix<T>& b, DeviceMatrix<TC>& c) const {
+    const Index n = s_.batch * s_.kv_heads;
+    auto first = [n](auto& m) { return m.view().row_block(0, m.rows() / n); };
+    const Batch batch{n, a.size() / n, b.size() / n, c.size() / n};
+    gemm<T, TC>(*ctx_, op_a, DeviceView<const T>(first(a)), op_b, DeviceView<const T>(first(b)), first(c), 1.f, 0.f, nullptr, batch);
+  }
+
+  /// The probabilities (B*H*Lq, Lk) in T from head-major q and k; forward writes each row's
+  /// log-sum-exp into lse_out, backward reads it back from lse_in.
+  DeviceMatrix<T> probabilities(const DeviceMatrix<T>& qh, const DeviceMatrix<T>& kh, float* lse_out, const float* lse_in) const {
+    const Index B = s_.batch, L = s_.seq, K = s_.kv_seq, H = s_.heads, rows = B * H * L, n = B * s_.kv_heads;
     const cudaStream_t st = ctx_->stream();
     DeviceMatrix<float> scores(rows, K, st);
     const float scale = float(1.0 / std::sqrt(double(s_.head_dim)));
-    for (Index b = 0; b < B; ++b)
-      for (Index h = 0; h < H; ++h)
-        gemm<T, float>(*ctx_, Op::N, q_block(q, b, h), Op::T, kv_block(k, b, h), scores.view().row_block((b * H + h) * L, L), scale,
-                       0.f);
+    gemm<T, float>(*ctx_, Op::N, DeviceView<const T>(qh.view().row_block(0, rows / n)), Op::T,
+                   DeviceView<const T>(kh.view().row_block(0, K)), scores.view().row_block(0, rows / n), scale, 0.f, nullptr,
+                   Batch{n, qh.size() / n, kh.size() / n, scores.size() / n});
     DeviceMatrix<T> p(rows, K, st);
     softmax_rows<T>(scores.data(), B, H, L, K, valid_.data(), lse_out, lse_in, p.data(), st);
     return p;
@@ -536,6 +546,22 @@ struct ops<cuda, T> {
   }
   static View rows(View m, Index first, Index n) { return m.row_block(first, n); }
   static void copy_rows(Tensor& dst, Index first, View src) { copy_into(dst.view().row_block(first, src.rows), src); }
+  /// The CPU's copy_blocks: one 2-D copy when each block is one run of memory (one row, or
+  /// rows without gaps on both sides), else one copy per block.
+  static void copy_blocks(Tensor& dst, Index dst_first, Index dst_stride, View src, Index src_first, Index src_stride, Index blocks,
+                          Index n) {
+    if (blocks * n == 0 || src.cols == 0) return;
+    const DeviceView<T> d = dst.view();
+    if (n == 1 || (d.ld == d.cols && src.ld == src.cols)) {
+      const std::size_t run = std::size_t((n - 1) * src.ld + src.cols) * sizeof(T);
+      MOET_CUDA_CHECK(cudaMemcpy2DAsync(d.data + dst_first * d.ld, std::size_t(dst_stride * d.ld) * sizeof(T),
+                                        src.data + src_first * src.ld, std::size_t(src_stride * src.ld) * sizeof(T), run,
+                                        std::size_t(blocks), cudaMemcpyDeviceToDevice, stream()));
+      return;
+    }
+    for (Index b = 0; b < blocks; ++b)
+      copy_into(d.row_block(dst_first + b * dst_stride, n), src.row_block(src_first + b * src_stride, n));
+  }
   /// Row `row` of m on the host (waits for the stream).
   static std::vector<double> row_to_host(View m, Index row) { return cuda_impl::download(m.row_block(row, 1), stream()); }
   /// A (1, 1) tensor's value on the host (waits for the stream): the loss is float32 whatever T is.

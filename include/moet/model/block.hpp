@@ -188,7 +188,8 @@ class Block {
   }
 
   /// Fills `c` and returns the block output. With a cache (decoding), this block's new keys and
-  /// values are appended to it and attention reads the whole cache.
+  /// values are appended to it and attention reads the whole cache (reserved beforehand, so that
+  /// the capacity in.attention was built with holds).
   Tensor forward(View x, const BlockInputs<Ops>& in, Context& c, KvLayer<Ops>* cache = nullptr) const {
     c.n1 = norm1.forward(x);
     const View a = c.n1.output();
@@ -204,8 +205,8 @@ class Block {
     if (cache) {
       cache->k.append(k_in(c));
       cache->v.append(v_in(c));
-      if (cache->k.batch() == 1) c.attn = in.attention.forward(q_in(c), cache->k.view(), cache->v.view());
-      else c.attn = in.attention.forward(q_in(c), cache->k.gather(), cache->v.gather());  // several sequences in lockstep
+      // The attention reads the storage in place: its shape's kv_stride is the cache's capacity.
+      c.attn = in.attention.forward(q_in(c), cache->k.storage(), cache->v.storage());
     } else {
       c.attn = in.attention.forward(q_in(c), k_in(c), v_in(c));
     }

@@ -528,7 +528,18 @@ class DecoderModel {
     std::vector<unsigned char> valid;
     valid.reserve(std::size_t(B * K));
     for (const auto& v : cache.valid) valid.insert(valid.end(), v.begin(), v.end());
-    const Inputs in{Ops::attention({B, n, config_.heads, config_.kv_heads, config_.head_dim(), K}, valid), &positions,
+    // Room for K positions in every layer first: the attention reads each storage in place,
+    // sequences `stride` rows apart.
+    for (auto& layer : cache.layers) {
+      layer.k.reserve(K);
+      layer.v.reserve(K);
+    }
+    const Index stride = cache.layers.empty() ? K : cache.layers.front().k.capacity();
+    for (const auto& layer : cache.layers)
+      if (layer.k.capacity() != stride || layer.v.capacity() != stride)
+        throw value_error(detail::concat(name(), ": the cache's layers hold ", layer.k.capacity(), " and ", stride,
+                                         " positions; every layer must have the same capacity (use start_cache())"));
+    const Inputs in{Ops::attention({B, n, config_.heads, config_.kv_heads, config_.head_dim(), K, stride}, valid), &positions,
                     opt_ptr(rope_q_), opt_ptr(rope_k_), RowMask{}};
     Tensor h = Ops::embed(wte, opt_ptr(wpe), ids, positions);
     after_block(Index(-1), h);

@@ -630,6 +630,8 @@ struct Layout {
   cudaDataType_t type;
   std::uint64_t rows, cols;
   std::int64_t ld;
+  std::int32_t batch = 1;     // CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT
+  std::int64_t stride = 0;    // CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, in elements
 };
 
 struct Preference {
@@ -640,6 +642,16 @@ MatmulDesc& get(cublasLtMatmulDesc_t d) { return *reinterpret_cast<MatmulDesc*>(
 const Layout& get(cublasLtMatrixLayout_t l) { return *reinterpret_cast<const Layout*>(l); }
 
 bool supported(cudaDataType_t t) { return t == CUDA_R_32F || t == CUDA_R_16BF || t == CUDA_R_16F; }
+
+std::size_t element_bytes(cudaDataType_t t) { return t == CUDA_R_32F ? 4 : 2; }
+
+/// Whether every element of every matrix of the batch lies in device memory: the first one and
+/// one past the last one of the last matrix are inside a live allocation.
+bool in_device_memory(const void* p, const Layout& l) {
+  if (!is_device_pointer(p)) return false;
+  const std::int64_t last = std::int64_t(l.batch - 1) * l.stride + std::int64_t(l.cols - 1) * l.ld + std::int64_t(l.rows);
+  return is_device_pointer(static_cast<const char*>(p) + last * std::int64_t(element_bytes(l.type)));
+}
 
 double load(const void* p, cudaDataType_t t, std::int64_t i) {
   switch (t) {
@@ -688,6 +700,13 @@ cublasStatus_t shape(const MatmulDesc& desc, const Layout& a, const Layout& b, c
       return invalid("a layout with ld " + std::to_string(l->ld) + " < rows " + std::to_string(l->rows) +
                      " or an unsupported type");
   if (a.type != b.type || c.type != d.type) return invalid("A and B (or C and D) of different types");
+  for (const Layout* l : {&a, &b, &c, &d}) {
+    if (l->batch != d.batch) return invalid("operands with batch counts " + std::to_string(l->batch) + " and " + std::to_string(d.batch));
+    if (l->batch < 1 || l->stride < 0) return invalid("a batch count below 1 or a negative batch stride");
+  }
+  // D's matrices must not overlap (a write would race on the device).
+  if (d.batch > 1 && d.stride < std::int64_t(d.cols - 1) * d.ld + std::int64_t(d.rows))
+    return invalid("D's batch stride " + std::to_string(d.stride) + " overlaps its matrices");
   if (desc.epilogue != CUBLASLT_EPILOGUE_DEFAULT && desc.epilogue != CUBLASLT_EPILOGUE_BIAS)
     return invalid("only the default and BIAS epilogues are emulated");
   return CUBLAS_STATUS_SUCCESS;
@@ -754,6 +773,23 @@ cublasStatus_t cublasLtMatrixLayoutCreate(cublasLtMatrixLayout_t* layout, cudaDa
   *layout = reinterpret_cast<cublasLtMatrixLayout_t>(new Layout{type, rows, cols, ld});
   return CUBLAS_STATUS_SUCCESS;
 }
+cublasStatus_t cublasLtMatrixLayoutSetAttribute(cublasLtMatrixLayout_t layout, cublasLtMatrixLayoutAttribute_t attr,
+                                                const void* buf, std::size_t bytes) {
+  Layout& l = *reinterpret_cast<Layout*>(layout);
+  auto copy = [&](auto& field) {
+    if (buf == nullptr || bytes != sizeof field) return CUBLAS_STATUS_INVALID_VALUE;
+    std::memcpy(&field, buf, bytes);
+    return CUBLAS_STATUS_SUCCESS;
+  };
+  switch (attr) {
+    case CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT:
+      return copy(l.batch);
+    case CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET:
+      return copy(l.stride);
+    default:
+      return CUBLAS_STATUS_NOT_SUPPORTED;
+  }
+}
 cublasStatus_t cublasLtMatrixLayoutDestroy(cublasLtMatrixLayout_t layout) {
   delete reinterpret_cast<Layout*>(layout);
   return CUBLAS_STATUS_SUCCESS;
@@ -808,30 +844,38 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t desc_, cons
   if (status != CUBLAS_STATUS_SUCCESS) return status;
   if (desc.epilogue == CUBLASLT_EPILOGUE_BIAS && desc.bias == nullptr)
     return invalid("BIAS epilogue without a bias pointer");
-  for (const void* p : {A, B, C, static_cast<const void*>(D), desc.bias})
-    if (!is_device_pointer(p)) return invalid("an operand or the bias is not in device memory");
+  for (auto [p, l] : {std::pair{A, &a}, {B, &b}, {C, &c}, {static_cast<const void*>(D), &d}})
+    if (!in_device_memory(p, *l)) return invalid("an operand is not (wholly) in device memory");
+  if (desc.bias && !is_device_pointer(desc.bias)) return invalid("the bias is not in device memory");
   const double alpha = *static_cast<const float*>(alpha_), beta = *static_cast<const float*>(beta_);
   // op(A) column-major (m x k) and op(B) (k x n), in double.
   std::vector<double> op_a(static_cast<std::size_t>(m * k)), op_b(static_cast<std::size_t>(k * n)),
       column(static_cast<std::size_t>(m));
-  for (std::int64_t kk = 0; kk < k; ++kk)
-    for (std::int64_t i = 0; i < m; ++i)
-      op_a[std::size_t(i + kk * m)] = load(A, a.type, desc.trans_a == CUBLAS_OP_N ? i + kk * a.ld : kk + i * a.ld);
-  for (std::int64_t j = 0; j < n; ++j)
+  for (std::int32_t batch = 0; batch < d.batch; ++batch) {
+    auto at = [&](const void* p, const Layout& l) {
+      return static_cast<const char*>(p) + std::int64_t(batch) * l.stride * std::int64_t(element_bytes(l.type));
+    };
+    const void *Ab = at(A, a), *Bb = at(B, b), *Cb = at(C, c);
+    void* Db = const_cast<char*>(at(D, d));
     for (std::int64_t kk = 0; kk < k; ++kk)
-      op_b[std::size_t(kk + j * k)] = load(B, b.type, desc.trans_b == CUBLAS_OP_N ? kk + j * b.ld : j + kk * b.ld);
-  for (std::int64_t j = 0; j < n; ++j) {
-    std::fill(column.begin(), column.end(), 0.0);
-    for (std::int64_t kk = 0; kk < k; ++kk) {
-      const double bv = op_b[std::size_t(kk + j * k)];
-      const double* ac = op_a.data() + kk * m;
-      for (std::int64_t i = 0; i < m; ++i) column[std::size_t(i)] += ac[i] * bv;
-    }
-    for (std::int64_t i = 0; i < m; ++i) {
-      double v = alpha * column[std::size_t(i)];
-      if (beta != 0.0) v += beta * load(C, c.type, i + j * c.ld);
-      if (desc.epilogue == CUBLASLT_EPILOGUE_BIAS) v += load(desc.bias, d.type, i);
-      store(D, d.type, i + j * d.ld, v);
+      for (std::int64_t i = 0; i < m; ++i)
+        op_a[std::size_t(i + kk * m)] = load(Ab, a.type, desc.trans_a == CUBLAS_OP_N ? i + kk * a.ld : kk + i * a.ld);
+    for (std::int64_t j = 0; j < n; ++j)
+      for (std::int64_t kk = 0; kk < k; ++kk)
+        op_b[std::size_t(kk + j * k)] = load(Bb, b.type, desc.trans_b == CUBLAS_OP_N ? kk + j * b.ld : j + kk * b.ld);
+    for (std::int64_t j = 0; j < n; ++j) {
+      std::fill(column.begin(), column.end(), 0.0);
+      for (std::int64_t kk = 0; kk < k; ++kk) {
+        const double bv = op_b[std::size_t(kk + j * k)];
+        const double* ac = op_a.data() + kk * m;
+        for (std::int64_t i = 0; i < m; ++i) column[std::size_t(i)] += ac[i] * bv;
+      }
+      for (std::int64_t i = 0; i < m; ++i) {
+        double v = alpha * column[std::size_t(i)];
+        if (beta != 0.0) v += beta * load(Cb, c.type, i + j * c.ld);
+        if (desc.epilogue == CUBLASLT_EPILOGUE_BIAS) v += load(desc.bias, d.type, i);
+        store(Db, d.type, i + j * d.ld, v);
+      }
     }
   }
   return CUBLAS_STATUS_SUCCESS;

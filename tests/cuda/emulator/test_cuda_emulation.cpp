@@ -3,7 +3,7 @@
 // a missing barrier, impossible launches and barriers that
 // can never complete are reported, fresh device memory reads as NaN, writes past an
 // allocation's end are caught, and the emulated cublasLtMatmul follows cuBLASLt's column-major
-// contract (op(A) from A's own layout, beta C, the bias epilogue). An access far outside an
+// contract (op(A) from A's own layout, beta C, the bias epilogue, strided batches). An access far outside an
 // allocation ends the program with SIGSEGV and a message naming the kernel. If the emulation were wrong
 // here, test_cuda_layers_emulated could pass for the wrong reasons.
 #include <cublasLt.h>
@@ -259,4 +259,63 @@ TEST_CASE("emulated cublasLtMatmul follows cuBLASLt's column-major contract", "[
   for (void* p :
        {static_cast<void*>(d_a), static_cast<void*>(d_b), static_cast<void*>(d_c), static_cast<void*>(d_bias)})
     CHECK(cudaFree(p) == cudaSuccess);
+}
+
+TEST_CASE("emulated cublasLtMatmul runs strided batches and refuses inconsistent ones", "[emulation]") {
+  // Two products D_i (2 x 2) = A_i (2 x 3) B_i (3 x 2), column-major, operands `stride` apart.
+  const int m = 2, n = 2, k = 3, count = 2;
+  const std::int64_t sa = 8, sb = 7, sd = 5;
+  std::vector<float> a(std::size_t(sa * count)), b(std::size_t(sb * count));
+  for (std::size_t i = 0; i < a.size(); ++i) a[i] = float(i % 5) - 2.f;
+  for (std::size_t i = 0; i < b.size(); ++i) b[i] = float(i % 3) + 0.5f;
+  float* d_a = device_array<float>(a.size());
+  float* d_b = device_array<float>(b.size());
+  float* d_d = device_array<float>(std::size_t(sd * count));
+  REQUIRE(cudaMemcpy(d_a, a.data(), a.size() * 4, cudaMemcpyHostToDevice) == cudaSuccess);
+  REQUIRE(cudaMemcpy(d_b, b.data(), b.size() * 4, cudaMemcpyHostToDevice) == cudaSuccess);
+  REQUIRE(cudaMemset(d_d, 0, std::size_t(sd * count) * 4) == cudaSuccess);
+
+  cublasLtHandle_t lt = nullptr;
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t la = nullptr, lb = nullptr, ld = nullptr;
+  REQUIRE(cublasLtCreate(&lt) == CUBLAS_STATUS_SUCCESS);
+  REQUIRE(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F) == CUBLAS_STATUS_SUCCESS);
+  REQUIRE(cublasLtMatrixLayoutCreate(&la, CUDA_R_32F, m, k, m) == CUBLAS_STATUS_SUCCESS);
+  REQUIRE(cublasLtMatrixLayoutCreate(&lb, CUDA_R_32F, k, n, k) == CUBLAS_STATUS_SUCCESS);
+  REQUIRE(cublasLtMatrixLayoutCreate(&ld, CUDA_R_32F, m, n, m) == CUBLAS_STATUS_SUCCESS);
+  auto batch = [&](cublasLtMatrixLayout_t l, std::int32_t c, std::int64_t stride) {
+    REQUIRE(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &c, sizeof c) == CUBLAS_STATUS_SUCCESS);
+    REQUIRE(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof stride) ==
+            CUBLAS_STATUS_SUCCESS);
+  };
+  batch(la, count, sa);
+  batch(lb, count, sb);
+  batch(ld, count, sd);
+  const float alpha = 1.f, beta = 0.f;
+  auto matmul = [&] {
+    return cublasLtMatmul(lt, desc, &alpha, d_a, la, d_b, lb, &beta, d_d, ld, d_d, ld, nullptr, nullptr, 0, nullptr);
+  };
+  REQUIRE(matmul() == CUBLAS_STATUS_SUCCESS);
+  std::vector<float> d(std::size_t(sd * count));
+  REQUIRE(cudaMemcpy(d.data(), d_d, d.size() * 4, cudaMemcpyDeviceToHost) == cudaSuccess);
+  for (int i = 0; i < count; ++i)
+    for (int r = 0; r < m; ++r)
+      for (int c = 0; c < n; ++c) {
+        float expected = 0.f;
+        for (int kk = 0; kk < k; ++kk) expected += a[std::size_t(i * sa + r + kk * m)] * b[std::size_t(i * sb + kk + c * k)];
+        CHECK(d[std::size_t(i * sd + r + c * m)] == expected);
+      }
+  CHECK(d[4] == 0.f);  // the gap between D_0 and D_1 is not written
+
+  batch(lb, 3, sb);  // batch counts that disagree
+  CHECK(matmul() == CUBLAS_STATUS_INVALID_VALUE);
+  batch(lb, count, sb * 2);  // B_1 would run past its allocation
+  CHECK(matmul() == CUBLAS_STATUS_INVALID_VALUE);
+  batch(lb, count, sb);
+  batch(ld, count, 3);  // D_0 and D_1 would overlap
+  CHECK(matmul() == CUBLAS_STATUS_INVALID_VALUE);
+  for (auto layout : {la, lb, ld}) cublasLtMatrixLayoutDestroy(layout);
+  cublasLtMatmulDescDestroy(desc);
+  cublasLtDestroy(lt);
+  for (void* p : {static_cast<void*>(d_a), static_cast<void*>(d_b), static_cast<void*>(d_d)}) CHECK(cudaFree(p) == cudaSuccess);
 }

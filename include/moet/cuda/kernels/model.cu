@@ -221,6 +221,20 @@ __global__ void rotate_kernel(const T* x, std::int64_t ld_x, std::int64_t tokens
   }
 }
 
+/// One thread per element of the head-major side; to_heads reads token-major and writes
+/// head-major, else the reverse. Consecutive threads touch consecutive head_dim columns of both.
+template <class T>
+__global__ void heads_kernel(const T* src, T* dst, std::int64_t ld, std::int64_t seq_stride, std::int64_t batch, std::int64_t seq,
+                             int heads, int head_dim, int into_heads) {
+  MOET_GRID_STRIDE(i, batch * heads * seq * head_dim) {
+    const std::int64_t c = i % head_dim, row = i / head_dim;
+    const std::int64_t t = row % seq, h = (row / seq) % heads, b = row / (seq * heads);
+    const std::int64_t token = (b * seq_stride + t) * ld + h * head_dim + c;
+    if (into_heads) dst[i] = src[token];
+    else dst[token] = src[i];
+  }
+}
+
 template <class T>
 __global__ void __launch_bounds__(row_threads)
     softmax_rows_kernel(const float* scores, std::int64_t heads, std::int64_t q_len, std::int64_t k_len, std::int64_t rows,
@@ -469,6 +483,24 @@ void rotate(const T* x, std::int64_t ld_x, std::int64_t tokens, int heads, int h
 }
 
 template <class T>
+void to_heads(const T* x, std::int64_t ld, std::int64_t seq_stride, std::int64_t batch, std::int64_t seq, int heads, int head_dim,
+              T* out, cudaStream_t stream) {
+  const std::int64_t n = batch * heads * seq * head_dim;
+  if (n == 0) return;
+  MOET_LAUNCH(grid_for(n, 256, 8192u), 256, 0, stream, device::heads_kernel<T>)(x, out, ld, seq_stride, batch, seq, heads, head_dim, 1);
+  MOET_CUDA_CHECK_LAUNCH("heads_kernel");
+}
+
+template <class T>
+void from_heads(const T* x, std::int64_t batch, std::int64_t seq, int heads, int head_dim, T* out, std::int64_t ld,
+                std::int64_t seq_stride, cudaStream_t stream) {
+  const std::int64_t n = batch * heads * seq * head_dim;
+  if (n == 0) return;
+  MOET_LAUNCH(grid_for(n, 256, 8192u), 256, 0, stream, device::heads_kernel<T>)(x, out, ld, seq_stride, batch, seq, heads, head_dim, 0);
+  MOET_CUDA_CHECK_LAUNCH("heads_kernel");
+}
+
+template <class T>
 void softmax_rows(const float* scores, std::int64_t batch, std::int64_t heads, std::int64_t q_len, std::int64_t k_len,
                   const unsigned char* valid, float* lse_out, const float* lse_in, T* p, cudaStream_t stream) {
   const std::int64_t rows = batch * heads * q_len;
@@ -559,6 +591,8 @@ void gather_step_numbers(const float* loss, const double* aux, const double* sq,
   template void fill_uniform<T>(T*, std::int64_t, std::int64_t, std::int64_t, std::uint64_t, float, cudaStream_t);              \
   template void rotate<T>(const T*, std::int64_t, std::int64_t, int, int, const int*, const double*, int, T*, std::int64_t,    \
                           cudaStream_t);                                                                                        \
+  template void to_heads<T>(const T*, std::int64_t, std::int64_t, std::int64_t, std::int64_t, int, int, T*, cudaStream_t);    \
+  template void from_heads<T>(const T*, std::int64_t, std::int64_t, int, int, T*, std::int64_t, std::int64_t, cudaStream_t);  \
   template void softmax_rows<T>(const float*, std::int64_t, std::int64_t, std::int64_t, std::int64_t, const unsigned char*,    \
                                 float*, const float*, T*, cudaStream_t);                                                                \
   template void softmax_grad_rows<T>(const T*, const float*, const float*, std::int64_t, std::int64_t, float, T*,              \
