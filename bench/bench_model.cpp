@@ -7,10 +7,15 @@
 // Adapter cases run the floor's step and their own back to back in every iteration and report
 // the ratio (vs_floor). act_MiB is the heap that forward leaves alive for backward; the
 // *_recompute cases keep only each block's input and recompute the block in backward.
+//   sample_token/vocab50257/top_p*   one sampled token from 50257 logits against a sort of the
+//                                    whole vocabulary (the floor): generation's host-side cost
 #include <benchmark/benchmark.h>
 
 #include <malloc.h>
 
+#include <algorithm>
+#include <cmath>
+#include <numeric>
 #include <string>
 #include <vector>
 
@@ -87,6 +92,38 @@ void adapted(benchmark::State& state, bool recompute) {
   state.counters["trainable_%"] = count_parameters(trainer.model).trainable_percent();
 }
 
+/// What sample_token did before it sorted only the nucleus: a sort of the whole vocabulary.
+int full_sort_sample(const std::vector<double>& logits, const SamplingOptions& s, Rng& rng) {
+  const std::size_t V = logits.size();
+  const double m = *std::max_element(logits.begin(), logits.end());
+  std::vector<double> p(V);
+  double sum = 0;
+  for (std::size_t i = 0; i < V; ++i) sum += p[i] = std::exp((logits[i] - m) / s.temperature);
+  std::vector<std::size_t> order(V);
+  std::iota(order.begin(), order.end(), std::size_t(0));
+  std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return p[a] > p[b]; });
+  double kept = 0;
+  std::size_t n = 0;
+  while (n < V && kept < s.top_p * sum) kept += p[order[n++]];
+  double u = rng.uniform() * kept;
+  for (std::size_t i = 0; i < n; ++i)
+    if ((u -= p[order[i]]) < 0) return int(order[i]);
+  return int(order[n - 1]);
+}
+
+/// One token drawn from GPT-2's 50257 logits (normal, stddev 3, temperature 0.8): sample_token
+/// against the whole-vocabulary sort (the floor), back to back in every iteration.
+void sampling(benchmark::State& state, double top_p) {
+  Rng rng(9);
+  std::vector<double> logits(50257);
+  for (double& l : logits) l = rng.normal(0.0, 3.0);
+  const SamplingOptions s{.temperature = 0.8, .top_p = top_p};
+  Rng a(1), b(1);
+  bench::timed_against_floor(
+      state, [&] { benchmark::DoNotOptimize(full_sort_sample(logits, s, a)); },
+      [&] { benchmark::DoNotOptimize(sample_token(logits, s, b)); }, 1.0);
+}
+
 template <class F>
 benchmark::internal::Benchmark* add(const std::string& name, F f) {
   return benchmark::RegisterBenchmark(name.c_str(), f)->Unit(benchmark::kMillisecond)->Iterations(2);
@@ -105,5 +142,10 @@ int main(int argc, char** argv) {
   add("train_step/gpt2_small/mov10", [](auto& s) { adapted<Mov10>(s, false); })->UseManualTime();
   add("train_step/gpt2_small/molora10", [](auto& s) { adapted<Molora10>(s, false); })->UseManualTime();
   add("train_step/gpt2_small/molora10_recompute", [](auto& s) { adapted<Molora10>(s, true); })->UseManualTime();
+  for (const double top_p : {0.9, 1.0})
+    benchmark::RegisterBenchmark(("sample_token/vocab50257/top_p" + std::to_string(top_p).substr(0, 3)).c_str(),
+                                 [top_p](auto& st) { sampling(st, top_p); })
+        ->Unit(benchmark::kMicrosecond)
+        ->UseManualTime();
   return moet::bench::run_with_ratios(args, {{"train_step/gpt2_small/mov10", 1.15}, {"train_step/gpt2_small/molora10", 1.35}});
 }

@@ -7,7 +7,9 @@
 
 #include <moet/models.hpp>
 
+#include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <set>
 
 #include "../examples/bottleneck_expert.hpp"
@@ -279,6 +281,54 @@ TEST_CASE("Sampling refuses NaN logits by name", "[model][generate][errors]") {
   Decoder<GPT2>::model<float> model(gpt2_config(), rng);
   model.wte.table.mutable_value()(3, 2) = std::nanf("");
   REQUIRE_THROWS_WITH(model.generate({3, 1}, {.max_new_tokens = 2}), Contains("is NaN"));
+}
+
+TEST_CASE("Top-p sampling sorts only the nucleus, and picks what a sort of the whole vocabulary picks", "[model][generate]") {
+  // The reference sorts every token (falling probability, equal ones by rising id) and walks
+  // the nucleus; sample_token partially sorts 256, 512, ... tokens. Logits on a 0.25 grid tie
+  // often; flat rows make nuclei of thousands of tokens (several doublings), peaked rows of few.
+  auto reference = [](const std::vector<double>& logits, const SamplingOptions& s, Rng& rng) {
+    const std::size_t V = logits.size();
+    const double m = *std::max_element(logits.begin(), logits.end());
+    std::vector<double> p(V);
+    double sum = 0;
+    for (std::size_t i = 0; i < V; ++i) sum += p[i] = std::exp((logits[i] - m) / s.temperature);
+    std::vector<std::size_t> order(V);
+    std::iota(order.begin(), order.end(), std::size_t(0));
+    std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return p[a] > p[b]; });
+    double kept = 0;
+    std::size_t n = 0;
+    while (n < V && kept < s.top_p * sum) kept += p[order[n++]];
+    double u = rng.uniform() * kept;
+    for (std::size_t i = 0; i < n; ++i)
+      if ((u -= p[order[i]]) < 0) return int(order[i]);
+    return int(order[n - 1]);
+  };
+  Rng values(31);
+  int draws = 0;
+  for (const std::size_t V : {std::size_t(7), std::size_t(3000)})
+    for (const double spread : {0.5, 8.0})
+      for (const double top_p : {0.3, 0.9, 0.999}) {
+        std::vector<double> logits(V);
+        for (double& l : logits) l = std::round(values.normal() * spread * 4) / 4;
+        const SamplingOptions s{.temperature = 0.7, .top_p = top_p};
+        Rng a(5), b(5);
+        for (int i = 0; i < 40; ++i, ++draws) {
+          INFO("V " << V << " spread " << spread << " top_p " << top_p << " draw " << i);
+          REQUIRE(sample_token(logits, s, a) == reference(logits, s, b));
+        }
+      }
+  REQUIRE(draws == 480);
+
+  // top_p = 1 walks the tokens in id order without sorting: the frequencies are the softmax's.
+  const std::vector<double> logits{0.0, std::log(2.0), -INFINITY, std::log(5.0)};  // p = 1/8, 2/8, 0, 5/8
+  Rng rng(6);
+  std::vector<int> counts(4, 0);
+  const int n = 40000;
+  for (int i = 0; i < n; ++i) ++counts[std::size_t(sample_token(logits, {.temperature = 1.0}, rng))];
+  REQUIRE(counts[2] == 0);
+  for (auto [token, p] : {std::pair{0, 0.125}, {1, 0.25}, {3, 0.625}})
+    CHECK(std::abs(counts[std::size_t(token)] / double(n) - p) < 4 * std::sqrt(p * (1 - p) / n));
 }
 
 TEST_CASE("The KV cache appends in place", "[model][generate]") {

@@ -536,4 +536,37 @@ TEST_CASE("CUDA models generate several prompts as one batch, as the CPU does ea
   const std::vector<double> first = host(gpu.decode(one, {1, 2}));
   const std::size_t V = std::size_t(llama_config().vocab);
   CHECK(relative(std::vector<double>(both.begin() + 2 * V, both.begin() + 4 * V), first) <= tolerance);
+
+  // One host wait per decoding step, greedy (the picks are made on the device) or sampled (every
+  // sequence's row in one copy): 6 more steps, 6 more waits.
+  for (const double temperature : {0.0, 0.8}) {
+    auto waits = [&](int tokens) {
+      const long before = cuda_impl::host_waits();
+      (void)gpu.generate_batch(prompts, {.max_new_tokens = tokens, .temperature = temperature, .top_p = 0.9, .seed = 4});
+      return cuda_impl::host_waits() - before;
+    };
+    INFO("temperature " << temperature);
+    CHECK(waits(8) - waits(2) == 6);
+  }
+}
+
+TEMPLATE_TEST_CASE("CUDA greedy picks equal the host's: ties to the lower column, -inf rows, NaN refused", "[cuda][model][generate]",
+                   float, bf16) {
+  // 70 columns: more than a warp, fewer than a block; rows 0..4 picked every other row from 1.
+  Matrix<double> m = Matrix<double>::Constant(9, 70, -2.0);
+  m(1, 5) = m(1, 40) = 1.5;                      // a tie: the lower column
+  m.row(3).setConstant(-INFINITY);               // nothing possible: column 0, as std::max_element
+  m(5, 69) = 3.0;                                // the last column
+  m(7, 12) = 4.0, m(7, 65) = std::nan("");       // a NaN anywhere refuses the row
+  const auto d = moet::testing::detail::upload_matrix<TestType>(m, context().stream());
+  const std::vector<int> gpu_picks = ops<cuda, TestType>::argmax_rows(d.view(), 1, 2, 4);
+  const std::vector<int> cpu_picks = ops<cpu, double>::argmax_rows(m, 1, 2, 4);
+  CHECK(gpu_picks == std::vector<int>{5, 0, 69, -1});
+  CHECK(cpu_picks == gpu_picks);
+  const auto rows = ops<cuda, TestType>::rows_to_host(d.view(), 1, 2, 4);
+  REQUIRE(rows.size() == 4);
+  CHECK(rows[2][69] == 3.0);
+  Rng rng(1);
+  CHECK_THROWS_WITH(sample_token(rows[3], {}, rng), Catch::Contains("logit 65 of 70 is NaN"));
+  CHECK_THROWS_WITH((ops<cuda, TestType>::argmax_rows(d.view(), 1, 2, 5)), Catch::Contains("for 5 rows of a matrix of 9"));
 }

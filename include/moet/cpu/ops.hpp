@@ -8,6 +8,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <string>
 #include <utility>
 #include <vector>
@@ -90,6 +91,28 @@ struct ops<cpu, T> {
   static std::vector<double> row_to_host(View m, Index row) {
     std::vector<double> out(static_cast<std::size_t>(m.cols()));
     for (Index c = 0; c < m.cols(); ++c) out[std::size_t(c)] = double(m(row, c));
+    return out;
+  }
+  /// Rows first, first + step, ... (count of them) on the host (a batch's last logits).
+  static std::vector<std::vector<double>> rows_to_host(View m, Index first, Index step, Index count) {
+    std::vector<std::vector<double>> out;
+    for (Index r = 0; r < count; ++r) out.push_back(row_to_host(m, first + r * step));
+    return out;
+  }
+  /// Greedy decoding's pick in each of those rows: the column of the largest value, the lowest
+  /// among equal ones (std::max_element, as sample_token), or -1 when the row holds a NaN.
+  static std::vector<int> argmax_rows(View m, Index first, Index step, Index count) {
+    std::vector<int> out;
+    for (Index r = 0; r < count; ++r) {
+      const auto row = m.row(first + r * step);
+      Index best = 0;
+      bool nan = false;
+      for (Index c = 0; c < m.cols(); ++c) {
+        nan = nan || std::isnan(double(row(c)));
+        if (row(c) > row(best)) best = c;
+      }
+      out.push_back(nan ? -1 : int(best));
+    }
     return out;
   }
   /// A (1, 1) tensor's value on the host.

@@ -100,6 +100,12 @@ template <class T>
 void attention_row_dot(const T* dy, std::int64_t ld_dy, const T* y, std::int64_t ld_y, std::int64_t batch, std::int64_t heads,
                        std::int64_t q_len, int head_dim, float* d, cudaStream_t stream);
 
+/// out[r] = the column of row r's largest value, the lowest column among equal ones (a row of
+/// -inf gives 0), or -1 when the row holds a NaN: greedy decoding's pick, as the host's
+/// sample_token makes it (std::max_element over the same values).
+template <class T>
+void argmax_rows(const T* x, std::int64_t ld, std::int64_t rows, std::int64_t cols, int* out, cudaStream_t stream);
+
 /// One chunk of the LM head's cross-entropy: logits (rows, vocab) float. loss_rows[r] = lse -
 /// logit[target] (0 when target < 0); lse_rows[r] = lse. With d_logits: d_logits = (softmax -
 /// onehot) (*scale_ptr if given, else 1) * inv_count, 0 on ignored rows.

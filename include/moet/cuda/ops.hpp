@@ -564,6 +564,23 @@ struct ops<cuda, T> {
   }
   /// Row `row` of m on the host (waits for the stream).
   static std::vector<double> row_to_host(View m, Index row) { return cuda_impl::download(m.row_block(row, 1), stream()); }
+  /// Rows first, first + step, ... (count of them) on the host, with one wait.
+  static std::vector<std::vector<double>> rows_to_host(View m, Index first, Index step, Index count) {
+    const std::vector<double> all = cuda_impl::download(every(m, first, step, count), stream());
+    std::vector<std::vector<double>> out(static_cast<std::size_t>(count));
+    for (Index r = 0; r < count; ++r) out[std::size_t(r)].assign(all.begin() + r * m.cols, all.begin() + (r + 1) * m.cols);
+    return out;
+  }
+  /// Greedy decoding's pick in each of those rows (cpu ops' argmax_rows), on the device: the host
+  /// waits once and reads count ints instead of count rows of logits.
+  static std::vector<int> argmax_rows(View m, Index first, Index step, Index count) {
+    if (count == 0) return {};
+    const View rows = every(m, first, step, count);
+    DeviceMatrix<int> picks(count, 1, stream());
+    cuda_impl::argmax_rows<T>(rows.data, rows.ld, count, rows.cols, picks.data(), stream());
+    const std::vector<double> got = cuda_impl::download(DeviceView<const int>(picks.view()), stream());
+    return std::vector<int>(got.begin(), got.end());
+  }
   /// A (1, 1) tensor's value on the host (waits for the stream): the loss is float32 whatever T is.
   template <class X>
   static double scalar(DeviceView<const X> m) {
@@ -681,6 +698,12 @@ struct ops<cuda, T> {
   }
 
  private:
+  /// Rows first, first + step, ... of m as one view (its row stride step times m's).
+  static View every(View m, Index first, Index step, Index count) {
+    if (count > 0 && (first < 0 || step < 1 || first + (count - 1) * step >= m.rows))
+      throw shape_error(detail::concat("ops<cuda>: rows ", first, " + ", step, " i for ", count, " rows of a matrix of ", m.rows));
+    return View{m.data + first * m.ld, count, m.cols, m.ld * step};
+  }
   static void copy_into(DeviceView<T> dst, View src) {
     if (src.rows * src.cols == 0) return;
     MOET_CUDA_CHECK(cudaMemcpy2DAsync(dst.data, std::size_t(dst.ld) * sizeof(T), src.data, std::size_t(src.ld) * sizeof(T),

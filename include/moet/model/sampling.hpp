@@ -26,6 +26,13 @@ struct SamplingOptions {
 /// Greedy when temperature is 0; else softmax(logits / temperature) cut to the top-p nucleus.
 /// Logits that are not finite numbers (NaN from a NaN weight) are refused by name: no order
 /// exists among them to pick from. +inf is a certain token; -inf an impossible one.
+///
+/// The nucleus is the shortest run of tokens, taken by falling probability (equal ones by
+/// rising id, so the order is the same with every standard library), whose mass reaches top_p;
+/// u ~ U(0, its mass) walks it in that order. Only the nucleus is sorted: a partial sort of the
+/// 256 likeliest tokens, doubled while the mass falls short, so a peaked distribution costs
+/// O(V) instead of a sort of the whole vocabulary. top_p = 1 keeps every token and walks them in
+/// id order without sorting.
 inline int sample_token(const std::vector<double>& logits, const SamplingOptions& s, Rng& rng) {
   const std::size_t V = logits.size();
   if (V == 0) throw value_error("sample_token: no logits to sample from");
@@ -36,22 +43,42 @@ inline int sample_token(const std::vector<double>& logits, const SamplingOptions
   const std::size_t best = std::size_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
   if (s.temperature == 0 || std::isinf(logits[best])) return int(best);
   if (logits[best] == -INFINITY) throw value_error("sample_token: every logit is -inf; cannot choose a token");
-  std::vector<double> p(V);
+  // Scratch kept per thread between calls: a vocabulary's worth of fresh pages per token cost
+  // more than the arithmetic (page faults and zeroing, measured at 2.7 ms against 0.3 ms).
+  thread_local std::vector<double> p;
+  thread_local std::vector<std::size_t> order;
+  p.resize(V);
+  order.resize(V);
   const double m = logits[best];
   double sum = 0;
   for (std::size_t i = 0; i < V; ++i) sum += p[i] = std::exp((logits[i] - m) / s.temperature);
-  std::vector<std::size_t> order(V);
   std::iota(order.begin(), order.end(), std::size_t(0));
-  std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return p[a] > p[b]; });
-  double kept = 0;
-  std::size_t n = 0;
-  while (n < order.size() && kept < s.top_p * sum) kept += p[order[n++]];
-  double u = rng.uniform() * kept;
-  for (std::size_t i = 0; i < n; ++i) {
-    u -= p[order[i]];
-    if (u < 0) return int(order[i]);
+  double kept = sum;
+  std::size_t n = V;
+  if (s.top_p < 1) {
+    const auto likelier = [&](std::size_t a, std::size_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); };
+    const double target = s.top_p * sum;
+    kept = 0;
+    n = 0;
+    std::size_t sorted = 0;
+    while (kept < target && n < V) {
+      if (n == sorted) {  // the next run of the order: everything past `sorted` is no likelier
+        const std::size_t next = std::min(V, std::max<std::size_t>(256, 2 * sorted));
+        std::partial_sort(order.begin() + std::ptrdiff_t(sorted), order.begin() + std::ptrdiff_t(next), order.end(), likelier);
+        sorted = next;
+      }
+      kept += p[order[n++]];
+    }
   }
-  return int(order[n - 1]);
+  double u = rng.uniform() * kept;
+  std::size_t last = order[0];  // u can outlast the walk by rounding: then the last possible token
+  for (std::size_t i = 0; i < n; ++i) {
+    const double pi = p[order[i]];
+    u -= pi;
+    if (u < 0) return int(order[i]);
+    if (pi > 0) last = order[i];
+  }
+  return int(last);
 }
 
 /// The decoding loop shared by models: step(ids) feeds ids after what came before and returns

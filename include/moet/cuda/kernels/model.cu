@@ -3,6 +3,7 @@
 // reduce in a fixed order (per-thread partial sums in index order, then the warps' sums in warp
 // order), so every result has the same bits on every run.
 #include <cfloat>
+#include <climits>
 
 #include "../model_kernels.hpp"
 #include "common.cuh"
@@ -291,6 +292,48 @@ __global__ void row_dot_kernel(const T* dy, std::int64_t ld_dy, const T* y, std:
 }
 
 template <class T>
+__global__ void __launch_bounds__(row_threads) argmax_rows_kernel(const T* x, std::int64_t ld, std::int64_t rows, std::int64_t cols,
+                                                                  int* out) {
+  __shared__ float best_values[32];
+  __shared__ int best_columns[32];
+  __shared__ float nans[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = int((blockDim.x + 31) >> 5);
+  for (std::int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    float best = -INFINITY, nan = 0.f;
+    int column = INT_MAX;
+    for (std::int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+      const float v = to_f(x[r * ld + j]);
+      if (v != v) nan = 1.f;
+      else if (v > best || (v == best && int(j) < column)) {
+        best = v;
+        column = int(j);
+      }
+    }
+    warp_argmax(best, column);
+    nan = warp_sum(nan);
+    __syncthreads();  // the scratch may still be read for the previous row
+    if (lane == 0) {
+      best_values[warp] = best;
+      best_columns[warp] = column;
+      nans[warp] = nan;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float b = best_values[0], any_nan = nans[0];
+      int c = best_columns[0];
+      for (int w = 1; w < warps; ++w) {
+        any_nan += nans[w];
+        if (best_values[w] > b || (best_values[w] == b && best_columns[w] < c)) {
+          b = best_values[w];
+          c = best_columns[w];
+        }
+      }
+      out[r] = any_nan > 0.f ? -1 : c;
+    }
+  }
+}
+
+template <class T>
 __global__ void __launch_bounds__(row_threads)
     cross_entropy_kernel(const float* logits, std::int64_t rows, std::int64_t vocab, const int* targets, float* loss_rows,
                          float* lse_rows, T* d_logits, const T* scale_ptr, float inv_count) {
@@ -528,6 +571,13 @@ void attention_row_dot(const T* dy, std::int64_t ld_dy, const T* y, std::int64_t
 }
 
 template <class T>
+void argmax_rows(const T* x, std::int64_t ld, std::int64_t rows, std::int64_t cols, int* out, cudaStream_t stream) {
+  if (rows == 0) return;
+  MOET_LAUNCH(row_grid(rows), row_threads, 0, stream, device::argmax_rows_kernel<T>)(x, ld, rows, cols, out);
+  MOET_CUDA_CHECK_LAUNCH("argmax_rows_kernel");
+}
+
+template <class T>
 void cross_entropy_rows(const float* logits, std::int64_t rows, std::int64_t vocab, const int* targets, float* loss_rows,
                         float* lse_rows, T* d_logits, const T* scale_ptr, float inv_count, cudaStream_t stream) {
   if (rows == 0) return;
@@ -599,6 +649,7 @@ void gather_step_numbers(const float* loss, const double* aux, const double* sq,
                                      cudaStream_t);                                                                             \
   template void attention_row_dot<T>(const T*, std::int64_t, const T*, std::int64_t, std::int64_t, std::int64_t, std::int64_t, \
                                      int, float*, cudaStream_t);                                                                \
+  template void argmax_rows<T>(const T*, std::int64_t, std::int64_t, std::int64_t, int*, cudaStream_t);                     \
   template void cross_entropy_rows<T>(const float*, std::int64_t, std::int64_t, const int*, float*, float*, T*, const T*,      \
                                       float, cudaStream_t);
 MOET_INSTANTIATE_MODEL(float)
