@@ -99,3 +99,28 @@ TEST_CASE("MoV's threaded gradient reduction is deterministic", "[arena][mov]") 
     REQUIRE(Matrix<float>(mov.router_kernel.grad()) == kernel);
   }
 }
+
+TEST_CASE("The arena lays gradients out in the visitor's order, not the heap's", "[arena]") {
+  // Two layers built in the reverse of the order they are visited in: the one visited second
+  // holds the lower heap addresses (checked), yet its gradients come second in the arena, so
+  // every instance of a model type sums its gradient norm in the same order.
+  using Spec = Mixture<Router<Soft>, Expert<LoRA<2>>, 3>;
+  Rng rng(52);
+  const Matrix<double> w = rng.normal_matrix<double>(6, 5);
+  Spec::layer<double> second(w, rng), first(w, rng);
+  std::tuple<Spec::layer<double>, Spec::layer<double>> model{std::move(first), std::move(second)};
+  auto lowest = [](auto& layer) {
+    const double* p = nullptr;
+    for_each_param(layer, [&](Param<double>& q) { p = p == nullptr || q.grad().data() < p ? q.grad().data() : p; });
+    return p;
+  };
+  REQUIRE(lowest(std::get<1>(model)) < lowest(std::get<0>(model)));  // the heap's order is the reverse
+  GradientArena<double> arena(model);
+  Index end_of_first = 0, start_of_second = arena.size();
+  for_each_param(std::get<0>(model), [&](Param<double>& p) {
+    end_of_first = std::max(end_of_first, arena.offset_of(&p.grad()(p.rows() - 1, p.cols() - 1)) + 1);
+  });
+  for_each_param(std::get<1>(model), [&](Param<double>& p) { start_of_second = std::min(start_of_second, arena.offset_of(p.grad().data())); });
+  CHECK(end_of_first <= start_of_second);
+  CHECK(end_of_first + (arena.size() - start_of_second) == arena.size());
+}

@@ -37,27 +37,37 @@ class GradientArena {
       const T* begin;
       const T* end;
       Index offset = 0;
+      std::size_t first_visit = 0;  // the visitor's index of the first Param inside
     };
     std::vector<Range> ranges;
-    auto extent = [](const Param<T>& p) {
+    auto extent = [](const Param<T>& p, std::size_t visit) {
       const auto& g = p.grad();
       const T* begin = g.data();
-      return Range{begin, begin + (g.rows() - 1) * g.outerStride() + g.cols()};
+      return Range{begin, begin + (g.rows() - 1) * g.outerStride() + g.cols(), 0, visit};
     };
     for_each_param(model, [&](Param<T>& p) {
-      if (p.size() > 0) ranges.push_back(extent(p));
+      if (p.size() > 0) ranges.push_back(extent(p, ranges.size()));
     });
     // Views into one layer buffer overlap: merge them, so that buffer moves whole.
     std::sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) { return a.begin < b.begin; });
     std::vector<Range> merged;
     for (const Range& r : ranges) {
-      if (!merged.empty() && r.begin < merged.back().end) merged.back().end = std::max(merged.back().end, r.end);
-      else merged.push_back(r);
+      if (!merged.empty() && r.begin < merged.back().end) {
+        merged.back().end = std::max(merged.back().end, r.end);
+        merged.back().first_visit = std::min(merged.back().first_visit, r.first_visit);
+      } else {
+        merged.push_back(r);
+      }
     }
+    // The arena follows the visitor's order, not the heap's: every instance of a model type lays
+    // its gradients out alike, so the norm's sum (clipping) adds them in the same order.
+    std::vector<Range*> layout;
+    for (Range& r : merged) layout.push_back(&r);
+    std::sort(layout.begin(), layout.end(), [](const Range* a, const Range* b) { return a->first_visit < b->first_visit; });
     Index size = 0;
-    for (Range& r : merged) {
-      r.offset = size;
-      size += Index(r.end - r.begin);
+    for (Range* r : layout) {
+      r->offset = size;
+      size += Index(r->end - r->begin);
     }
     data_.assign(static_cast<std::size_t>(size), T(0));
     for (const Range& r : merged) std::memcpy(data_.data() + r.offset, r.begin, std::size_t(r.end - r.begin) * sizeof(T));

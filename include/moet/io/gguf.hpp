@@ -149,9 +149,7 @@ void save_gguf_lora(Model& model, const std::filesystem::path& file) {
     w.pad(alignment);
   }
   io::make_directory(file.parent_path().empty() ? std::filesystem::path(".") : file.parent_path(), who);
-  std::ofstream out(file, std::ios::binary | std::ios::trunc);
-  out.write(w.bytes().data(), std::streamsize(w.bytes().size()));
-  if (!out) throw format_error(who + ": cannot write " + file.string());
+  io::write_text_file(file, w.bytes(), who);  // binary; errors name the file
 }
 
 }  // namespace moet

@@ -116,6 +116,9 @@ class BytePairModel {
     unused_.assign(tokens_.size(), false);
     for (const int u : options_.unused)
       if (u >= 0 && std::size_t(u) < unused_.size()) unused_[std::size_t(u)] = true;
+    // Both are held as frozen_ / unused_ from here on.
+    options_.frozen = {};
+    options_.unused = {};
     for (int byte = 0; byte < 256; ++byte) {
       std::string sym;
       append_utf8(sym, byte_to_char()[std::size_t(byte)]);
