@@ -332,7 +332,7 @@ class ComposedModel {
   std::vector<int> generate(const std::vector<int>& prompt, const SamplingOptions& s) const {
     check_generate(prompt, std::vector<std::vector<int>>(augment_count, prompt), s);
     Cache cache = start_cache(anchor.cache_reserve(prompt, s));
-    return sample_loop(name(), prompt, s, [&](const std::vector<int>& ids) { return last_row(decode(cache, ids)); });
+    return sample_loop<Ops>(name(), prompt, s, [&](const std::vector<int>& ids) { return decode(cache, ids); });
   }
 
   /// Different vocabularies: each model reads its own prompt (the same length), and each token
@@ -343,11 +343,11 @@ class ComposedModel {
     check_generate(prompt, std::vector<std::vector<int>>(augment_count, augment_prompt), s);
     Cache cache = start_cache(anchor.cache_reserve(prompt, s));
     bool first = true;
-    return sample_loop(name(), prompt, s, [&](const std::vector<int>& ids) {
-      if (std::exchange(first, false)) return last_row(decode(cache, ids, augment_prompt));
+    return sample_loop<Ops>(name(), prompt, s, [&](const std::vector<int>& ids) {
+      if (std::exchange(first, false)) return decode(cache, ids, augment_prompt);
       std::vector<int> aug(ids.size());
       std::transform(ids.begin(), ids.end(), aug.begin(), [&](int id) { return int(to_augment(id)); });
-      return last_row(decode(cache, ids, aug));
+      return decode(cache, ids, aug);
     });
   }
 
@@ -405,8 +405,6 @@ class ComposedModel {
   Index sites_of(Index m) const {
     return Index(std::count_if(sites_.begin(), sites_.end(), [&](const Site& s) { return s.augment == m; }));
   }
-
-  static std::vector<double> last_row(const Tensor& logits) { return Ops::row_to_host(logits, logits.rows() - 1); }
 
   void check_geometry(const Geometry& g) const {
     if (!g || !g->anchor || g->augments.size() != augment_count || g->cross.size() != augment_count)

@@ -445,10 +445,7 @@ class DecoderModel {
   std::vector<int> generate(const std::vector<int>& prompt, const SamplingOptions& s) const {
     check_generate(prompt, s);
     Cache cache = start_cache(cache_reserve(prompt, s));
-    return sample_loop(name(), prompt, s, [&](const std::vector<int>& ids) {
-      const Tensor l = decode(cache, ids);
-      return Ops::row_to_host(l, l.rows() - 1);
-    });
+    return sample_loop<Ops>(name(), prompt, s, [&](const std::vector<int>& ids) { return decode(cache, ids); });
   }
 
   /// The checks generate makes before it starts (a composition makes them for its anchor).

@@ -1,5 +1,6 @@
-// Choosing the next token from a row of logits, and the decoding loop every model shares. Both
-// work on host values: a backend hands over the last row of its logits (ops::row_to_host).
+// Choosing the next token from a row of logits, and the decoding loop every model shares.
+// Sampling works on host values (a backend hands over a row: ops::row_to_host); a greedy pick is
+// made by the backend itself (ops::argmax_rows).
 #pragma once
 
 #include <algorithm>
@@ -81,8 +82,6 @@ inline int sample_token(const std::vector<double>& logits, const SamplingOptions
   return int(last);
 }
 
-/// The decoding loop shared by models: step(ids) feeds ids after what came before and returns
-/// the host logits of its last row; each picks the next token.
 /// The settings and prompt a generation needs: a non-empty prompt, max_new_tokens >= 0,
 /// temperature >= 0 and 0 < top_p <= 1.
 inline void check_sampling(const std::string& who, const std::vector<int>& prompt, const SamplingOptions& s) {
@@ -93,14 +92,28 @@ inline void check_sampling(const std::string& who, const std::vector<int>& promp
                                      s.temperature, " top_p=", s.top_p));
 }
 
-template <class Step>
+/// The next token from row `row` of a backend's logits. A greedy pick is made where the logits
+/// live (Ops::argmax_rows: on the GPU one int crosses to the host, not a row of the vocabulary);
+/// sampling, or a row holding a NaN (refused by name), goes through sample_token on the host row.
+template <class Ops, class Logits>
+int next_token(const Logits& logits, Index row, const SamplingOptions& s, Rng& rng) {
+  if (s.temperature == 0) {
+    const int pick = Ops::argmax_rows(logits, row, 1, 1)[0];
+    if (pick >= 0) return pick;
+  }
+  return sample_token(Ops::row_to_host(logits, row), s, rng);
+}
+
+/// The decoding loop shared by models: step(ids) feeds ids after what came before and returns
+/// their logits (the backend's tensor); each last row picks the next token (next_token).
+template <class Ops, class Step>
 std::vector<int> sample_loop(const std::string& who, const std::vector<int>& prompt, const SamplingOptions& s, Step&& step) {
   check_sampling(who, prompt, s);
   Rng rng(s.seed);
-  std::vector<double> logits = step(prompt);
+  auto logits = step(prompt);
   std::vector<int> out;
   for (int i = 0; i < s.max_new_tokens; ++i) {
-    const int next = sample_token(logits, s, rng);
+    const int next = next_token<Ops>(logits, Ops::shape(logits).first - 1, s, rng);
     out.push_back(next);
     if (next == s.eos || i + 1 == s.max_new_tokens) break;
     logits = step(std::vector<int>{next});
