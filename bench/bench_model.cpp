@@ -13,14 +13,12 @@
 
 #include <malloc.h>
 
-#include <algorithm>
-#include <cmath>
-#include <numeric>
 #include <string>
 #include <vector>
 
 #include <moet/models.hpp>
 
+#include "../tests/reference_sampling.hpp"
 #include "ratio_reporter.hpp"
 
 namespace {
@@ -92,27 +90,8 @@ void adapted(benchmark::State& state, bool recompute) {
   state.counters["trainable_%"] = count_parameters(trainer.model).trainable_percent();
 }
 
-/// What sample_token did before it sorted only the nucleus: a sort of the whole vocabulary.
-int full_sort_sample(const std::vector<double>& logits, const SamplingOptions& s, Rng& rng) {
-  const std::size_t V = logits.size();
-  const double m = *std::max_element(logits.begin(), logits.end());
-  std::vector<double> p(V);
-  double sum = 0;
-  for (std::size_t i = 0; i < V; ++i) sum += p[i] = std::exp((logits[i] - m) / s.temperature);
-  std::vector<std::size_t> order(V);
-  std::iota(order.begin(), order.end(), std::size_t(0));
-  std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return p[a] > p[b]; });
-  double kept = 0;
-  std::size_t n = 0;
-  while (n < V && kept < s.top_p * sum) kept += p[order[n++]];
-  double u = rng.uniform() * kept;
-  for (std::size_t i = 0; i < n; ++i)
-    if ((u -= p[order[i]]) < 0) return int(order[i]);
-  return int(order[n - 1]);
-}
-
 /// One token drawn from GPT-2's 50257 logits (normal, stddev 3, temperature 0.8): sample_token
-/// against the whole-vocabulary sort (the floor), back to back in every iteration.
+/// against a sort of the whole vocabulary (the floor; sample_token sorted so before), back to back in every iteration.
 void sampling(benchmark::State& state, double top_p) {
   Rng rng(9);
   std::vector<double> logits(50257);
@@ -120,7 +99,7 @@ void sampling(benchmark::State& state, double top_p) {
   const SamplingOptions s{.temperature = 0.8, .top_p = top_p};
   Rng a(1), b(1);
   bench::timed_against_floor(
-      state, [&] { benchmark::DoNotOptimize(full_sort_sample(logits, s, a)); },
+      state, [&] { benchmark::DoNotOptimize(moet::testing::whole_sort_sample(logits, s, a)); },
       [&] { benchmark::DoNotOptimize(sample_token(logits, s, b)); }, 1.0);
 }
 

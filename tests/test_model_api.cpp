@@ -7,13 +7,12 @@
 
 #include <moet/models.hpp>
 
-#include <algorithm>
 #include <cmath>
-#include <numeric>
 #include <set>
 
 #include "../examples/bottleneck_expert.hpp"
 #include "model_harness.hpp"
+#include "reference_sampling.hpp"
 
 using namespace moet;
 using namespace moet::slot;
@@ -287,23 +286,7 @@ TEST_CASE("Top-p sampling sorts only the nucleus, and picks what a sort of the w
   // The reference sorts every token (falling probability, equal ones by rising id) and walks
   // the nucleus; sample_token partially sorts 256, 512, ... tokens. Logits on a 0.25 grid tie
   // often; flat rows make nuclei of thousands of tokens (several doublings), peaked rows of few.
-  auto reference = [](const std::vector<double>& logits, const SamplingOptions& s, Rng& rng) {
-    const std::size_t V = logits.size();
-    const double m = *std::max_element(logits.begin(), logits.end());
-    std::vector<double> p(V);
-    double sum = 0;
-    for (std::size_t i = 0; i < V; ++i) sum += p[i] = std::exp((logits[i] - m) / s.temperature);
-    std::vector<std::size_t> order(V);
-    std::iota(order.begin(), order.end(), std::size_t(0));
-    std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return p[a] > p[b]; });
-    double kept = 0;
-    std::size_t n = 0;
-    while (n < V && kept < s.top_p * sum) kept += p[order[n++]];
-    double u = rng.uniform() * kept;
-    for (std::size_t i = 0; i < n; ++i)
-      if ((u -= p[order[i]]) < 0) return int(order[i]);
-    return int(order[n - 1]);
-  };
+  const auto reference = moet::testing::whole_sort_sample;
   Rng values(31);
   int draws = 0;
   for (const std::size_t V : {std::size_t(7), std::size_t(3000)})
