@@ -678,6 +678,15 @@ void store(void* p, cudaDataType_t t, std::int64_t i, double v) {
   }
 }
 
+/// A descriptor attribute set from (buf, bytes), as cuBLASLt does: refused when buf is null or
+/// its size is not the attribute's.
+template <class Field>
+cublasStatus_t set_attribute(Field& field, const void* buf, std::size_t bytes) {
+  if (buf == nullptr || bytes != sizeof field) return CUBLAS_STATUS_INVALID_VALUE;
+  std::memcpy(&field, buf, bytes);
+  return CUBLAS_STATUS_SUCCESS;
+}
+
 cublasStatus_t invalid(const std::string& why) {
   std::fprintf(stderr, "moet CUDA emulation: cublasLtMatmul: %s\n", why.c_str());
   return CUBLAS_STATUS_INVALID_VALUE;
@@ -749,11 +758,7 @@ cublasStatus_t cublasLtMatmulDescDestroy(cublasLtMatmulDesc_t desc) {
 cublasStatus_t cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t desc, cublasLtMatmulDescAttributes_t attr,
                                               const void* buf, std::size_t bytes) {
   MatmulDesc& d = get(desc);
-  auto copy = [&](auto& field) {
-    if (bytes != sizeof field) return CUBLAS_STATUS_INVALID_VALUE;
-    std::memcpy(&field, buf, bytes);
-    return CUBLAS_STATUS_SUCCESS;
-  };
+  auto copy = [&](auto& field) { return set_attribute(field, buf, bytes); };
   switch (attr) {
     case CUBLASLT_MATMUL_DESC_TRANSA:
       return copy(d.trans_a);
@@ -776,11 +781,7 @@ cublasStatus_t cublasLtMatrixLayoutCreate(cublasLtMatrixLayout_t* layout, cudaDa
 cublasStatus_t cublasLtMatrixLayoutSetAttribute(cublasLtMatrixLayout_t layout, cublasLtMatrixLayoutAttribute_t attr,
                                                 const void* buf, std::size_t bytes) {
   Layout& l = *reinterpret_cast<Layout*>(layout);
-  auto copy = [&](auto& field) {
-    if (buf == nullptr || bytes != sizeof field) return CUBLAS_STATUS_INVALID_VALUE;
-    std::memcpy(&field, buf, bytes);
-    return CUBLAS_STATUS_SUCCESS;
-  };
+  auto copy = [&](auto& field) { return set_attribute(field, buf, bytes); };
   switch (attr) {
     case CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT:
       return copy(l.batch);
