@@ -492,22 +492,11 @@ class DecoderModel {
     std::vector<std::vector<int>> out(static_cast<std::size_t>(B));
     std::vector<unsigned char> running(std::size_t(B), 1);
     for (int step = 0; step < s.max_new_tokens; ++step) {
-      // Every sequence's last row leaves the device at once: greedy picks (one int each, chosen
-      // on the device) or the rows themselves to sample from.
-      std::vector<int> picks;
-      std::vector<std::vector<double>> rows;
-      if (s.temperature == 0) picks = Ops::argmax_rows(logits, n - 1, n, B);
-      else rows = Ops::rows_to_host(logits, n - 1, n, B);
-      std::vector<int> next(std::size_t(B), 0);
+      const std::vector<int> next = next_tokens<Ops>(logits, n - 1, n, s, rngs, running);  // one crossing for all
       for (Index b = 0; b < B; ++b) {
         if (!running[std::size_t(b)]) continue;
-        const std::size_t i = std::size_t(b);
-        // A row with a NaN is refused by sample_token, which names the logit.
-        const int token = s.temperature == 0 && picks[i] >= 0
-                              ? picks[i]
-                              : sample_token(rows.empty() ? Ops::row_to_host(logits, b * n + n - 1) : rows[i], s, rngs[i]);
+        const int token = next[std::size_t(b)];
         out[std::size_t(b)].push_back(token);
-        next[std::size_t(b)] = token;
         if (token == s.eos || step + 1 == s.max_new_tokens) running[std::size_t(b)] = 0;
       }
       if (std::find(running.begin(), running.end(), 1) == running.end()) break;

@@ -92,28 +92,38 @@ inline void check_sampling(const std::string& who, const std::vector<int>& promp
                                      s.temperature, " top_p=", s.top_p));
 }
 
-/// The next token from row `row` of a backend's logits. A greedy pick is made where the logits
-/// live (Ops::argmax_rows: on the GPU one int crosses to the host, not a row of the vocabulary);
-/// sampling, or a row holding a NaN (refused by name), goes through sample_token on the host row.
+/// The next token of each sequence from rows first, first + step, ... of a backend's logits (one
+/// Rng per sequence; a sequence whose `active` flag is 0 is skipped and gets 0). The rows leave
+/// the device at once: greedy picks are made where the logits live (Ops::argmax_rows: one int
+/// per row crosses, not a row of the vocabulary), sampling reads the rows in one copy; a row
+/// holding a NaN goes through sample_token, which refuses it by name.
 template <class Ops, class Logits>
-int next_token(const Logits& logits, Index row, const SamplingOptions& s, Rng& rng) {
-  if (s.temperature == 0) {
-    const int pick = Ops::argmax_rows(logits, row, 1, 1)[0];
-    if (pick >= 0) return pick;
+std::vector<int> next_tokens(const Logits& logits, Index first, Index step, const SamplingOptions& s, std::vector<Rng>& rngs,
+                             const std::vector<unsigned char>& active = {}) {
+  const Index count = Index(rngs.size());
+  std::vector<int> picks, out(rngs.size(), 0);
+  std::vector<std::vector<double>> rows;
+  if (s.temperature == 0) picks = Ops::argmax_rows(logits, first, step, count);
+  else rows = Ops::rows_to_host(logits, first, step, count);
+  for (std::size_t b = 0; b < rngs.size(); ++b) {
+    if (!active.empty() && !active[b]) continue;
+    out[b] = s.temperature == 0 && picks[b] >= 0
+                 ? picks[b]
+                 : sample_token(rows.empty() ? Ops::row_to_host(logits, first + Index(b) * step) : rows[b], s, rngs[b]);
   }
-  return sample_token(Ops::row_to_host(logits, row), s, rng);
+  return out;
 }
 
 /// The decoding loop shared by models: step(ids) feeds ids after what came before and returns
-/// their logits (the backend's tensor); each last row picks the next token (next_token).
+/// their logits (the backend's tensor); each last row picks the next token (next_tokens).
 template <class Ops, class Step>
 std::vector<int> sample_loop(const std::string& who, const std::vector<int>& prompt, const SamplingOptions& s, Step&& step) {
   check_sampling(who, prompt, s);
-  Rng rng(s.seed);
+  std::vector<Rng> rng{Rng(s.seed)};
   auto logits = step(prompt);
   std::vector<int> out;
   for (int i = 0; i < s.max_new_tokens; ++i) {
-    const int next = next_token<Ops>(logits, Ops::shape(logits).first - 1, s, rng);
+    const int next = next_tokens<Ops>(logits, Ops::shape(logits).first - 1, 1, s, rng)[0];
     out.push_back(next);
     if (next == s.eos || i + 1 == s.max_new_tokens) break;
     logits = step(std::vector<int>{next});
