@@ -267,6 +267,91 @@ TEST_CASE("Aux losses with padding pass the gradient check", "[grad][model][rout
   REQUIRE(report.ok);
 }
 
+namespace {
+/// An optimizer that only counts its steps (apply_step calls step(model)).
+struct CountingOptimizer {
+  int steps = 0;
+  template <class Model>
+  void step(Model&) {
+    ++steps;
+  }
+};
+}  // namespace
+
+TEST_CASE("Gradient accumulation averages its parts' whole objectives, aux losses included", "[model][training]") {
+  using Routed = Decoder<GPT2, Slots<at<q, Mixture<Router<TopK<2>>, Expert<LoRA<2>>, 4>>, at<values, MoV<3>>>>;
+  Rng rng(27);
+  Routed::model<double> model(gpt2_config(), rng, {.router = {.load_balance_weight = 0.5, .z_loss_weight = 0.1}}, 0.3);
+  for_each_param(model, [&](auto& p) { rng.fill_normal(p.value(), 0.0, 0.5); });
+  const TokenBatch a = batch_of(2, 5, 11, 3), b = batch_of(3, 4, 11, 8, {0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1});
+
+  // each part's own objective (loss + aux losses) and gradient, averaged
+  double loss = 0, aux = 0;
+  std::vector<Matrix<double>> mean;
+  for (const TokenBatch* part : {&a, &b}) {
+    const auto c = model.forward(*part);
+    model.backward(c, overwrite);
+    loss += c.output()(0, 0) / 2;
+    aux += c.aux_loss() / 2;
+    const auto g = gradients(model);
+    for (std::size_t i = 0; i < g.size(); ++i) {
+      if (mean.size() <= i) mean.emplace_back(Matrix<double>::Zero(g[i].rows(), g[i].cols()));
+      mean[i] += g[i] / 2;
+    }
+  }
+  REQUIRE(aux > 0);
+  double norm = 0;
+  for (const auto& m : mean) norm += m.squaredNorm();
+  norm = std::sqrt(norm);
+
+  CountingOptimizer opt;
+  model.accumulate_gradients(a, 0, 2);
+  // a step with a part missing is refused and loses nothing: the second part still completes it
+  REQUIRE_THROWS_WITH(model.apply_gradients(opt), Contains("apply_gradients needs every part of a step") && Contains("1 of 2 parts have run"));
+  model.accumulate_gradients(b, 1, 2);
+  const TrainStepResult r = model.apply_gradients(opt, 0.0);
+  CHECK(opt.steps == 1);
+  CHECK(r.loss == Approx(loss).epsilon(1e-12));
+  CHECK(r.aux_loss == Approx(aux).epsilon(1e-12));
+  CHECK(r.grad_norm == Approx(norm).epsilon(1e-12));
+  CHECK_FALSE(r.clipped);
+  const auto g = gradients(model);
+  for (std::size_t i = 0; i < g.size(); ++i) CHECK(g[i].isApprox(mean[i], 1e-12));
+
+  // clipping applies to the mean gradient's norm
+  model.accumulate_gradients(a, 0, 2);
+  model.accumulate_gradients(b, 1, 2);
+  const TrainStepResult clipped = model.apply_gradients(opt, norm / 4);
+  CHECK(clipped.clipped);
+  CHECK(clipped.grad_norm == Approx(norm).epsilon(1e-12));
+  const auto gc = gradients(model);
+  for (std::size_t i = 0; i < gc.size(); ++i) CHECK(gc[i].isApprox(mean[i] * (norm / 4 / (norm + 1e-6)), 1e-12));
+  CHECK(opt.steps == 2);
+
+  // a step is applied once; parts run in order from 0 and agree on their number
+  REQUIRE_THROWS_WITH(model.apply_gradients(opt), Contains("0 of 0 parts have run"));
+  REQUIRE_THROWS_WITH(model.accumulate_gradients(b, 1, 2), Contains("accumulate_gradients(part 1 of 2) came after 0 of 0 parts"));
+  model.accumulate_gradients(a, 0, 2);
+  REQUIRE_THROWS_WITH(model.accumulate_gradients(b, 1, 3), Contains("came after 1 of 2 parts"));
+  REQUIRE_THROWS_WITH(model.accumulate_gradients(b, 2, 2), Contains("out of range"));
+  // a part that fails abandons the step
+  TokenBatch bad = b;
+  bad.ids[3] = 11;
+  REQUIRE_THROWS_WITH(model.accumulate_gradients(bad, 1, 2), Contains("11"));
+  REQUIRE_THROWS_WITH(model.accumulate_gradients(b, 1, 2), Contains("came after 0 of 0 parts"));
+  CHECK(opt.steps == 2);
+
+  // one part is train_step, to the bit
+  model.accumulate_gradients(b, 0, 1);
+  const TrainStepResult one = model.apply_gradients(opt, 0.5);
+  const auto g_one = gradients(model);
+  const TrainStepResult whole = model.train_step(b, opt, 0.5);
+  CHECK(one.loss == whole.loss);
+  CHECK(one.aux_loss == whole.aux_loss);
+  CHECK(one.grad_norm == whole.grad_norm);
+  CHECK(gradients(model) == g_one);
+}
+
 TEST_CASE("Sampling refuses NaN logits by name", "[model][generate][errors]") {
   Rng rng(27);
   SamplingOptions greedy, hot{4, 1.0, 0.9, 3, -1};

@@ -217,6 +217,32 @@ void compare_model(const io::ModelConfig& config, const ModelOptions& options) {
     CHECK(restored.steps() == 4);
   }
 
+  SECTION("gradient accumulation: the mean of two parts, read with one host wait") {
+    TokenBatch second{3, 4, {}, {}, {}, {}};
+    for (int t = 0; t < 12; ++t) second.ids.push_back((5 * t + 2) % int(config.vocab));
+    second.labels = second.ids;
+    AdamW<double> cpu_opt({.lr = 1e-2});
+    CudaAdamW gpu_opt(ctx, {.lr = 1e-2});
+    gpu.train_step(batch, gpu_opt, 0.5);  // sets up the optimizer's master copies
+    cpu.train_step(batch, cpu_opt, 0.5);
+    const long waits = cuda_impl::host_waits().load();
+    gpu.accumulate_gradients(batch, 0, 2);
+    gpu.accumulate_gradients(second, 1, 2);
+    CHECK(cuda_impl::host_waits().load() == waits);  // the parts read nothing back
+    const TrainStepResult rg = gpu.apply_gradients(gpu_opt, 0.05);
+    CHECK(cuda_impl::host_waits().load() - waits == 1);
+    cpu.accumulate_gradients(batch, 0, 2);
+    cpu.accumulate_gradients(second, 1, 2);
+    const TrainStepResult rc = cpu.apply_gradients(cpu_opt, 0.05);
+    CHECK(rc.clipped);
+    CHECK(rg.clipped);
+    CHECK(std::abs(rg.loss - rc.loss) <= tolerance * rc.loss);
+    CHECK(std::abs(rg.aux_loss - rc.aux_loss) <= tolerance * std::max(1e-3, std::abs(rc.aux_loss)));
+    CHECK(std::abs(rg.grad_norm - rc.grad_norm) <= tolerance * rc.grad_norm);
+    require_same_gradients(cpu, gpu);  // scaled to the mean and clipped
+    CHECK_THROWS_AS(gpu.apply_gradients(gpu_opt), value_error);  // the step was taken once
+  }
+
   SECTION("cached decoding equals the full forward; generation equals the CPU's") {
     const std::vector<int> prompt{3, 1, 4, 1, 5};
     TokenBatch one{1, Index(prompt.size()), prompt, {}, {}, {}};

@@ -191,14 +191,27 @@ struct ops<cpu, T> {
   }
   static double aux_value(AuxSum sum) { return sum; }
 
-  /// After backward: the loss, the aux losses, and the global gradient norm, clipped to max_norm
-  /// (<= 0: measured only).
-  template <class Model, class Loss>
-  static StepNumbers finish_step(Model& model, const Loss& loss, const AuxSum* aux, double max_norm) {
+  /// A training step's loss and aux losses, summed over its micro-batches.
+  struct StepSum {
+    double loss = 0, aux = 0;
+  };
+  /// After a micro-batch's backward: its loss and aux losses into the step's sum (`first`
+  /// starts a new sum).
+  template <class Loss>
+  static void add_to_step(StepSum& sum, const Loss& loss, const AuxSum* aux, bool first) {
+    if (first) sum = {};
+    sum.loss += scalar(loss);
+    sum.aux += aux ? *aux : 0.0;
+  }
+
+  /// After the last backward of a step of `parts` micro-batches: the gradients scaled to their
+  /// mean (1 / parts) and clipped to max_norm (<= 0: not clipped), the mean loss and aux loss.
+  template <class Model>
+  static StepNumbers finish_step(Model& model, const StepSum& sum, int parts, double max_norm) {
     StepNumbers r;
-    r.loss = scalar(loss);
-    r.aux_loss = aux ? *aux : 0.0;
-    r.clip = clip_grad_norm(model, max_norm);
+    r.loss = sum.loss / parts;
+    r.aux_loss = sum.aux / parts;
+    r.clip = clip_grad_norm(model, max_norm, 1.0 / parts);
     return r;
   }
 };

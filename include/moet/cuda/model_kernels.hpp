@@ -122,13 +122,16 @@ struct GradSegment {
 /// *sq = the sum of squares of every segment, in double and in a fixed order (per-block partials,
 /// `blocks` per segment, then one block): the same bits on every run.
 void sum_squares(const GradSegment* segments, int count, int blocks, double* partials, double* sq, cudaStream_t stream);
-/// Multiplies every segment by max_norm / (sqrt(*sq) + 1e-6) when that norm is finite and above
-/// max_norm (else leaves them); reads *sq on the device.
-void clip_segments(const GradSegment* segments, int count, const double* sq, double max_norm, cudaStream_t stream);
+/// Multiplies every segment by scale, and by max_norm / (norm + 1e-6) when norm = sqrt(*sq) *
+/// scale is finite and above max_norm > 0; reads *sq on the device.
+void clip_segments(const GradSegment* segments, int count, const double* sq, double max_norm, double scale, cudaStream_t stream);
 /// Zeroes every segment.
 void zero_segments(const GradSegment* segments, int count, cudaStream_t stream);
-/// out[0..3) = {*loss, *aux (0 when null), *sq (0 when null)}: a training step's numbers in one
-/// place, so the host reads them with one copy.
-void gather_step_numbers(const float* loss, const double* aux, const double* sq, double* out, cudaStream_t stream);
+/// sums[0..2) = {*loss, *aux (0 when null)} when first, else adds them: a training step's
+/// micro-batches summed on the device.
+void add_step_numbers(const float* loss, const double* aux, double* sums, bool first, cudaStream_t stream);
+/// out[0..3) = {sums[0] scale, sums[1] scale, *sq scale^2 (0 when sq is null)}: a training step's
+/// numbers in one place (scale = 1 / its micro-batches), so the host reads them with one copy.
+void gather_step_numbers(const double* sums, const double* sq, double scale, double* out, cudaStream_t stream);
 
 }  // namespace moet::cuda_impl

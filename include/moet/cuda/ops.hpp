@@ -407,23 +407,24 @@ class GradientArena {
   int tensors() const { return count_; }
 
   /// The global norm, and the scaling by max_norm / (norm + 1e-6) when it exceeds max_norm > 0
-  /// and is finite (as clip_grad_norm on the CPU). Reads one number from the device.
-  ClipResult clip(double max_norm) {
+  /// and is finite (as clip_grad_norm on the CPU, `scale` included). Reads one number from the device.
+  ClipResult clip(double max_norm, double scale = 1.0) {
     ClipResult r;
-    const double* sq = reduce_and_clip(max_norm);
+    const double* sq = reduce_and_clip(max_norm, scale);
     if (!sq) return r;
-    r.norm = std::sqrt(download(DeviceView<const double>(sq_.view()), ctx_->stream())[0]);
+    r.norm = std::sqrt(download(DeviceView<const double>(sq_.view()), ctx_->stream())[0]) * scale;
     r.clipped = clip_applies(r.norm, max_norm);
     return r;
   }
 
-  /// clip() without reading anything back: the squared norm stays on the device (the pointer
-  /// returned; nullptr when there are no gradients) and the kernel decides on the scaling.
-  const double* reduce_and_clip(double max_norm) {
+  /// clip() without reading anything back: the squared norm of the unscaled gradients stays on
+  /// the device (the pointer returned; nullptr when there are no gradients) and the kernel
+  /// decides on the clipping; every gradient is multiplied by `scale` in the same pass.
+  const double* reduce_and_clip(double max_norm, double scale = 1.0) {
     if (count_ == 0) return nullptr;
     const cudaStream_t st = ctx_->stream();
     sum_squares(segments(), count_, blocks, partials_.data(), sq_.data(), st);
-    if (max_norm > 0) clip_segments(segments(), count_, sq_.data(), max_norm, st);
+    if (max_norm > 0 || scale != 1.0) clip_segments(segments(), count_, sq_.data(), max_norm, scale, st);
     return sq_.data();
   }
 
@@ -678,16 +679,30 @@ struct ops<cuda, T> {
     return sum.value.size() ? cuda_impl::download(DeviceView<const double>(sum.value.view()), stream()).at(0) : 0.0;
   }
 
-  /// After backward: the loss, the aux losses and the global gradient norm, clipping to max_norm
-  /// (<= 0: none) decided on the device, and all three numbers read with one wait for the stream
+  /// A training step's loss and aux losses, summed over its micro-batches on the device (two
+  /// doubles); nothing is read until finish_step.
+  struct StepSum {
+    DeviceMatrix<double> value;
+  };
+  /// After a micro-batch's backward: its loss and aux losses into the step's sum (`first`
+  /// starts a new sum).
+  static void add_to_step(StepSum& sum, DeviceView<const float> loss, const AuxSum* aux, bool first) {
+    if (sum.value.size() == 0) sum.value = DeviceMatrix<double>(1, 2, stream());
+    const double* aux_ptr = aux && aux->value.size() ? aux->value.data() : nullptr;
+    cuda_impl::add_step_numbers(loss.data, aux_ptr, sum.value.data(), first, stream());
+  }
+
+  /// After the last backward of a step of `parts` micro-batches: the gradients scaled to their
+  /// mean (1 / parts) and clipped to max_norm (<= 0: not clipped) in one pass decided on the
+  /// device, and the mean loss, mean aux loss and global norm read with one wait for the stream
   /// (the only one of a training step).
   template <class Model>
-  static StepNumbers finish_step(Model& model, DeviceView<const float> loss, const AuxSum* aux, double max_norm) {
+  static StepNumbers finish_step(Model& model, const StepSum& sum, int parts, double max_norm) {
+    const double scale = 1.0 / double(parts);
     auto& arena = model.gradient_arena();
-    const double* sq = arena.reduce_and_clip(max_norm);
+    const double* sq = arena.reduce_and_clip(max_norm, scale);
     DeviceMatrix<double> numbers(1, 3, stream());
-    const double* aux_ptr = aux && aux->value.size() ? aux->value.data() : nullptr;
-    cuda_impl::gather_step_numbers(loss.data, aux_ptr, sq, numbers.data(), stream());
+    cuda_impl::gather_step_numbers(sum.value.data(), sq, scale, numbers.data(), stream());
     const std::vector<double> v = cuda_impl::download(DeviceView<const double>(numbers.view()), stream());
     StepNumbers r;
     r.loss = v[0];

@@ -259,8 +259,9 @@ class ComposedModel {
     const Context c = forward(b);
     backward(c, GradMode::overwrite);
     // the composition layers' gradients (nothing else trains); the anchor's routers' aux losses, if any
-    return detail::apply_step(*this, optimizer, detail::step_result(Ops::finish_step(*this, c.output(), &c.head.aux, max_grad_norm)),
-                              on_non_finite, skipped_steps_);
+    typename Ops::StepSum sum;
+    Ops::add_to_step(sum, c.output(), &c.head.aux, true);
+    return detail::end_step<Ops>(*this, optimizer, sum, 1, max_grad_norm, on_non_finite, skipped_steps_);
   }
   template <class Optimizer>
   TrainStepResult train_step(const TokenBatch& b, Optimizer& optimizer, double max_grad_norm = 1.0,

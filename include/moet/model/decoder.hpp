@@ -71,7 +71,7 @@ inline bool finite_step(const std::string& who, TrainStepResult& r, NonFinite po
   return false;
 }
 
-/// The end of every training step (train_step, optimizer_step, CALM's train_step): a non-finite
+/// The end of every training step (train_step, apply_gradients, CALM's train_step): a non-finite
 /// result is raised or skipped and counted in `skipped` (finite_step), else the optimizer steps.
 template <class Model, class Optimizer>
 TrainStepResult apply_step(Model& model, Optimizer& optimizer, TrainStepResult r, NonFinite policy, long& skipped) {
@@ -81,6 +81,14 @@ TrainStepResult apply_step(Model& model, Optimizer& optimizer, TrainStepResult r
   }
   optimizer.step(model);
   return r;
+}
+
+/// A training step's end from its micro-batches' summed numbers (Ops::finish_step: the mean
+/// gradient, clipped, and the mean losses), then apply_step.
+template <class Ops, class Model, class Optimizer>
+TrainStepResult end_step(Model& model, Optimizer& optimizer, const typename Ops::StepSum& sum, int parts, double max_norm,
+                         NonFinite policy, long& skipped) {
+  return apply_step(model, optimizer, step_result(Ops::finish_step(model, sum, parts, max_norm)), policy, skipped);
 }
 }  // namespace detail
 
@@ -242,7 +250,9 @@ class DecoderModel {
     return c;
   }
 
-  /// d_loss: (1, 1). Returns d h0; adds (or writes) the adapters' gradients.
+  /// d_loss: (1, 1). Returns d h0; adds (or writes) the adapters' gradients of d_loss * loss +
+  /// the routers' aux losses (those count at weight 1 whatever d_loss is, as in the gradient
+  /// harness's objective <output, probe> + aux_loss).
   Tensor backward(const Context& c, View h0, View d_loss, GradMode mode) {
     check_geometry(c.batch);
     const Inputs in = inputs(*c.batch);
@@ -266,32 +276,48 @@ class DecoderModel {
                              NonFinite on_non_finite = NonFinite::raise) {
     const Context c = forward(b);
     backward(c, GradMode::overwrite);
-    return detail::apply_step(*this, optimizer, detail::step_result(Ops::finish_step(*this, c.output(), &c.aux, max_grad_norm)),
-                              on_non_finite, skipped_steps_);
+    typename Ops::StepSum sum;
+    Ops::add_to_step(sum, c.output(), &c.aux, true);
+    return detail::end_step<Ops>(*this, optimizer, sum, 1, max_grad_norm, on_non_finite, skipped_steps_);
   }
 
-  /// Gradient accumulation, one micro-batch of a step of `parts`: forward and backward of
-  /// d(loss / parts), overwriting the gradients on part 0 and adding to them after; returns the
-  /// micro-batch's loss. optimizer_step ends the step.
-  double accumulate_gradients(const TokenBatch& b, int part, int parts) {
+  /// Gradient accumulation: micro-batch `part` of a step of `parts`, run in order from 0.
+  /// Forward and backward of its whole objective (loss and aux losses), overwriting the
+  /// gradients on part 0 and adding to them after; its losses are summed where the backend
+  /// keeps them (on the device for CUDA: nothing is read back). apply_gradients ends the step
+  /// with the mean over the parts, exactly as train_step on one batch holding every part would
+  /// weigh each part's mean token loss and aux losses. A part that throws abandons the step
+  /// (the next call must be part 0).
+  void accumulate_gradients(const TokenBatch& b, int part, int parts) {
     if (parts < 1 || part < 0 || part >= parts)
       throw value_error(detail::concat(name(), ": accumulate_gradients(part ", part, " of ", parts, ") is out of range"));
-    const Context c = forward(b);
-    backward(c, c.h0, Ops::constant(1.0 / parts), part == 0 ? GradMode::overwrite : GradMode::accumulate);
-    return Ops::scalar(c.output());
+    if (part > 0 && (pending_.parts != parts || pending_.done != part))
+      throw value_error(detail::concat(name(), ": accumulate_gradients(part ", part, " of ", parts, ") came after ",
+                                       pending_.done, " of ", pending_.parts, " parts; a step's parts run in order from part 0"));
+    if (part == 0) pending_.parts = pending_.done = 0;
+    try {
+      const Context c = forward(b);
+      backward(c, part == 0 ? GradMode::overwrite : GradMode::accumulate);
+      Ops::add_to_step(pending_.sum, c.output(), &c.aux, part == 0);
+    } catch (...) {
+      pending_.parts = pending_.done = 0;
+      throw;
+    }
+    pending_.parts = parts;
+    pending_.done = part + 1;
   }
 
-  /// The end of a step whose gradients are in place (accumulate_gradients): clip to
-  /// max_grad_norm, refuse or skip a non-finite `loss` or norm as train_step does, then step.
+  /// The end of a step whose parts have all run (accumulate_gradients): the gradients scaled to
+  /// their mean over the parts and clipped to max_grad_norm, a non-finite loss or norm refused
+  /// or skipped as train_step does, then the optimizer's step. One read from the backend.
   template <class Optimizer>
-  TrainStepResult optimizer_step(Optimizer& optimizer, double loss, double max_grad_norm = 1.0,
-                                 NonFinite on_non_finite = NonFinite::raise) {
-    TrainStepResult r;
-    r.loss = loss;
-    const ClipResult clip = clip_grad_norm(*this, max_grad_norm);
-    r.grad_norm = clip.norm;
-    r.clipped = clip.clipped;
-    return detail::apply_step(*this, optimizer, r, on_non_finite, skipped_steps_);
+  TrainStepResult apply_gradients(Optimizer& optimizer, double max_grad_norm = 1.0, NonFinite on_non_finite = NonFinite::raise) {
+    if (pending_.parts == 0 || pending_.done != pending_.parts)
+      throw value_error(detail::concat(name(), ": apply_gradients needs every part of a step from accumulate_gradients; ",
+                                       pending_.done, " of ", pending_.parts, " parts have run"));
+    const int parts = pending_.parts;
+    pending_.parts = pending_.done = 0;  // the step is taken (or refused) once
+    return detail::end_step<Ops>(*this, optimizer, pending_.sum, parts, max_grad_norm, on_non_finite, skipped_steps_);
   }
 
   /// Training steps skipped for a non-finite loss or gradient (NonFinite::skip).
@@ -729,6 +755,10 @@ class DecoderModel {
   std::optional<typename Ops::Rotary> rope_q_, rope_k_;  // Llama
   typename Ops::GradientArena arena_;
   long skipped_steps_ = 0;  // train_step with NonFinite::skip
+  struct PendingStep {
+    typename Ops::StepSum sum;
+    int parts = 0, done = 0;
+  } pending_;  // accumulate_gradients' step so far
 
  public:
   BOOST_HANA_DEFINE_STRUCT(DecoderModel, (typename Ops::Embedding, wte), (std::optional<typename Ops::Embedding>, wpe),

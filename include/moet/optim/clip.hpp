@@ -28,27 +28,31 @@ struct StepNumbers {
 /// max_norm <= 0: only measures. A norm that is not finite scales nothing (a training step
 /// refuses or skips it: model/decoder.hpp). On a model with a gradient arena (core/arena.hpp) the norm is
 /// one pass over it, summed in double, and so is the scaling; a layer on its own is walked tensor
-/// by tensor.
+/// by tensor. `scale` multiplies every gradient first (gradient accumulation's 1 / parts), in the
+/// same pass as the clipping: the norm reported and compared with max_norm is the scaled one.
 namespace detail {
 template <class Model>
-ClipResult clip_on_host(Model& model, double max_norm) {
+ClipResult clip_on_host(Model& model, double max_norm, double scale) {
+  constexpr bool arena = requires { model.gradient_arena().all(); };
   ClipResult r;
   double sq = 0;
-  if constexpr (requires { model.gradient_arena().all(); }) {
+  if constexpr (arena) {
     sq = model.gradient_arena().all().template cast<double>().square().sum();
   } else {
     for_each_param(model, [&](auto& p) { sq += double(p.grad().squaredNorm()); });
   }
-  r.norm = std::sqrt(sq);
+  r.norm = std::sqrt(sq) * scale;
+  double factor = scale;
   if (clip_applies(r.norm, max_norm)) {
-    const double scale = max_norm / (r.norm + 1e-6);
-    if constexpr (requires { model.gradient_arena().all(); }) {
-      auto all = model.gradient_arena().all();
-      all *= static_cast<typename decltype(all)::Scalar>(scale);
-    } else {
-      for_each_param(model, [&](auto& p) { p.grad() *= static_cast<typename std::remove_reference_t<decltype(p)>::Scalar>(scale); });
-    }
+    factor *= max_norm / (r.norm + 1e-6);
     r.clipped = true;
+  }
+  if (factor == 1.0) return r;
+  if constexpr (arena) {
+    auto all = model.gradient_arena().all();
+    all *= static_cast<typename decltype(all)::Scalar>(factor);
+  } else {
+    for_each_param(model, [&](auto& p) { p.grad() *= static_cast<typename std::remove_reference_t<decltype(p)>::Scalar>(factor); });
   }
   return r;
 }
@@ -56,11 +60,11 @@ ClipResult clip_on_host(Model& model, double max_norm) {
 }  // namespace detail
 
 template <class Model>
-ClipResult clip_grad_norm(Model& model, double max_norm) {
-  if constexpr (requires { model.gradient_arena().clip(max_norm); })
-    return model.gradient_arena().clip(max_norm);  // a device arena (cuda/ops.hpp): the same rule, on the device
+ClipResult clip_grad_norm(Model& model, double max_norm, double scale = 1.0) {
+  if constexpr (requires { model.gradient_arena().clip(max_norm, scale); })
+    return model.gradient_arena().clip(max_norm, scale);  // a device arena (cuda/ops.hpp): the same rule, on the device
   else
-    return detail::clip_on_host(model, max_norm);
+    return detail::clip_on_host(model, max_norm, scale);
 }
 
 }  // namespace moet

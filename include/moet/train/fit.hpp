@@ -285,13 +285,12 @@ FitResult fit(Model& model, Optimizer& optimizer, const std::vector<data::Exampl
     const long first = (step % steps_per_epoch) * o.grad_accumulation;
     const double lr = scheduled_lr(step, total, o.lr, o.warmup_steps, o.min_lr_ratio);
     optimizer.set_lr(lr);
-    double loss = 0;
     for (int part = 0; part < o.grad_accumulation; ++part) {
       const TokenBatch& b = batches[std::size_t(first + part)];
-      loss += model.accumulate_gradients(b, part, o.grad_accumulation) / o.grad_accumulation;
+      model.accumulate_gradients(b, part, o.grad_accumulation);
       tokens += double(detail_fit::real_tokens(b));
     }
-    const TrainStepResult r = model.optimizer_step(optimizer, loss, o.max_grad_norm, o.on_non_finite);
+    const TrainStepResult r = model.apply_gradients(optimizer, o.max_grad_norm, o.on_non_finite);
     ++step;
     result.steps = step;
     result.loss = r.loss;

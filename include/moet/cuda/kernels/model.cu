@@ -389,12 +389,16 @@ __global__ void __launch_bounds__(row_threads) sum_partials_kernel(const double*
   if (threadIdx.x == 0) out[0] = s;
 }
 
-__global__ void clip_segments_kernel(const GradSegment* segments, const double* sq, double max_norm, int zero) {
+/// Every gradient times scale, and times max_norm / (norm + 1e-6) when the scaled norm is finite
+/// and above max_norm > 0; zero: every gradient set to 0 instead.
+__global__ void clip_segments_kernel(const GradSegment* segments, const double* sq, double max_norm, double scale, int zero) {
   float factor = 0.f;
   if (!zero) {
-    const double norm = sqrt(sq[0]);
-    if (!(norm - norm == 0.0) || !(norm > max_norm)) return;  // not finite, or within the bound
-    factor = float(max_norm / (norm + 1e-6));
+    const double norm = sqrt(sq[0]) * scale;
+    const bool clip = max_norm > 0 && norm - norm == 0.0 && norm > max_norm;  // finite and above the bound
+    const double f = clip ? scale * (max_norm / (norm + 1e-6)) : scale;
+    if (f == 1.0) return;
+    factor = float(f);
   }
   const GradSegment g = segments[blockIdx.y];
   MOET_GRID_STRIDE(i, g.rows * g.cols) {
@@ -403,11 +407,19 @@ __global__ void clip_segments_kernel(const GradSegment* segments, const double* 
   }
 }
 
-__global__ void gather_step_numbers_kernel(const float* loss, const double* aux, const double* sq, double* out) {
+/// sums[0] (+)= loss, sums[1] (+)= aux (0 without one): a step's micro-batches, summed in double.
+__global__ void add_step_numbers_kernel(const float* loss, const double* aux, double* sums, int first) {
   if (threadIdx.x != 0) return;
-  out[0] = double(loss[0]);
-  out[1] = aux ? aux[0] : 0.0;
-  out[2] = sq ? sq[0] : 0.0;
+  sums[0] = (first ? 0.0 : sums[0]) + double(loss[0]);
+  sums[1] = (first ? 0.0 : sums[1]) + (aux ? aux[0] : 0.0);
+}
+
+/// out = {mean loss, mean aux loss, squared norm of the scaled gradients}; scale = 1 / parts.
+__global__ void gather_step_numbers_kernel(const double* sums, const double* sq, double scale, double* out) {
+  if (threadIdx.x != 0) return;
+  out[0] = sums[0] * scale;
+  out[1] = sums[1] * scale;
+  out[2] = sq ? sq[0] * scale * scale : 0.0;
 }
 
 #undef MOET_GRID_STRIDE
@@ -602,21 +614,26 @@ void sum_squares(const GradSegment* segments, int count, int blocks, double* par
   MOET_CUDA_CHECK_LAUNCH("sum_partials_kernel");
 }
 
-void clip_segments(const GradSegment* segments, int count, const double* sq, double max_norm, cudaStream_t stream) {
+void clip_segments(const GradSegment* segments, int count, const double* sq, double max_norm, double scale, cudaStream_t stream) {
   if (count == 0) return;
-  MOET_LAUNCH(dim3(64u, unsigned(count)), 256, 0, stream, device::clip_segments_kernel)(segments, sq, max_norm, 0);
+  MOET_LAUNCH(dim3(64u, unsigned(count)), 256, 0, stream, device::clip_segments_kernel)(segments, sq, max_norm, scale, 0);
   MOET_CUDA_CHECK_LAUNCH("clip_segments_kernel");
 }
 
 void zero_segments(const GradSegment* segments, int count, cudaStream_t stream) {
   if (count == 0) return;
   MOET_LAUNCH(dim3(64u, unsigned(count)), 256, 0, stream, device::clip_segments_kernel)
-  (segments, static_cast<const double*>(nullptr), 0.0, 1);
+  (segments, static_cast<const double*>(nullptr), 0.0, 1.0, 1);
   MOET_CUDA_CHECK_LAUNCH("clip_segments_kernel");
 }
 
-void gather_step_numbers(const float* loss, const double* aux, const double* sq, double* out, cudaStream_t stream) {
-  MOET_LAUNCH(1, 32, 0, stream, device::gather_step_numbers_kernel)(loss, aux, sq, out);
+void add_step_numbers(const float* loss, const double* aux, double* sums, bool first, cudaStream_t stream) {
+  MOET_LAUNCH(1, 32, 0, stream, device::add_step_numbers_kernel)(loss, aux, sums, first ? 1 : 0);
+  MOET_CUDA_CHECK_LAUNCH("add_step_numbers_kernel");
+}
+
+void gather_step_numbers(const double* sums, const double* sq, double scale, double* out, cudaStream_t stream) {
+  MOET_LAUNCH(1, 32, 0, stream, device::gather_step_numbers_kernel)(sums, sq, scale, out);
   MOET_CUDA_CHECK_LAUNCH("gather_step_numbers_kernel");
 }
 
