@@ -155,6 +155,40 @@ TEST_CASE("A fresh composition is exactly the anchor; training touches only the 
   REQUIRE(count_parameters(pair).trainable == count_parameters(pair.composition).trainable);
 }
 
+TEST_CASE("A composed pair accumulates gradients over micro-batches as a decoder does", "[calm]") {
+  Rng rng(7);
+  Pair::model<double> pair(llama_config(2), gpt2_config(2), rng, {.init_stddev = 0.3});
+  for_each_param(pair, [&](auto& p) { rng.fill_normal(p.value(), 0.0, 0.3); });  // W_O too
+  const TokenBatch a = batch();
+  const TokenBatch b{1, 6, {1, 4, 7, 10, 0, 3}, {}, {}};
+  // each part's loss and gradient, averaged
+  double loss = 0;
+  std::vector<Matrix<double>> mean;
+  for (const TokenBatch* part : {&a, &b}) {
+    const auto c = pair.forward(*part);
+    pair.backward(c, overwrite);
+    loss += c.output()(0, 0) / 2;
+    std::size_t i = 0;
+    for_each_param(pair, [&](auto& p) {
+      if (mean.size() <= i) mean.emplace_back(Matrix<double>::Zero(p.rows(), p.cols()));
+      mean[i++] += p.grad() / 2;
+    });
+  }
+  AdamW<double> optimizer({.lr = 1e-2});
+  pair.accumulate_gradients(a, 0, 2);
+  REQUIRE_THROWS_WITH(pair.accumulate_gradients(b, 1, 3), Contains("came after 1 of 2 parts"));
+  REQUIRE_THROWS_WITH(pair.apply_gradients(optimizer), Contains("1 of 2 parts have run"));
+  pair.accumulate_gradients(b, 1, 2);
+  const Matrix<double> wo_before = pair.composition[0].wo.value();
+  const TrainStepResult r = pair.apply_gradients(optimizer, 0.0);
+  CHECK(r.applied);
+  CHECK(r.loss == Approx(loss).epsilon(1e-12));
+  std::size_t i = 0;
+  for_each_param(pair, [&](auto& p) { CHECK(p.grad().isApprox(mean[i++], 1e-12)); });
+  CHECK(pair.composition[0].wo.value() != wo_before);
+  REQUIRE_THROWS_WITH(pair.apply_gradients(optimizer), Contains("0 of 0 parts have run"));
+}
+
 TEST_CASE("Composed decoding with both KV caches equals full forwards", "[calm][generate]") {
   const double theta = GENERATE(0.0, 10.0);
   INFO("rotary_theta " << theta);

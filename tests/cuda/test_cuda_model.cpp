@@ -484,6 +484,21 @@ TEST_CASE("CUDA CALM pair matches the CPU pair: loss, composition gradients, tra
     const auto rg = gpu.train_step(batch, gpu_opt);
     CHECK(std::abs(rg.loss - rc.loss) <= tolerance * rc.loss);
   }
+  // a step accumulated over two micro-batches: no host wait in the parts, one to apply them
+  TokenBatch second{1, 5, {3, 9, 4, 1, 8}, {}, {}, {}};
+  second.labels = second.ids;
+  const long waits = cuda_impl::host_waits().load();
+  gpu.accumulate_gradients(batch, 0, 2);
+  gpu.accumulate_gradients(second, 1, 2);
+  CHECK(cuda_impl::host_waits().load() == waits);
+  const auto rg = gpu.apply_gradients(gpu_opt, 0.0);
+  CHECK(cuda_impl::host_waits().load() - waits == 1);
+  cpu.accumulate_gradients(batch, 0, 2);
+  cpu.accumulate_gradients(second, 1, 2);
+  const auto rc = cpu.apply_gradients(cpu_opt, 0.0);
+  CHECK(std::abs(rg.loss - rc.loss) <= tolerance * rc.loss);
+  CHECK(std::abs(rg.grad_norm - rc.grad_norm) <= tolerance * rc.grad_norm);
+  require_same_gradients(cpu, gpu);
   const std::vector<int> prompt{2, 7, 1};
   CHECK(gpu.generate(prompt, {.max_new_tokens = 5}) == cpu.generate(prompt, {.max_new_tokens = 5}));
   // cached decoding over both models' caches equals the full forward

@@ -269,6 +269,21 @@ class ComposedModel {
     return train_step(ComposedBatch{b, {}, {}}, optimizer, max_grad_norm, on_non_finite);
   }
 
+  /// Gradient accumulation, as the decoder's (model/decoder.hpp): part `part` of `parts`, in
+  /// order from 0; apply_gradients ends the step with the mean over the parts.
+  void accumulate_gradients(const ComposedBatch& b, int part, int parts) {
+    accumulated_.run(name(), part, parts, [&](typename Ops::StepSum& sum, bool first) {
+      const Context c = forward(b);
+      backward(c, first ? GradMode::overwrite : GradMode::accumulate);
+      Ops::add_to_step(sum, c.output(), &c.head.aux, first);
+    });
+  }
+  void accumulate_gradients(const TokenBatch& b, int part, int parts) { accumulate_gradients(ComposedBatch{b, {}, {}}, part, parts); }
+  template <class Optimizer>
+  TrainStepResult apply_gradients(Optimizer& optimizer, double max_grad_norm = 1.0, NonFinite on_non_finite = NonFinite::raise) {
+    return accumulated_.apply(name(), *this, optimizer, max_grad_norm, on_non_finite, skipped_steps_);
+  }
+
   /// Training steps skipped for a non-finite loss or gradient (NonFinite::skip).
   long skipped_steps() const { return skipped_steps_; }
 
@@ -559,6 +574,7 @@ class ComposedModel {
   std::vector<Site> sites_;
   typename Ops::GradientArena arena_;
   long skipped_steps_ = 0;  // train_step with NonFinite::skip
+  detail::AccumulatedStep<Ops> accumulated_;  // accumulate_gradients' step so far
 
  public:
   BOOST_HANA_DEFINE_STRUCT(ComposedModel, (AnchorModel, anchor), (AugmentModels, augments), (std::vector<Composition>, composition));

@@ -90,6 +90,50 @@ TrainStepResult end_step(Model& model, Optimizer& optimizer, const typename Ops:
                          NonFinite policy, long& skipped) {
   return apply_step(model, optimizer, step_result(Ops::finish_step(model, sum, parts, max_norm)), policy, skipped);
 }
+
+/// A training step accumulated over micro-batches, as the models' accumulate_gradients and
+/// apply_gradients run it: the parts' losses summed where the backend keeps them, and how many
+/// of how many parts have run.
+template <class Ops>
+class AccumulatedStep {
+ public:
+  /// Part `part` of `parts`: pass(sum, first) runs its forward and backward (overwriting the
+  /// gradients when first, adding to them after) and adds its losses to sum (Ops::add_to_step).
+  /// Parts run in order from 0; one that throws abandons the step.
+  template <class Pass>
+  void run(const std::string& who, int part, int parts, Pass&& pass) {
+    if (parts < 1 || part < 0 || part >= parts)
+      throw value_error(concat(who, ": accumulate_gradients(part ", part, " of ", parts, ") is out of range"));
+    if (part > 0 && (parts_ != parts || done_ != part))
+      throw value_error(concat(who, ": accumulate_gradients(part ", part, " of ", parts, ") came after ", done_, " of ", parts_,
+                               " parts; a step's parts run in order from part 0"));
+    if (part == 0) parts_ = done_ = 0;
+    try {
+      pass(sum_, part == 0);
+    } catch (...) {
+      parts_ = done_ = 0;
+      throw;
+    }
+    parts_ = parts;
+    done_ = part + 1;
+  }
+
+  /// The step's end (end_step: the mean over the parts), once, after every part has run.
+  template <class Model, class Optimizer>
+  TrainStepResult apply(const std::string& who, Model& model, Optimizer& optimizer, double max_norm, NonFinite policy,
+                        long& skipped) {
+    if (parts_ == 0 || done_ != parts_)
+      throw value_error(concat(who, ": apply_gradients needs every part of a step from accumulate_gradients; ", done_, " of ",
+                               parts_, " parts have run"));
+    const int parts = parts_;
+    parts_ = done_ = 0;  // the step is taken (or refused) once
+    return end_step<Ops>(model, optimizer, sum_, parts, max_norm, policy, skipped);
+  }
+
+ private:
+  typename Ops::StepSum sum_;
+  int parts_ = 0, done_ = 0;
+};
 }  // namespace detail
 
 namespace model_impl {
@@ -289,22 +333,11 @@ class DecoderModel {
   /// weigh each part's mean token loss and aux losses. A part that throws abandons the step
   /// (the next call must be part 0).
   void accumulate_gradients(const TokenBatch& b, int part, int parts) {
-    if (parts < 1 || part < 0 || part >= parts)
-      throw value_error(detail::concat(name(), ": accumulate_gradients(part ", part, " of ", parts, ") is out of range"));
-    if (part > 0 && (pending_.parts != parts || pending_.done != part))
-      throw value_error(detail::concat(name(), ": accumulate_gradients(part ", part, " of ", parts, ") came after ",
-                                       pending_.done, " of ", pending_.parts, " parts; a step's parts run in order from part 0"));
-    if (part == 0) pending_.parts = pending_.done = 0;
-    try {
+    accumulated_.run(name(), part, parts, [&](typename Ops::StepSum& sum, bool first) {
       const Context c = forward(b);
-      backward(c, part == 0 ? GradMode::overwrite : GradMode::accumulate);
-      Ops::add_to_step(pending_.sum, c.output(), &c.aux, part == 0);
-    } catch (...) {
-      pending_.parts = pending_.done = 0;
-      throw;
-    }
-    pending_.parts = parts;
-    pending_.done = part + 1;
+      backward(c, first ? GradMode::overwrite : GradMode::accumulate);
+      Ops::add_to_step(sum, c.output(), &c.aux, first);
+    });
   }
 
   /// The end of a step whose parts have all run (accumulate_gradients): the gradients scaled to
@@ -312,12 +345,7 @@ class DecoderModel {
   /// or skipped as train_step does, then the optimizer's step. One read from the backend.
   template <class Optimizer>
   TrainStepResult apply_gradients(Optimizer& optimizer, double max_grad_norm = 1.0, NonFinite on_non_finite = NonFinite::raise) {
-    if (pending_.parts == 0 || pending_.done != pending_.parts)
-      throw value_error(detail::concat(name(), ": apply_gradients needs every part of a step from accumulate_gradients; ",
-                                       pending_.done, " of ", pending_.parts, " parts have run"));
-    const int parts = pending_.parts;
-    pending_.parts = pending_.done = 0;  // the step is taken (or refused) once
-    return detail::end_step<Ops>(*this, optimizer, pending_.sum, parts, max_grad_norm, on_non_finite, skipped_steps_);
+    return accumulated_.apply(name(), *this, optimizer, max_grad_norm, on_non_finite, skipped_steps_);
   }
 
   /// Training steps skipped for a non-finite loss or gradient (NonFinite::skip).
@@ -755,10 +783,7 @@ class DecoderModel {
   std::optional<typename Ops::Rotary> rope_q_, rope_k_;  // Llama
   typename Ops::GradientArena arena_;
   long skipped_steps_ = 0;  // train_step with NonFinite::skip
-  struct PendingStep {
-    typename Ops::StepSum sum;
-    int parts = 0, done = 0;
-  } pending_;  // accumulate_gradients' step so far
+  detail::AccumulatedStep<Ops> accumulated_;  // accumulate_gradients' step so far
 
  public:
   BOOST_HANA_DEFINE_STRUCT(DecoderModel, (typename Ops::Embedding, wte), (std::optional<typename Ops::Embedding>, wpe),
