@@ -6,15 +6,23 @@
 // data set is encoded, each line unique: moet's reader, and libsentencepiece itself when the
 // build found it (the ids are checked equal before timing). SentencePiece encodes a line as one
 // word, so moet's word cache has nothing to serve; both run one thread.
+// Last, encode_segments on chats of 8 and 64 turns (a data set's multi-turn examples), against
+// encoding every boundary's prefix from the start (tests/reference_segments.hpp, the floor), and
+// encoding with 256 added tokens (Llama 3's reserved ones) in the tokenizer.
 //   build/bench/moet_bench_tokenizer [--benchmark_filter=...]
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
 #include <filesystem>
+#include <fstream>
 #include <string>
 #include <vector>
 
 #include <moet/text/tokenizer.hpp>
+
+#include "../tests/gpt2_tokenizer_json.hpp"
+#include "../tests/reference_segments.hpp"
+#include "ratio_reporter.hpp"
 
 #ifdef MOET_BENCH_SENTENCEPIECE
 #include <sentencepiece_processor.h>
@@ -139,8 +147,60 @@ void encode_sentencepiece_lib(benchmark::State& state, bool mixed) {
 }
 #endif
 
+/// GPT-2's tokenizer as a tokenizer.json with `reserved` more added tokens
+/// "<|reserved_special_token_i|>" (Llama 3's tokenizer has 256).
+moet::text::Tokenizer with_added_tokens(int reserved) {
+  nlohmann::json j = moet::testing::gpt2_tokenizer_json(gpt2_dir);
+  for (int i = 0; i < reserved; ++i)
+    j["added_tokens"].push_back({{"id", 50257 + i}, {"content", "<|reserved_special_token_" + std::to_string(i) + "|>"}, {"special", true}});
+  const std::filesystem::path dir = std::filesystem::temp_directory_path() / ("moet_bench_tokenizer_" + std::to_string(reserved));
+  std::filesystem::create_directories(dir);
+  std::ofstream(dir / "tokenizer.json") << j.dump();
+  return moet::text::Tokenizer::from_folder(dir);
+}
+
+/// 1 MiB of English with an added token every 6 sentences (about 330 bytes, as a chat's markers),
+/// with 256 added tokens in the tokenizer: finding them must not cost a pass over the text each.
+void encode_added(benchmark::State& state) {
+  const moet::text::Tokenizer t = with_added_tokens(256);
+  std::string text;
+  for (int k = 0; text.size() < (1 << 20);) {
+    text += "The quick brown fox jumps over the lazy dog number " + std::to_string(k) + ". ";
+    if (++k % 6 == 0) text += "<|reserved_special_token_3|>";
+  }
+  std::size_t tokens = 0;
+  for (auto _ : state) {
+    const std::vector<int> ids = t.encode(text);
+    tokens = ids.size();
+    benchmark::DoNotOptimize(ids.data());
+  }
+  state.SetBytesProcessed(std::int64_t(state.iterations()) * std::int64_t(text.size()));
+  state.counters["tokens"] = double(tokens);
+}
+
+/// A chat of `turns` user and assistant turns of about 300 bytes each, every turn ended by
+/// <|endoftext|> (an added token, as chat templates' markers are), the assistant's trained.
+void encode_chat(benchmark::State& state) {
+  const std::size_t turns = std::size_t(state.range(0)), bytes = 300;
+  const std::string text = corpus(false, 2 * turns * bytes);
+  std::vector<moet::text::ChatSegment> segments;
+  for (std::size_t i = 0; i < 2 * turns; ++i)
+    segments.push_back({(i % 2 ? "assistant: " : "user: ") + text.substr(i * bytes, bytes) + "<|endoftext|>", i % 2 == 1});
+  const moet::text::Tokenizer t = with_added_tokens(0);  // <|endoftext|> is an added token there
+  const auto got = t.encode_segments(segments);
+  if (got != moet::testing::encode_segments_by_prefixes(t, segments)) {
+    state.SkipWithError("encode_segments differs from the reference");
+    return;
+  }
+  moet::bench::timed_against_floor(
+      state, [&] { benchmark::DoNotOptimize(moet::testing::encode_segments_by_prefixes(t, segments)); },
+      [&] { benchmark::DoNotOptimize(t.encode_segments(segments)); }, double(got.first.size()));
+}
+
 }  // namespace
 
+BENCHMARK(encode_chat)->Arg(8)->Arg(64)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(encode_added)->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(encode, english_warm, false, false)->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(encode, english_cold, false, true)->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(encode, mixed_warm, true, false)->Unit(benchmark::kMillisecond);

@@ -19,6 +19,8 @@
 #include <moet/text/tokenizer.hpp>
 
 #include "error_of.hpp"
+#include "gpt2_tokenizer_json.hpp"
+#include "reference_segments.hpp"
 #include "scratch.hpp"
 
 using namespace moet;
@@ -57,28 +59,7 @@ void write(const std::filesystem::path& p, const std::string& text) {
   out << text;
 }
 
-/// GPT-2's files as one Hugging Face tokenizer.json (merges as "a b" or as pairs).
-json gpt2_tokenizer_json(bool merges_as_pairs) {
-  std::ifstream v(data / "gpt2" / "vocab.json");
-  json vocab = json::parse(v);
-  std::ifstream m(data / "gpt2" / "merges.txt");
-  json merges = json::array();
-  std::string line;
-  std::getline(m, line);  // #version
-  while (std::getline(m, line)) {
-    if (line.empty()) continue;
-    const auto sp = line.find(' ');
-    if (merges_as_pairs) merges.push_back(json::array({line.substr(0, sp), line.substr(sp + 1)}));
-    else merges.push_back(line);
-  }
-  return json{{"version", "1.0"},
-              {"added_tokens", json::array({json{{"id", 50256}, {"content", "<|endoftext|>"}, {"special", true}}})},
-              {"normalizer", nullptr},
-              {"pre_tokenizer", json{{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", true}}},
-              {"post_processor", json{{"type", "ByteLevel"}}},
-              {"decoder", json{{"type", "ByteLevel"}}},
-              {"model", json{{"type", "BPE"}, {"dropout", nullptr}, {"vocab", vocab}, {"merges", merges}}}};
-}
+json gpt2_tokenizer_json(bool merges_as_pairs) { return moet::testing::gpt2_tokenizer_json(data / "gpt2", merges_as_pairs); }
 
 /// Llama 2's vocabulary and merges (tests/data/llama2) as Hugging Face writes its tokenizer.json:
 /// the legacy layout (a Prepend + Replace normalizer) or the newer one (a Metaspace pre-tokenizer).
@@ -197,6 +178,69 @@ TEST_CASE("Added tokens with lstrip / rstrip swallow whole white-space character
     REQUIRE(std::count(ids.begin(), ids.end(), 50257) == 1);
     CHECK(t.decode(ids) == (text[0] == 'x' ? std::string("x<mask>y") : text));
   }
+}
+
+TEST_CASE("encode_segments equals the prefix-by-prefix reference; added tokens match leftmost-longest", "[tokenizer][chat]") {
+  // GPT-2 with ChatML's markers, overlapping tokens and 200 reserved ones (as Llama 3 has):
+  // literal added tokens, the linear path
+  json chatml = gpt2_tokenizer_json(false);
+  for (const auto& [id, content] : std::vector<std::pair<int, std::string>>{{50257, "<|im_start|>"}, {50258, "<|im_end|>"},
+                                                                           {50259, "<|im"}, {50260, "<|im_start|>x"}})
+    chatml["added_tokens"].push_back(json{{"id", id}, {"content", content}, {"special", true}});
+  for (int i = 0; i < 200; ++i)
+    chatml["added_tokens"].push_back(json{{"id", 50300 + i}, {"content", "<|reserved_" + std::to_string(i) + "|>"}, {"special", true}});
+  const Tokenizer chat = from_json(chatml, "segments_chatml");
+  // an added token found first where it starts earliest, the longest there; single_word ones only alone
+  CHECK(chat.encode("a<|im_start|>xy<|im_end|>") == std::vector<int>{64, 50260, 88, 50258});
+  CHECK(chat.encode("<|im_start|>") == std::vector<int>{50257});
+  std::vector<int> partial = gpt2().encode("<|i");  // not a token's start: plain text
+  partial.insert(partial.end(), {50259, 50499});
+  CHECK(chat.encode("<|i<|im<|reserved_199|>") == partial);
+  json worded = gpt2_tokenizer_json(false);
+  worded["added_tokens"].push_back(json{{"id", 50257}, {"content", "cat"}, {"special", false}, {"single_word", true}});
+  worded["added_tokens"].push_back(json{{"id", 50258}, {"content", "at"}, {"special", false}});
+  const Tokenizer cat = from_json(worded, "segments_single_word");
+  const std::vector<int> cats = cat.encode("cats cat");
+  CHECK(std::count(cats.begin(), cats.end(), 50257) == 1);
+  CHECK(std::count(cats.begin(), cats.end(), 50258) == 1);  // "at" inside "cats"
+  CHECK(cats.back() == 50257);
+
+  // white-space-stripping tokens, a single_word one (the general path: "c" | "at" cut after "at"
+  // leaves "cat" alone in the cut text), and SentencePiece-style BPE both ways
+  json stripping = gpt2_tokenizer_json(false);
+  stripping["added_tokens"].push_back(json{{"id", 50257}, {"content", "<mask>"}, {"special", true}, {"lstrip", true}, {"rstrip", true}});
+  const Tokenizer mask = from_json(stripping, "segments_mask");
+  const Tokenizer legacy = from_json(llama2_tokenizer_json(false), "segments_llama2_legacy");
+  const Tokenizer metaspace = from_json(llama2_tokenizer_json(true), "segments_llama2_metaspace");
+
+  const std::vector<std::string> pieces{"<|im_start|>", "<|im_end|>", "<|im", "x", "user", "assistant\n", "\n", " ", "  ",
+                                        "Hel", "lo", " world", "ing", "12", "3", "caf", "\u00e9", "!", "<mask>", " <mask> ",
+                                        "</s>", "<s>", "[INST]", " [/INST] ", "<|reserved_7|>", "\ud55c", "c", "at", "cat", "s"};
+  std::mt19937 rng(5);
+  int checked = 0;
+  for (const Tokenizer* t : {&chat, &mask, &cat, &legacy, &metaspace}) {
+    for (int chat_index = 0; chat_index < 120; ++chat_index) {
+      std::vector<ChatSegment> segments(1 + rng() % 7);
+      for (ChatSegment& s : segments) {
+        for (std::size_t n = rng() % 5; n-- > 0;) s.text += pieces[rng() % pieces.size()];
+        s.trained = rng() % 2;
+      }
+      for (const bool special : {false, true}) {
+        const EncodeOptions o{.add_special_tokens = special};
+        INFO("tokenizer " << (t == &chat ? "chatml" : t == &mask ? "mask" : t == &cat ? "single_word" : t == &legacy ? "llama2 legacy" : "llama2 metaspace")
+                          << ", chat " << chat_index << ", special tokens " << special);
+        const auto got = t->encode_segments(segments, o);
+        const auto want = moet::testing::encode_segments_by_prefixes(*t, segments, o);
+        CHECK(got.first == want.first);
+        CHECK(got.second == want.second);
+        std::string all;
+        for (const ChatSegment& s : segments) all += s.text;
+        CHECK(got.first == t->encode(all, o));
+        ++checked;
+      }
+    }
+  }
+  CHECK(checked == 1200);
 }
 
 TEST_CASE("Llama 3's pre-tokenizer cuts text as its regex does", "[tokenizer]") {

@@ -22,10 +22,12 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <climits>
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <span>
@@ -316,15 +318,7 @@ class Tokenizer {
     require_model();
     std::vector<int> ids;
     if (options.add_special_tokens) ids.insert(ids.end(), prefix_.begin(), prefix_.end());
-    std::size_t pos = 0;
-    while (pos <= text.size()) {
-      const Match m = options.split_special_tokens ? Match{} : find_added(text, pos);
-      const std::size_t stop = m.token ? m.begin : text.size();
-      encode_text(text.substr(pos, stop - pos), ids, pos == 0);
-      if (!m.token) break;
-      ids.push_back(m.token->id);
-      pos = m.end;
-    }
+    encode_body(text, 0, options, ids, nullptr);
     if (options.add_special_tokens) ids.insert(ids.end(), suffix_.begin(), suffix_.end());
     return ids;
   }
@@ -335,13 +329,23 @@ class Tokenizer {
   /// with the whole's, belong to it and those before; a token a merge carried across the boundary
   /// goes to the later segment. The template's prefix (BOS) is not trained, its suffix is
   /// trained as the last segment is.
+  ///
+  /// Linear in the text unless an added token is single_word: the text up to a segment's end
+  /// encodes as the whole does up to the last added token that ends within it (both find the
+  /// same matches there, white space stripped alike), so only the text after that token is
+  /// encoded again. A single_word token may match at the cut text's end where the whole has a
+  /// letter after it, and turn an earlier match into its own; with one, each segment's boundary
+  /// encodes the text up to it from the start.
   std::pair<std::vector<int>, std::vector<bool>> encode_segments(const std::vector<ChatSegment>& segments,
                                                                  const EncodeOptions& options = {}) const {
+    require_model();
     EncodeOptions body = options;
     body.add_special_tokens = false;
     std::string text;
     for (const ChatSegment& s : segments) text += s.text;
-    const std::vector<int> whole = encode(text, body);
+    std::vector<int> whole;
+    std::vector<Resume> resumes;
+    encode_body(text, 0, body, whole, literal_added_ ? &resumes : nullptr);
     std::vector<int> ids;
     std::vector<bool> trained;
     if (options.add_special_tokens) {
@@ -353,8 +357,13 @@ class Tokenizer {
       end += segments[k].text.size();
       std::size_t cut = whole.size();
       if (k + 1 < segments.size()) {
-        const std::vector<int> head = encode(std::string_view(text).substr(0, end), body);
-        cut = std::size_t(std::mismatch(head.begin(), head.end(), whole.begin(), whole.end()).first - head.begin());
+        // the last added token ending within the text up to `end`: its ids are the whole's
+        const auto after = std::upper_bound(resumes.begin(), resumes.end(), end, [](std::size_t e, const Resume& r) { return e < r.pos; });
+        const Resume from = after == resumes.begin() ? Resume{} : *(after - 1);
+        std::vector<int> tail;
+        encode_body(std::string_view(text).substr(0, end), from.pos, body, tail, nullptr);
+        const auto rest = whole.begin() + std::ptrdiff_t(from.ids);
+        cut = from.ids + std::size_t(std::mismatch(tail.begin(), tail.end(), rest, whole.end()).first - tail.begin());
       }
       cut = std::max(cut, done);
       ids.insert(ids.end(), whole.begin() + std::ptrdiff_t(done), whole.begin() + std::ptrdiff_t(cut));
@@ -487,6 +496,25 @@ class Tokenizer {
     const AddedToken* token = nullptr;
     std::size_t begin = 0, end = 0;  // the bytes it replaces, stripped white space included
   };
+  /// Where encoding may resume: the text position after an added token and the ids before it.
+  struct Resume {
+    std::size_t pos = 0, ids = 0;
+  };
+
+  /// encode()'s loop without the template's prefix and suffix, from text position `pos` (0, or
+  /// the end of an added token), appending to ids; with `resumes`, records each added token's end.
+  void encode_body(std::string_view text, std::size_t pos, const EncodeOptions& options, std::vector<int>& ids,
+                   std::vector<Resume>* resumes) const {
+    while (pos <= text.size()) {
+      const Match m = options.split_special_tokens ? Match{} : find_added(text, pos);
+      const std::size_t stop = m.token ? m.begin : text.size();
+      encode_text(text.substr(pos, stop - pos), ids, pos == 0);
+      if (!m.token) break;
+      ids.push_back(m.token->id);
+      pos = m.end;
+      if (resumes) resumes->push_back({pos, ids.size()});
+    }
+  }
 
   /// Runs f, turning a JSON access that found the wrong type or no such key (nlohmann's
   /// exceptions) into a moet::format_error starting with `who`.
@@ -527,10 +555,27 @@ class Tokenizer {
     if (t.id < 0) throw format_error(who_ + ": the added token " + t.content + " has a negative id");
     if (const auto it = added_by_id_.find(t.id); it != added_by_id_.end()) {
       added_[it->second] = t;
+      index_added();
       return;
     }
     added_by_id_[t.id] = added_.size();
     added_.push_back(t);
+    index_added();
+  }
+
+  /// find_added's index of the added tokens, and whether none of them wants a whole word.
+  void index_added() {
+    added_index_ = {};
+    literal_added_ = true;
+    for (std::size_t i = 0; i < added_.size(); ++i) {
+      const AddedToken& a = added_[i];
+      added_index_.by_content.emplace(a.content, i);  // the first of equal contents wins
+      added_index_.first[static_cast<unsigned char>(a.content[0])] = true;
+      if (std::find(added_index_.lengths.begin(), added_index_.lengths.end(), a.content.size()) == added_index_.lengths.end())
+        added_index_.lengths.push_back(a.content.size());
+      literal_added_ = literal_added_ && !a.single_word;
+    }
+    std::sort(added_index_.lengths.begin(), added_index_.lengths.end(), std::greater<>());
   }
 
   void read_pre_tokenizer(const nlohmann::json& p) {
@@ -671,11 +716,17 @@ class Tokenizer {
   /// The leftmost added token at or after pos (the longest of those starting there).
   Match find_added(std::string_view text, std::size_t pos) const {
     Match best;
-    for (const AddedToken& a : added_) {
-      for (std::size_t at = text.find(a.content, pos); at != std::string_view::npos; at = text.find(a.content, at + 1)) {
-        if (best.token && (at > best.begin || (at == best.begin && a.content.size() <= best.token->content.size()))) break;
-        if (a.single_word && !alone(text, at, at + a.content.size())) continue;
-        best = {&a, at, at + a.content.size()};
+    // the first position with an added token, its longest there (the first listed of equal
+    // contents); one pass over the text, a lookup per distinct length where a token could start
+    for (std::size_t at = pos; at < text.size() && !best.token; ++at) {
+      if (!added_index_.first[static_cast<unsigned char>(text[at])]) continue;
+      for (const std::size_t n : added_index_.lengths) {
+        if (n > text.size() - at) continue;
+        const auto it = added_index_.by_content.find(text.substr(at, n));
+        if (it == added_index_.by_content.end()) continue;
+        const AddedToken& a = added_[it->second];
+        if (a.single_word && !alone(text, at, at + n)) continue;
+        best = {&a, at, at + n};
         break;
       }
     }
@@ -826,6 +877,16 @@ class Tokenizer {
   bool prefix_space_ = false;
   std::vector<AddedToken> added_;
   std::unordered_map<int, std::size_t> added_by_id_;
+  struct StringHash {
+    using is_transparent = void;
+    std::size_t operator()(std::string_view s) const { return std::hash<std::string_view>{}(s); }
+  };
+  struct AddedIndex {
+    std::unordered_map<std::string, std::size_t, StringHash, std::equal_to<>> by_content;  ///< content -> index in added_
+    std::vector<std::size_t> lengths;                                                      ///< distinct, longest first
+    std::array<bool, 256> first{};                                                         ///< bytes a token starts with
+  } added_index_;
+  bool literal_added_ = true;  ///< no added token is single_word (encode_segments' linear path)
   std::vector<int> prefix_, suffix_;
   std::optional<int> bos_, eos_, pad_;
   std::string chat_template_;
