@@ -5,8 +5,11 @@
 #include <catch2/catch.hpp>
 
 #include <moet/models.hpp>
+#include <moet/train/fit.hpp>
 
+#include "error_of.hpp"
 #include "model_harness.hpp"
+#include "scratch.hpp"
 
 using namespace moet;
 using Catch::Matchers::Contains;
@@ -187,6 +190,105 @@ TEST_CASE("A composed pair accumulates gradients over micro-batches as a decoder
   for_each_param(pair, [&](auto& p) { CHECK(p.grad().isApprox(mean[i++], 1e-12)); });
   CHECK(pair.composition[0].wo.value() != wo_before);
   REQUIRE_THROWS_WITH(pair.apply_gradients(optimizer), Contains("0 of 0 parts have run"));
+}
+
+TEST_CASE("fit trains a composed pair's composition layers, with accumulation and checkpoints, and resumes it", "[calm][fit]") {
+  std::vector<data::Example> examples;
+  for (int i = 0; i < 24; ++i) {
+    data::Example e;
+    for (int t = 0; t < 4 + i % 3; ++t) {
+      e.ids.push_back((3 * i + 5 * t + 1) % 13);
+      e.labels.push_back(t == 0 ? ignore_label : e.ids.back());  // the first token is a prompt
+    }
+    examples.push_back(std::move(e));
+  }
+  const auto options = [](const std::filesystem::path& dir) {
+    return FitOptions{.steps = 12, .batch_size = 4, .grad_accumulation = 2, .lr = 2e-2, .save_every = 6, .output_dir = dir,
+                      .progress = Progress::none};
+  };
+  const auto values = [](auto& model) {
+    std::vector<Matrix<double>> v;
+    for_each_param(model, [&](auto& p) { v.emplace_back(p.value()); });
+    return v;
+  };
+  Rng a(8);
+  Pair::model<double> pair(llama_config(2), gpt2_config(2), a, {.init_stddev = 0.3});
+  const auto start = values(pair);
+  std::vector<Matrix<double>> frozen;
+  for_each_frozen(pair, [&](const auto& f) { frozen.emplace_back(f.value()); });
+  std::vector<double> losses;
+  AdamW<double> opt;
+  FitOptions o = options(moet::testing::scratch_folder("calm_fit_whole"));
+  o.on_step = [&](long, const TrainStepResult& r) { losses.push_back(r.loss); };
+  const std::vector<data::Example> eval(examples.begin(), examples.begin() + 4);
+  const FitResult r = fit(pair, opt, examples, eval, o);
+  REQUIRE(losses.size() == 12);
+  CHECK(r.steps == 12);
+  CHECK(std::isfinite(r.eval_loss));
+  CHECK(losses.back() < losses.front());  // it learns
+  std::size_t i = 0;
+  for_each_frozen(pair, [&](const auto& f) { CHECK(Matrix<double>(f.value()) == frozen[i++]); });
+  CHECK(values(pair) != start);
+
+  // interrupted after its first checkpoint and resumed from it: the bits of the whole run
+  const auto dir = moet::testing::scratch_folder("calm_fit_resumed");
+  {
+    Rng b(8);
+    Pair::model<double> interrupted(llama_config(2), gpt2_config(2), b, {.init_stddev = 0.3});
+    AdamW<double> first;
+    FitOptions stop = options(dir);
+    stop.on_step = [](long step, const TrainStepResult&) {
+      if (step == 8) throw std::runtime_error("interrupted");
+    };
+    CHECK_THROWS_WITH(fit(interrupted, first, examples, {}, stop), "interrupted");
+  }
+  REQUIRE(std::filesystem::exists(dir / "checkpoint-6"));
+  Rng c(8);
+  Pair::model<double> resumed(llama_config(2), gpt2_config(2), c, {.init_stddev = 0.3});
+  AdamW<double> second;
+  const FitResult rr = fit(resumed, second, examples, {}, options(dir));
+  CHECK(rr.resumed_from == 6);
+  CHECK(values(resumed) == values(pair));
+}
+
+TEST_CASE("A composed pair's adapters save and load; a different composition is refused by name", "[calm][io]") {
+  Rng a(9);
+  Pair::model<double> pair(llama_config(2), gpt2_config(2), a, {.init_stddev = 0.3, .rotary_theta = 10.0});
+  for_each_param(pair, [&](auto& p) { a.fill_normal(p.value(), 0.0, 0.3); });  // W_O too
+  std::vector<std::string> names;
+  pair.for_each_named_param([&](const std::string& n, auto&) { names.push_back(n); });
+  CHECK(names == std::vector<std::string>{"composition.0.proj", "composition.0.proj_bias", "composition.0.wq", "composition.0.wk",
+                                          "composition.0.wv", "composition.0.wo", "composition.1.proj", "composition.1.proj_bias",
+                                          "composition.1.wq", "composition.1.wk", "composition.1.wv", "composition.1.wo"});
+  const auto dir = moet::testing::scratch_folder("calm_adapters");
+  save_adapters(pair, dir);
+  const auto values = [](auto& model) {
+    std::vector<Matrix<double>> v;
+    for_each_param(model, [&](auto& p) { v.emplace_back(p.value()); });
+    return v;
+  };
+
+  Rng b(10);  // other frozen weights do not matter here: only the trained tensors travel
+  Pair::model<double> loaded(llama_config(2), gpt2_config(2), b, {.init_stddev = 0.3, .rotary_theta = 10.0});
+  load_adapters(loaded, dir);
+  CHECK(values(loaded) == values(pair));
+
+  // another rotary theta, other sites, another anchor, a decoder's loader: refused by name, nothing loaded
+  Pair::model<double> plain(llama_config(2), gpt2_config(2), b, {.init_stddev = 0.3});
+  const auto before = values(plain);
+  CHECK_THAT(moet::testing::error_of([&] { load_adapters(plain, dir); }),
+             Contains("saved for a different composition: rotary_theta is 10.0 in the file but 0.0 in this model"));
+  CHECK(values(plain) == before);
+  using Every2 = Compose<Decoder<Llama>, Decoder<GPT2>, CrossAttention<>, Every<2>>;
+  Every2::model<double> sparse(llama_config(2), gpt2_config(2), b, {.init_stddev = 0.3, .rotary_theta = 10.0});
+  CHECK_THAT(moet::testing::error_of([&] { load_adapters(sparse, dir); }), Contains("sites is [[0,0,0],[0,1,1]] in the file"));
+  using Gpt2Anchor = Compose<Decoder<GPT2>, Decoder<GPT2>, CrossAttention<>, Every<1>>;
+  io::ModelConfig wide = gpt2_config(2);
+  wide.d_model = 8;  // the Llama anchor's width: the composition layers' shapes agree
+  Gpt2Anchor::model<double> other(wide, gpt2_config(2), b, {.init_stddev = 0.3, .rotary_theta = 10.0});
+  CHECK_THAT(moet::testing::error_of([&] { load_adapters(other, dir); }),
+             Contains("(the anchor's layout): saved for a different adapter layout: architecture is \"llama\" in the file but \"gpt2\""));
+  CHECK_THAT(moet::testing::error_of([&] { load_adapters(loaded.anchor, dir); }), Contains("has format \"moet-composition\", expected \"moet-adapters\""));
 }
 
 TEST_CASE("Composed decoding with both KV caches equals full forwards", "[calm][generate]") {

@@ -499,6 +499,16 @@ TEST_CASE("CUDA CALM pair matches the CPU pair: loss, composition gradients, tra
   CHECK(std::abs(rg.loss - rc.loss) <= tolerance * rc.loss);
   CHECK(std::abs(rg.grad_norm - rc.grad_norm) <= tolerance * rc.grad_norm);
   require_same_gradients(cpu, gpu);
+  // the trained composition saved from the GPU loads into a CPU pair, value for value
+  const auto calm_dir = moet::testing::scratch_folder("cuda_calm_adapters");
+  save_adapters(gpu, calm_dir);
+  Rng c(32);
+  Pair::model<double> reloaded(llama_config(), augment, c, options);
+  load_adapters(reloaded, calm_dir);
+  std::vector<std::vector<double>> saved_values;
+  for_each_param(gpu, [&](auto& p) { saved_values.push_back(host(DeviceView<const float>(p.value()))); });
+  std::size_t k = 0;
+  for_each_param(reloaded, [&](auto& p) { CHECK(host(Matrix<double>(p.value())) == saved_values[k++]); });
   const std::vector<int> prompt{2, 7, 1};
   CHECK(gpu.generate(prompt, {.max_new_tokens = 5}) == cpu.generate(prompt, {.max_new_tokens = 5}));
   // cached decoding over both models' caches equals the full forward

@@ -304,13 +304,20 @@ inline const std::vector<std::string>& function_fields() {
   return fields;
 }
 
-}  // namespace detail_io
-
-/// What an adapter file records (adapter_config.json): the base's architecture and sizes, which
-/// mixture sits in which slot of which layer ("slots"), and per adapted slot everything that
-/// rebuilds its function and the shapes of its tensors ("adapters"); docs/models.md describes it.
+/// A composed model (Compose<...>::model): composition layers between an anchor and augmenting models.
 template <class Model>
-nlohmann::ordered_json adapter_layout_json(Model& model) {
+concept composed_model = requires(Model& m) {
+  m.sites();
+  m.anchor;
+  m.augments;
+  m.composition;
+};
+
+/// A decoder's file: the base's architecture and sizes, which mixture sits in which slot of
+/// which layer ("slots"), and per adapted slot everything that rebuilds its function and the
+/// shapes of its tensors ("adapters").
+template <class Model>
+nlohmann::ordered_json decoder_layout_json(Model& model) {
   const auto& c = model.config();
   nlohmann::ordered_json j;
   j["format"] = "moet-adapters";
@@ -344,6 +351,39 @@ nlohmann::ordered_json adapter_layout_json(Model& model) {
   j["adapters"] = adapters;
   return j;
 }
+}  // namespace detail_io
+
+template <class Model>
+nlohmann::ordered_json adapter_layout_json(Model& model);
+
+/// A composed model's file: its sites, the composition layers' heads, rotary theta and tensors'
+/// shapes, and the anchor's and each augmenting model's layouts (architecture and sizes).
+template <detail_io::composed_model Model>
+nlohmann::ordered_json composed_layout_json(Model& model) {
+  nlohmann::ordered_json j;
+  j["format"] = "moet-composition";
+  j["version"] = 1;
+  j["sites"] = nlohmann::ordered_json::array();
+  for (const auto& s : model.sites()) j["sites"].push_back({s.augment, s.i, s.j});
+  j["heads"] = model.composition.empty() ? Index(0) : model.composition[0].heads();
+  j["rotary_theta"] = model.rotary_theta();
+  nlohmann::ordered_json tensors = nlohmann::ordered_json::object();
+  model.for_each_named_param([&](const std::string& name, auto& p) { tensors[name] = {p.rows(), p.cols()}; });
+  j["composition"] = tensors;
+  j["anchor"] = adapter_layout_json(model.anchor);
+  j["augments"] = nlohmann::ordered_json::array();
+  std::apply([&](auto&... a) { (j["augments"].push_back(adapter_layout_json(a)), ...); }, model.augments);
+  return j;
+}
+
+/// What an adapter file records (adapter_config.json): for a decoder, its layout
+/// (detail_io::decoder_layout_json), for a composed model its composition and its models'
+/// layouts (composed_layout_json); docs/models.md and docs/calm.md describe them.
+template <class Model>
+nlohmann::ordered_json adapter_layout_json(Model& model) {
+  if constexpr (detail_io::composed_model<Model>) return composed_layout_json(model);
+  else return detail_io::decoder_layout_json(model);
+}
 
 /// Writes the trainable tensors (adapter_model.safetensors) and their layout (adapter_config.json).
 template <class Model>
@@ -359,17 +399,14 @@ void save_adapters(Model& model, const std::filesystem::path& dir) {
   io::write_text_file(dir / "adapter_config.json", layout.dump(2) + "\n", "save_adapters");
 }
 
-/// Loads adapters saved by save_adapters into a model with the same layout. The order of the
-/// keys in adapter_config.json does not matter, and fields moet does not write are ignored; a
-/// file from a newer format version is refused.
-template <class Model>
-void load_adapters(Model& model, const std::filesystem::path& dir, const LoadOptions& load = {}) {
-  using T = detail_io::host_scalar<typename Model::Scalar>;
-  const std::string where = "adapter folder " + dir.string();
-  const nlohmann::json saved = io::parse_json(io::read_text_file(dir / "adapter_config.json", where), where + ": adapter_config.json");
-  if (!saved.is_object()) throw format_error(where + ": adapter_config.json is not a JSON object");
-  // Compared as unordered JSON: a file whose keys were sorted (jq -S) is the same file.
-  const nlohmann::json expected = nlohmann::json::parse(adapter_layout_json(model).dump());
+namespace detail_io {
+/// Refuses a decoder's adapter_config.json `saved` whose layout differs from `expected` (this
+/// model's) in anything that changes the adapters' function.
+inline void check_decoder_layout(const nlohmann::json& saved, const nlohmann::json& expected, const std::string& where) {
+  if (!saved.is_object()) throw format_error(where + ": the layout is " + saved.dump() + ", expected a JSON object");
+  if (saved.contains("format") && saved["format"] != expected["format"])
+    throw format_error(where + ": adapter_config.json has format " + saved["format"].dump() + ", expected " + expected["format"].dump() +
+                       (saved["format"] == "moet-composition" ? " (a composed model's adapters load into the composed model)" : ""));
   // Version 1 files (before the adapters' options were recorded) carry no "version" and no
   // "adapters": their layout is compared, their options cannot be.
   const nlohmann::json version = saved.contains("version") ? saved["version"] : nlohmann::json(1);
@@ -409,6 +446,47 @@ void load_adapters(Model& model, const std::filesystem::path& dir, const LoadOpt
       }
     }
   }
+}
+
+/// Refuses a composed model's adapter_config.json `saved` whose sites, composition layers or
+/// models' layouts differ from `expected` (this model's).
+inline void check_composed_layout(const nlohmann::json& saved, const nlohmann::json& expected, const std::string& where) {
+  const auto field = [&](const char* key) { return saved.contains(key) ? saved[key].dump() : std::string("absent"); };
+  if (!saved.contains("format") || saved["format"] != expected["format"])
+    throw format_error(where + ": adapter_config.json has format " + field("format") + ", expected " + expected["format"].dump() +
+                       " (a composed model's adapters; save_adapters on the composed model writes it)");
+  const nlohmann::json version = saved.contains("version") ? saved["version"] : nlohmann::json();
+  if (!version.is_number_integer() || version.get<long long>() < 1 || version.get<long long>() > expected["version"].get<long long>())
+    throw format_error(where + ": adapter_config.json has version " + field("version") + ", this moet reads versions 1 to " +
+                       expected["version"].dump());
+  for (const char* key : {"sites", "heads", "rotary_theta", "composition"})
+    if (!saved.contains(key) || saved[key] != expected[key])
+      throw format_error(where + ": saved for a different composition: " + key + " is " + field(key) + " in the file but " +
+                         expected[key].dump() + " in this model");
+  if (!saved.contains("anchor")) throw format_error(where + ": adapter_config.json has no \"anchor\" layout");
+  check_decoder_layout(saved["anchor"], expected["anchor"], where + " (the anchor's layout)");
+  const std::size_t augments = expected["augments"].size();
+  if (!saved.contains("augments") || !saved["augments"].is_array() || saved["augments"].size() != augments)
+    throw format_error(detail::concat(where, ": adapter_config.json has ", field("augments").substr(0, 40), " as \"augments\", expected ",
+                                      augments, " augmenting models' layouts"));
+  for (std::size_t m = 0; m < augments; ++m)
+    check_decoder_layout(saved["augments"][m], expected["augments"][m], detail::concat(where, " (augmenting model ", m, "'s layout)"));
+}
+}  // namespace detail_io
+
+/// Loads adapters saved by save_adapters into a model with the same layout. The order of the
+/// keys in adapter_config.json does not matter, and fields moet does not write are ignored; a
+/// file from a newer format version is refused.
+template <class Model>
+void load_adapters(Model& model, const std::filesystem::path& dir, const LoadOptions& load = {}) {
+  using T = detail_io::host_scalar<typename Model::Scalar>;
+  const std::string where = "adapter folder " + dir.string();
+  const nlohmann::json saved = io::parse_json(io::read_text_file(dir / "adapter_config.json", where), where + ": adapter_config.json");
+  if (!saved.is_object()) throw format_error(where + ": adapter_config.json is not a JSON object");
+  // Compared as unordered JSON: a file whose keys were sorted (jq -S) is the same file.
+  const nlohmann::json expected = nlohmann::json::parse(adapter_layout_json(model).dump());
+  if constexpr (detail_io::composed_model<Model>) detail_io::check_composed_layout(saved, expected, where);
+  else detail_io::check_decoder_layout(saved, expected, where);
   const io::SafetensorsFile file(dir / "adapter_model.safetensors");
   std::vector<Matrix<T>> staged;  // every tensor read and checked before any is written
   model.for_each_named_param([&](const std::string& name, auto& p) {

@@ -120,6 +120,7 @@ class ComposedModel {
                 const ComposeOptions& options = {})
       : device_(device), anchor(std::move(anchor_model)), augments(std::move(augment_models)) {
     sites_ = make_sites(options);
+    rotary_theta_ = options.rotary_theta;
     const Index heads = Spec::cross_attention::heads ? Spec::cross_attention::heads : anchor.config().heads;
     for (const Site& s : sites_)
       composition.emplace_back(device, anchor.config().d_model, augment_config(s.augment).d_model, heads, rng,
@@ -164,6 +165,17 @@ class ComposedModel {
 
   /// Every composition layer's (augment, i, j), ordered by j (then by augment): composition[k]'s site is sites()[k].
   const std::vector<Site>& sites() const { return sites_; }
+  /// ComposeOptions::rotary_theta the composition layers were built with.
+  double rotary_theta() const { return rotary_theta_; }
+
+  /// Every trainable tensor with a stable name (save_adapters, load_adapters): composition
+  /// layer k's as "composition.<k>.<parameter>" (the models it joins are frozen).
+  template <class F>
+  void for_each_named_param(F&& f) {
+    for (std::size_t k = 0; k < composition.size(); ++k)
+      for_each_param(composition[k], [&](auto& p) { f(detail::concat("composition.", k, ".", p.name()), p); });
+  }
+
   /// (augment layer i, anchor layer j) of each composition layer, in the order of sites().
   std::vector<std::pair<Index, Index>> pairs() const {
     std::vector<std::pair<Index, Index>> out;
@@ -572,6 +584,7 @@ class ComposedModel {
 
   [[no_unique_address]] Device device_;
   std::vector<Site> sites_;
+  double rotary_theta_ = 0.0;
   typename Ops::GradientArena arena_;
   long skipped_steps_ = 0;  // train_step with NonFinite::skip
   detail::AccumulatedStep<Ops> accumulated_;  // accumulate_gradients' step so far
