@@ -400,6 +400,16 @@ void save_adapters(Model& model, const std::filesystem::path& dir) {
 }
 
 namespace detail_io {
+/// The file's format version (`absent` when it names none), refused unless from 1 to this moet's.
+inline nlohmann::json checked_version(const nlohmann::json& saved, const nlohmann::json& expected, const nlohmann::json& absent,
+                                      const std::string& where) {
+  const nlohmann::json version = saved.contains("version") ? saved["version"] : absent;
+  if (!version.is_number_integer() || version.get<long long>() < 1 || version.get<long long>() > expected["version"].get<long long>())
+    throw format_error(where + ": adapter_config.json has version " + (saved.contains("version") ? version.dump() : "absent") +
+                       ", this moet reads versions 1 to " + expected["version"].dump());
+  return version;
+}
+
 /// Refuses a decoder's adapter_config.json `saved` whose layout differs from `expected` (this
 /// model's) in anything that changes the adapters' function.
 inline void check_decoder_layout(const nlohmann::json& saved, const nlohmann::json& expected, const std::string& where) {
@@ -409,10 +419,7 @@ inline void check_decoder_layout(const nlohmann::json& saved, const nlohmann::js
                        (saved["format"] == "moet-composition" ? " (a composed model's adapters load into the composed model)" : ""));
   // Version 1 files (before the adapters' options were recorded) carry no "version" and no
   // "adapters": their layout is compared, their options cannot be.
-  const nlohmann::json version = saved.contains("version") ? saved["version"] : nlohmann::json(1);
-  if (!version.is_number_integer() || version.get<long long>() < 1 || version.get<long long>() > expected["version"].get<long long>())
-    throw format_error(where + ": adapter_config.json has version " + version.dump() + ", this moet reads versions 1 to " +
-                       expected["version"].dump());
+  const nlohmann::json version = checked_version(saved, expected, nlohmann::json(1), where);
   auto differ = [&](const std::string& what) {
     throw format_error(where + ": saved for a different adapter layout: " + what);
   };
@@ -455,10 +462,7 @@ inline void check_composed_layout(const nlohmann::json& saved, const nlohmann::j
   if (!saved.contains("format") || saved["format"] != expected["format"])
     throw format_error(where + ": adapter_config.json has format " + field("format") + ", expected " + expected["format"].dump() +
                        " (a composed model's adapters; save_adapters on the composed model writes it)");
-  const nlohmann::json version = saved.contains("version") ? saved["version"] : nlohmann::json();
-  if (!version.is_number_integer() || version.get<long long>() < 1 || version.get<long long>() > expected["version"].get<long long>())
-    throw format_error(where + ": adapter_config.json has version " + field("version") + ", this moet reads versions 1 to " +
-                       expected["version"].dump());
+  checked_version(saved, expected, nlohmann::json(), where);
   for (const char* key : {"sites", "heads", "rotary_theta", "composition"})
     if (!saved.contains(key) || saved[key] != expected[key])
       throw format_error(where + ": saved for a different composition: " + key + " is " + field(key) + " in the file but " +

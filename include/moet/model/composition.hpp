@@ -268,12 +268,8 @@ class ComposedModel {
   template <class Optimizer>
   TrainStepResult train_step(const ComposedBatch& b, Optimizer& optimizer, double max_grad_norm = 1.0,
                              NonFinite on_non_finite = NonFinite::raise) {
-    const Context c = forward(b);
-    backward(c, GradMode::overwrite);
-    // the composition layers' gradients (nothing else trains); the anchor's routers' aux losses, if any
-    typename Ops::StepSum sum;
-    Ops::add_to_step(sum, c.output(), &c.head.aux, true);
-    return detail::end_step<Ops>(*this, optimizer, sum, 1, max_grad_norm, on_non_finite, skipped_steps_);
+    accumulate_gradients(b, 0, 1);  // the composition layers' gradients (nothing else trains)
+    return apply_gradients(optimizer, max_grad_norm, on_non_finite);
   }
   template <class Optimizer>
   TrainStepResult train_step(const TokenBatch& b, Optimizer& optimizer, double max_grad_norm = 1.0,

@@ -83,17 +83,10 @@ TrainStepResult apply_step(Model& model, Optimizer& optimizer, TrainStepResult r
   return r;
 }
 
-/// A training step's end from its micro-batches' summed numbers (Ops::finish_step: the mean
-/// gradient, clipped, and the mean losses), then apply_step.
-template <class Ops, class Model, class Optimizer>
-TrainStepResult end_step(Model& model, Optimizer& optimizer, const typename Ops::StepSum& sum, int parts, double max_norm,
-                         NonFinite policy, long& skipped) {
-  return apply_step(model, optimizer, step_result(Ops::finish_step(model, sum, parts, max_norm)), policy, skipped);
-}
 
-/// A training step accumulated over micro-batches, as the models' accumulate_gradients and
-/// apply_gradients run it: the parts' losses summed where the backend keeps them, and how many
-/// of how many parts have run.
+/// A training step over micro-batches, as the models' train_step (one part),
+/// accumulate_gradients and apply_gradients run it: the parts' losses summed where the backend
+/// keeps them, and how many of how many parts have run.
 template <class Ops>
 class AccumulatedStep {
  public:
@@ -118,7 +111,8 @@ class AccumulatedStep {
     done_ = part + 1;
   }
 
-  /// The step's end (end_step: the mean over the parts), once, after every part has run.
+  /// The step's end, once, after every part has run: Ops::finish_step (the mean gradient,
+  /// clipped, and the mean losses), then apply_step.
   template <class Model, class Optimizer>
   TrainStepResult apply(const std::string& who, Model& model, Optimizer& optimizer, double max_norm, NonFinite policy,
                         long& skipped) {
@@ -127,7 +121,7 @@ class AccumulatedStep {
                                parts_, " parts have run"));
     const int parts = parts_;
     parts_ = done_ = 0;  // the step is taken (or refused) once
-    return end_step<Ops>(model, optimizer, sum_, parts, max_norm, policy, skipped);
+    return apply_step(model, optimizer, step_result(Ops::finish_step(model, sum_, parts, max_norm)), policy, skipped);
   }
 
  private:
@@ -318,20 +312,17 @@ class DecoderModel {
   template <class Optimizer>
   TrainStepResult train_step(const TokenBatch& b, Optimizer& optimizer, double max_grad_norm = 1.0,
                              NonFinite on_non_finite = NonFinite::raise) {
-    const Context c = forward(b);
-    backward(c, GradMode::overwrite);
-    typename Ops::StepSum sum;
-    Ops::add_to_step(sum, c.output(), &c.aux, true);
-    return detail::end_step<Ops>(*this, optimizer, sum, 1, max_grad_norm, on_non_finite, skipped_steps_);
+    accumulate_gradients(b, 0, 1);
+    return apply_gradients(optimizer, max_grad_norm, on_non_finite);
   }
 
   /// Gradient accumulation: micro-batch `part` of a step of `parts`, run in order from 0.
   /// Forward and backward of its whole objective (loss and aux losses), overwriting the
   /// gradients on part 0 and adding to them after; its losses are summed where the backend
   /// keeps them (on the device for CUDA: nothing is read back). apply_gradients ends the step
-  /// with the mean over the parts, exactly as train_step on one batch holding every part would
-  /// weigh each part's mean token loss and aux losses. A part that throws abandons the step
-  /// (the next call must be part 0).
+  /// with the mean over the parts: each part's mean token loss and aux losses weigh the same. A
+  /// part that throws abandons the step (the next call must be part 0); so does train_step,
+  /// which is a step of one part.
   void accumulate_gradients(const TokenBatch& b, int part, int parts) {
     accumulated_.run(name(), part, parts, [&](typename Ops::StepSum& sum, bool first) {
       const Context c = forward(b);
