@@ -9,10 +9,19 @@
 // *_recompute cases keep only each block's input and recompute the block in backward.
 //   sample_token/vocab50257/top_p*   one sampled token from 50257 logits against a sort of the
 //                                    whole vocabulary (the floor): generation's host-side cost
+//   load_pretrained/gpt2_124m        GPT-2 small's shapes (124M frozen values, an F32 checkpoint
+//                                    written once to the temp folder, read from the page cache)
+//                                    with MoLoRA on q and v, against the way it went before in
+//                                    the same iterations (the floor): a random model, every frozen
+//                                    weight drawn, then load_base. peak_MiB: how far the resident
+//                                    set rose above where it started (VmHWM, reset before each).
 #include <benchmark/benchmark.h>
 
 #include <malloc.h>
+#include <unistd.h>
 
+#include <filesystem>
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -103,6 +112,73 @@ void sampling(benchmark::State& state, double top_p) {
       [&] { benchmark::DoNotOptimize(sample_token(logits, s, b)); }, 1.0);
 }
 
+/// A field of /proc/self/status in KiB (VmRSS, VmHWM), or -1.
+double status_kib(const std::string& field) {
+  std::ifstream in("/proc/self/status");
+  for (std::string line; std::getline(in, line);)
+    if (line.rfind(field + ":", 0) == 0) return std::stod(line.substr(field.size() + 1));
+  return -1;
+}
+/// How far f made the resident set rise above where it started, in MiB (-1 where the peak
+/// cannot be reset).
+template <class F>
+double peak_growth_mib(F&& f) {
+  malloc_trim(0);
+  std::ofstream reset("/proc/self/clear_refs");
+  reset << "5" << std::flush;  // resets VmHWM to VmRSS
+  const bool ok = bool(reset);
+  const double before = status_kib("VmRSS");
+  f();
+  return ok && before >= 0 ? (status_kib("VmHWM") - before) / 1024 : -1;
+}
+
+using Gpt2Lora = Decoder<GPT2, Slots<at<q, MoLoRA<4, 8>>, at<v, MoLoRA<4, 8>>>>;
+
+/// GPT-2 small's checkpoint (zeros: the values do not change the work), written on first use.
+struct Gpt2Checkpoint {
+  std::filesystem::path dir = std::filesystem::temp_directory_path() / ("moet_bench_load_" + std::to_string(getpid()));
+  Gpt2Checkpoint() {
+    io::ModelConfig c;
+    c.architecture = io::Architecture::gpt2;
+    c.vocab = 50257, c.d_model = 768, c.layers = 12, c.heads = 12, c.kv_heads = 12, c.d_ff = 3072, c.max_positions = 1024;
+    Rng rng(1);
+    Decoder<GPT2>::model<float> m(c, rng, {}, 0.0);
+    save_pretrained(m, dir);
+  }
+  ~Gpt2Checkpoint() { std::filesystem::remove_all(dir); }
+  static const Gpt2Checkpoint& get() {
+    static const Gpt2Checkpoint checkpoint;
+    return checkpoint;
+  }
+};
+
+void loading(benchmark::State& state) {
+  const auto& checkpoint = Gpt2Checkpoint::get();
+  double old_peak = 0, new_peak = 0, frozen_values = 0;
+  bench::timed_against_floor(
+      state,
+      [&] {
+        old_peak = peak_growth_mib([&] {
+          Rng rng(3);
+          Gpt2Lora::model<float> m(io::load_model_config(checkpoint.dir / "config.json"), rng);
+          load_base(m, io::Checkpoint(checkpoint.dir));
+          benchmark::DoNotOptimize(m);
+        });
+      },
+      [&] {
+        new_peak = peak_growth_mib([&] {
+          Rng rng(3);
+          auto m = load_pretrained<Gpt2Lora, float>(checkpoint.dir, rng);
+          frozen_values = double(count_parameters(m).total - count_parameters(m).trainable);
+          benchmark::DoNotOptimize(m);
+        });
+      },
+      1.0);
+  state.counters["peak_MiB"] = new_peak;
+  state.counters["floor_peak_MiB"] = old_peak;
+  state.counters["frozen_MiB"] = frozen_values * sizeof(float) / (1 << 20);
+}
+
 template <class F>
 benchmark::internal::Benchmark* add(const std::string& name, F f) {
   return benchmark::RegisterBenchmark(name.c_str(), f)->Unit(benchmark::kMillisecond)->Iterations(2);
@@ -126,5 +202,6 @@ int main(int argc, char** argv) {
                                  [top_p](auto& st) { sampling(st, top_p); })
         ->Unit(benchmark::kMicrosecond)
         ->UseManualTime();
+  add("load_pretrained/gpt2_124m", loading)->UseManualTime();
   return moet::bench::run_with_ratios(args, {{"train_step/gpt2_small/mov10", 1.15}, {"train_step/gpt2_small/molora10", 1.35}});
 }

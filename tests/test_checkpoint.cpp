@@ -89,6 +89,51 @@ TEST_CASE("A sharded Llama checkpoint loads back with bit-identical logits; F16 
   }
 }
 
+TEST_CASE("Rng::skip_normals advances the stream as the draws it skips", "[io][random]") {
+  for (std::uint64_t spent : {0, 1}) {  // with and without a spare value pending
+    for (std::uint64_t n : {0, 1, 2, 3, 4, 7, 1000, 1001}) {
+      Rng drawn(11), skipped(11);
+      for (std::uint64_t i = 0; i < spent; ++i) (void)drawn.normal(), (void)skipped.normal();
+      for (std::uint64_t i = 0; i < n; ++i) (void)drawn.normal();
+      skipped.skip_normals(n);
+      INFO("spent " << spent << ", skipped " << n);
+      for (int i = 0; i < 3; ++i) REQUIRE(skipped.normal() == drawn.normal());
+      REQUIRE(skipped.next() == drawn.next());
+    }
+  }
+}
+
+TEST_CASE("load_pretrained draws no frozen weights, and its adapters are those of a random model", "[io][model]") {
+  Rng rng(4);
+  Gpt2MoLoRA::model<float> original(gpt2_config(), rng);
+  randomize_base(original, rng);
+  const fs::path base = scratch("placeholder");
+  save_pretrained(original, base);
+
+  // Before: a random model (every frozen weight drawn) with the checkpoint loaded over it.
+  Rng r1(5), r2(5);
+  Gpt2MoLoRA::model<float> drawn(gpt2_config(), r1);
+  load_base(drawn, io::Checkpoint(base));
+  auto loaded = load_pretrained<Gpt2MoLoRA, float>(base, r2);
+  REQUIRE(r1.next() == r2.next());  // the Rng advanced alike
+  std::vector<Matrix<float>> a, b;
+  for_each_param(drawn, [&](auto& p) { a.push_back(p.value()); });
+  for_each_param(loaded, [&](auto& p) { b.push_back(p.value()); });
+  REQUIRE(a.size() == b.size());
+  for (std::size_t i = 0; i < a.size(); ++i) REQUIRE(a[i] == b[i]);
+  REQUIRE(loaded.logits(batch) == drawn.logits(batch));
+
+  // The placeholder itself: zeros, and the same adapters.
+  Rng r3(5);
+  Gpt2MoLoRA::model<float> placeholder(gpt2_config(), r3, {}, FrozenInit::placeholder());
+  for_each_frozen(placeholder, [&](auto& f) {
+    if (f.name() != "weight" || f.rows() != 1) REQUIRE(f.value().isZero());  // norms start at one
+  });
+  std::vector<Matrix<float>> c;
+  for_each_param(placeholder, [&](auto& p) { c.push_back(p.value()); });
+  for (std::size_t i = 0; i < a.size(); ++i) REQUIRE(c[i] == a[i]);
+}
+
 TEST_CASE("Adapters save and load alone, and refuse a different layout", "[io][model]") {
   Rng rng(3);
   Gpt2MoLoRA::model<float> trained(gpt2_config(), rng);

@@ -168,6 +168,25 @@ struct ModelOptions {
   bool recompute = false;  ///< keep only each block's input in forward; backward recomputes the block
 };
 
+/// How a model's frozen weights start (a model constructor's last argument):
+///   a stddev (0.02 by default)   drawn normal(0, stddev) from the model's Rng;
+///   0                            zeros; nothing is drawn;
+///   FrozenInit::placeholder()    zeros, and the Rng advanced as if they had been drawn, so the
+///                                adapters drawn after them get the values that a random model of
+///                                the same seed has. load_pretrained builds its model so: the
+///                                checkpoint replaces the weights, and drawing a 1B-parameter
+///                                model on the host would take most of a minute.
+struct FrozenInit {
+  double stddev = 0.02;
+  bool advance_rng = false;
+  FrozenInit(double s = 0.02) : stddev(s) {}  // NOLINT: a stddev is a FrozenInit
+  static FrozenInit placeholder() {
+    FrozenInit f(0.0);
+    f.advance_rng = true;
+    return f;
+  }
+};
+
 /// A list of types.
 template <class... X>
 struct type_list {

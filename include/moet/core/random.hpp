@@ -38,6 +38,23 @@ class Rng {
 
   std::uint64_t next() { return engine_(); }
 
+  /// Advances the stream exactly as `count` calls of normal() would, without computing them
+  /// (about ten times faster: no log, sqrt or trigonometry): a model whose frozen weights come
+  /// from a checkpoint skips their draws and gives its adapters the values of the same seed.
+  void skip_normals(std::uint64_t count) {
+    if (count == 0) return;
+    if (has_spare_) {
+      has_spare_ = false;
+      --count;
+    }
+    for (; count >= 2; count -= 2) {  // a whole pair: u1 (redrawn while 0, as normal() does) and u2
+      while (engine_() >> 11 == 0) {
+      }
+      engine_();
+    }
+    if (count == 1) (void)normal();  // the last pair's second value is kept as the spare
+  }
+
   /// Fills any writable Eigen expression (a matrix, a block, a map).
   template <class M>
   void fill_normal(M&& m, double mean, double stddev) {

@@ -154,36 +154,57 @@ inline std::string model_config_json(const io::ModelConfig& c) {
   return j.dump(2) + "\n";
 }
 
-/// Copies a checkpoint's frozen tensors into `model` (Hugging Face names; GPT-2 with or
-/// without the "transformer." prefix). Tensors the model does not use are ignored.
+namespace detail_io {
+/// Reads the checkpoint's tensors into `model` one at a time; with `staged`, every tensor is read
+/// (and checked) first and the model is written only after all of them passed.
 template <class Model>
-void load_base(Model& model, const io::Checkpoint& checkpoint, const LoadOptions& load = {}) {
-  using T = detail_io::host_scalar<typename Model::Scalar>;
+void load_base_tensors(Model& model, const io::Checkpoint& checkpoint, const LoadOptions& load, bool staged) {
+  using T = host_scalar<typename Model::Scalar>;
   const std::string prefix = checkpoint.contains("wte.weight") && !checkpoint.contains("transformer.wte.weight") ? "" : "transformer.";
   auto tensors = model.base_tensors(prefix);
-  std::vector<Matrix<T>> staged;
-  staged.reserve(tensors.size());
-  for (const auto& t : tensors) {
+  auto read = [&](const auto& t) {
     Index cols = 0;
     for (auto* p : t.parts) cols += p->cols();
     const Index rows = t.parts[0]->rows();
     Matrix<T> m = t.transposed ? checkpoint.template matrix<T>(t.name, cols, rows) : checkpoint.template matrix<T>(t.name, rows, cols);
     if (load.check_finite) io::require_finite(m, t.name, "checkpoint " + checkpoint.file_of(t.name).path());
-    if (t.transposed) staged.push_back(m.transpose());
-    else staged.push_back(std::move(m));
-  }
-  for (std::size_t i = 0; i < tensors.size(); ++i) {
+    if (t.transposed) return Matrix<T>(m.transpose());
+    return m;
+  };
+  auto write = [](const auto& t, const Matrix<T>& m) {
     Index c = 0;
-    for (auto* p : tensors[i].parts) {
-      tensor_from_host(*p, Matrix<T>(staged[i].middleCols(c, p->cols())));
+    for (auto* p : t.parts) {
+      tensor_from_host(*p, m.middleCols(c, p->cols()));
       c += p->cols();
     }
+  };
+  if (!staged) {
+    for (const auto& t : tensors) write(t, read(t));
+    return;
   }
+  std::vector<Matrix<T>> all;
+  all.reserve(tensors.size());
+  for (const auto& t : tensors) all.push_back(read(t));
+  for (std::size_t i = 0; i < tensors.size(); ++i) write(tensors[i], all[i]);
+}
+}  // namespace detail_io
+
+/// Copies a checkpoint's frozen tensors into `model` (Hugging Face names; GPT-2 with or
+/// without the "transformer." prefix). Tensors the model does not use are ignored. All or
+/// nothing: every tensor is read and checked before the model changes, so this holds a copy of
+/// the frozen weights on the host meanwhile (load_pretrained, whose model is new, reads one
+/// tensor at a time).
+template <class Model>
+void load_base(Model& model, const io::Checkpoint& checkpoint, const LoadOptions& load = {}) {
+  detail_io::load_base_tensors(model, checkpoint, load, true);
 }
 
 /// A model of type Spec::model<T, Backend> on `device` from a Hugging Face folder (config.json +
 /// weights): load_pretrained<M, bf16, cuda>(ctx, dir, rng) for the GPU. The config's size and the
-/// checkpoint's contents are checked before the model is built.
+/// checkpoint's contents are checked before the model is built. The frozen weights are not drawn
+/// (FrozenInit::placeholder: the adapters get the values of a random model of the same seed)
+/// and are read one tensor at a time, so the host holds at most one checkpoint tensor besides
+/// the model (on the GPU, none of the model).
 template <class Spec, class T, class Backend, class Device>
 typename Spec::template model<T, Backend> load_pretrained(Device&& device, const std::filesystem::path& dir, Rng& rng,
                                                           const ModelOptions& options = {}, const LoadOptions& load = {}) {
@@ -196,8 +217,8 @@ typename Spec::template model<T, Backend> load_pretrained(Device&& device, const
   if (needed / 2 > held + (std::uint64_t(1) << 20))
     throw format_error(detail::concat(who, ": config.json describes a model of ", needed, " frozen values but the checkpoint holds ",
                                       held, " (a config for another checkpoint?)"));
-  typename Spec::template model<T, Backend> model(std::forward<Device>(device), config, rng, options);
-  load_base(model, checkpoint, load);
+  typename Spec::template model<T, Backend> model(std::forward<Device>(device), config, rng, options, FrozenInit::placeholder());
+  detail_io::load_base_tensors(model, checkpoint, load, false);  // a failure discards the new model: nothing is lost
   return model;
 }
 

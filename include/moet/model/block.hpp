@@ -14,6 +14,7 @@
 // of them and names each only where the dataflow above uses it.
 #pragma once
 
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -92,13 +93,14 @@ SlotShape slot_shape(const io::ModelConfig& c) {
   else return {0, f, false};  // ffn_hidden
 }
 
-/// A frozen weight at its random start: normal(0, stddev), or zeros without drawing anything when
-/// stddev is 0 (a checkpoint is loaded over it, or a benchmark fills it on the device: drawing a
-/// 1B-parameter model on the host takes most of a minute).
+/// A frozen weight at its start (FrozenInit): normal(0, stddev), or zeros, drawing nothing
+/// (stddev 0: a benchmark fills it on the device) or skipping the draws (a placeholder for a
+/// checkpoint's tensor).
 template <class Host>
-Host initial_weight(Rng& rng, Index rows, Index cols, double stddev) {
-  if (stddev == 0) return Host::Zero(rows, cols);
-  return rng.normal_matrix<typename Host::Scalar>(rows, cols, 0.0, stddev);
+Host initial_weight(Rng& rng, Index rows, Index cols, const FrozenInit& init) {
+  if (init.advance_rng) rng.skip_normals(std::uint64_t(rows) * std::uint64_t(cols));
+  if (init.advance_rng || init.stddev == 0) return Host::Zero(rows, cols);
+  return rng.normal_matrix<typename Host::Scalar>(rows, cols, 0.0, init.stddev);
 }
 
 /// The slots an architecture has, in the order a block holds and visits them.
@@ -160,11 +162,11 @@ class Block {
     }
   };
 
-  /// Random frozen weights (normal(0, init_stddev), norms at one, biases zero), then adapters.
-  Block(typename Ops::Device device, const io::ModelConfig& c, Index index, Rng& rng, const ModelOptions& o, double init_stddev)
+  /// Frozen weights as `init` says (norms at one, biases zero), then adapters.
+  Block(typename Ops::Device device, const io::ModelConfig& c, Index index, Rng& rng, const ModelOptions& o, const FrozenInit& init)
       : activation_(c.activation),
         norm1(make_norm(device, c)),
-        slots_(build(device, c, index, rng, o, init_stddev, Order{})),
+        slots_(build(device, c, index, rng, o, init, Order{})),
         norm2(make_norm(device, c)) {}
   Block(Block&&) noexcept = default;
 
@@ -278,13 +280,13 @@ class Block {
  private:
   template <class... S>
   static SlotTuple build(typename Ops::Device device, const io::ModelConfig& c, Index index, Rng& rng, const ModelOptions& o,
-                         double init_stddev, type_list<S...>) {
+                         const FrozenInit& init, type_list<S...>) {
     std::tuple<std::optional<slot_holder<S, Spec, T, Backend>>...> staged;
     auto make = [&]<class X>(X) {
       const SlotShape shape = slot_shape<X>(c);
       auto& target = std::get<index_of<X>>(staged);
       if constexpr (X::linear) {
-        const Host w = initial_weight<Host>(rng, shape.in, shape.out, init_stddev);
+        const Host w = initial_weight<Host>(rng, shape.in, shape.out, init);
         const Host zero = Host::Zero(1, shape.out);
         target.emplace(device, index, w, shape.bias ? &zero : nullptr, rng, o, c.d_model);
       } else {

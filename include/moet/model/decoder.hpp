@@ -207,31 +207,32 @@ class DecoderModel {
 
   static std::string name() { return Spec::name(); }
 
-  /// A model with random frozen weights (load a checkpoint over them with moet::load_base).
+  /// A model with random frozen weights (load a checkpoint over them with moet::load_base), or
+  /// other ones as `init` says (FrozenInit: zeros, or placeholders for a checkpoint).
   DecoderModel(Device device, const io::ModelConfig& config, Rng& rng, const ModelOptions& options = {},
-               double init_stddev = 0.02)
+               const FrozenInit& init = {})
       : device_(device),
         config_(checked(config)),
         options_(options),
-        wte(device, initial_weight<Host>(rng, config.vocab, config.d_model, init_stddev)),
+        wte(device, initial_weight<Host>(rng, config.vocab, config.d_model, init)),
         final_norm(BlockType::make_norm(device, config)) {
     if constexpr (llama) {
       rope_q_.emplace(device, config.heads, config.head_dim(), config.rope_theta, config.rope_scaling);
       rope_k_.emplace(device, config.kv_heads, config.head_dim(), config.rope_theta, config.rope_scaling);
     } else {
-      wpe.emplace(device, initial_weight<Host>(rng, config.max_positions, config.d_model, init_stddev));
+      wpe.emplace(device, initial_weight<Host>(rng, config.max_positions, config.d_model, init));
     }
     blocks.reserve(std::size_t(config.layers));
-    for (Index i = 0; i < config.layers; ++i) blocks.emplace_back(device, config, i, rng, options, init_stddev);
+    for (Index i = 0; i < config.layers; ++i) blocks.emplace_back(device, config, i, rng, options, init);
     if (!config.tied_embeddings)
       lm_head.emplace(Ops::frozen(device, name(), "lm_head",
-                                  initial_weight<Host>(rng, config.vocab, config.d_model, init_stddev)));
+                                  initial_weight<Host>(rng, config.vocab, config.d_model, init)));
     arena_ = typename Ops::GradientArena(*this);
   }
   /// The CPU shorthand: no device handle.
-  DecoderModel(const io::ModelConfig& config, Rng& rng, const ModelOptions& options = {}, double init_stddev = 0.02)
+  DecoderModel(const io::ModelConfig& config, Rng& rng, const ModelOptions& options = {}, const FrozenInit& init = {})
     requires std::is_same_v<Device, CpuDevice>
-      : DecoderModel(CpuDevice{}, config, rng, options, init_stddev) {}
+      : DecoderModel(CpuDevice{}, config, rng, options, init) {}
   DecoderModel(DecoderModel&&) noexcept = default;
 
   const io::ModelConfig& config() const { return config_; }

@@ -34,10 +34,10 @@ decltype(auto) with_index(std::size_t index, F&& f) {
   return [&]<std::size_t... I>(std::index_sequence<I...>) -> decltype(f(std::integral_constant<std::size_t, 0>{})) {
     using R = decltype(f(std::integral_constant<std::size_t, 0>{}));
     if constexpr (std::is_void_v<R>) {
-      ((index == I ? (f(std::integral_constant<std::size_t, I>{}), true) : false) || ...);
+      (void)((index == I ? (f(std::integral_constant<std::size_t, I>{}), true) : false) || ...);
     } else {
       std::optional<R> result;
-      ((index == I ? (result.emplace(f(std::integral_constant<std::size_t, I>{})), true) : false) || ...);
+      (void)((index == I ? (result.emplace(f(std::integral_constant<std::size_t, I>{})), true) : false) || ...);
       return std::move(*result);
     }
   }(std::make_index_sequence<N>{});
