@@ -131,6 +131,18 @@ void require_same_gradients(Cpu& cpu, Gpu& gpu, double tol = tolerance) {
   });
 }
 
+/// The same batch through both models: logits, the loss and every adapter gradient agree within tol.
+template <class Cpu, class Gpu>
+void require_same_pass(Cpu& cpu, Gpu& gpu, const TokenBatch& batch, double tol = tolerance) {
+  CHECK(relative(host(gpu.logits(batch)), host(cpu.logits(batch))) <= tol);
+  const auto cc = cpu.forward(batch);
+  const auto gc = gpu.forward(batch);
+  CHECK(std::abs(ops<cuda, float>::scalar(gc.output()) - cpu.loss(batch)) <= tol * cpu.loss(batch));  // the loss is float32
+  cpu.backward(cc, overwrite);
+  gpu.backward(gc, overwrite);
+  require_same_gradients(cpu, gpu, tol);
+}
+
 inline TokenBatch padded_batch(int vocab) {
   // two sequences of 6: the second left-padded by two, labels in Hugging Face's convention
   TokenBatch b{2, 6, {}, {1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1}, {}, {}};

@@ -17,13 +17,7 @@ TEST_CASE("CUDA CALM pair matches the CPU pair: loss, composition gradients, tra
   Pair::model<float, cuda> gpu(ctx, llama_config(), augment, b, options);
   share_weights(cpu, gpu, 17);  // the composition layers' W_O and bias start at zero: draw them too
   const TokenBatch batch = padded_batch(29);
-  CHECK(relative(host(gpu.logits(batch)), host(cpu.logits(batch))) <= tolerance);
-  const auto cc = cpu.forward(batch);
-  const auto gc = gpu.forward(batch);
-  CHECK(std::abs(ops<cuda, float>::scalar(gc.output()) - cpu.loss(batch)) <= tolerance * cpu.loss(batch));
-  cpu.backward(cc, overwrite);
-  gpu.backward(gc, overwrite);
-  require_same_gradients(cpu, gpu);
+  require_same_pass(cpu, gpu, batch);
   AdamW<double> cpu_opt({.lr = 1e-2});
   CudaAdamW gpu_opt(ctx, {.lr = 1e-2});
   for (int step = 0; step < 2; ++step) {

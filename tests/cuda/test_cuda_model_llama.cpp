@@ -99,14 +99,7 @@ void compare_half(double tol) {
   M::model<double> cpu(llama_config(), a, {}, 0.3);
   typename M::template model<T, cuda> gpu(ctx, llama_config(), b, {}, 0.3);
   share_weights(cpu, gpu, 3);
-  const TokenBatch batch = padded_batch(29);
-  CHECK(relative(host(gpu.logits(batch)), host(cpu.logits(batch))) <= tol);
-  const auto cc = cpu.forward(batch);
-  const auto gc = gpu.forward(batch);
-  CHECK(std::abs(ops<cuda, T>::scalar(gc.output()) - cpu.loss(batch)) <= tol * cpu.loss(batch));
-  cpu.backward(cc, overwrite);
-  gpu.backward(gc, overwrite);
-  require_same_gradients(cpu, gpu, tol);
+  require_same_pass(cpu, gpu, padded_batch(29), tol);
 }
 
 TEST_CASE("CUDA Llama in bf16 and fp16 matches the CPU model to the storage precision", "[cuda][model][half]") {
