@@ -4,6 +4,7 @@
 // shape that does not match config.json) give a clear moet error and leave the model as it was.
 #include <catch2/catch.hpp>
 
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 
@@ -132,6 +133,12 @@ TEST_CASE("load_pretrained draws no frozen weights, and its adapters are those o
   std::vector<Matrix<float>> c;
   for_each_param(placeholder, [&](auto& p) { c.push_back(p.value()); });
   for (std::size_t i = 0; i < a.size(); ++i) REQUIRE(c[i] == a[i]);
+
+  // A stddev that is negative or not finite is refused by name.
+  REQUIRE_THROWS_AS((Gpt2MoLoRA::model<float>(gpt2_config(), r3, {}, -0.1)), value_error);
+  REQUIRE_THROWS_WITH((Gpt2MoLoRA::model<float>(gpt2_config(), r3, {}, -0.1)),
+                      Contains("FrozenInit: the frozen weights' stddev must be finite and >= 0, got -0.1"));
+  REQUIRE_THROWS_WITH((Gpt2MoLoRA::model<float>(gpt2_config(), r3, {}, std::nan(""))), Contains("got nan"));
 }
 
 TEST_CASE("Adapters save and load alone, and refuse a different layout", "[io][model]") {

@@ -17,10 +17,12 @@
 // with disjoint lists and different mixtures (per-layer mixtures), each with its own options.
 #pragma once
 
+#include <cmath>
 #include <string>
 #include <type_traits>
 
 #include "core/backend.hpp"
+#include "core/error.hpp"
 #include "core/tensor.hpp"
 #include "expert.hpp"
 #include "mixture.hpp"
@@ -179,7 +181,10 @@ struct ModelOptions {
 struct FrozenInit {
   double stddev = 0.02;
   bool advance_rng = false;
-  FrozenInit(double s = 0.02) : stddev(s) {}  // NOLINT: a stddev is a FrozenInit
+  FrozenInit(double s = 0.02) : stddev(s) {  // NOLINT: a stddev is a FrozenInit
+    if (!(s >= 0.0) || !std::isfinite(s))
+      throw value_error(detail::concat("FrozenInit: the frozen weights' stddev must be finite and >= 0, got ", s));
+  }
   static FrozenInit placeholder() {
     FrozenInit f(0.0);
     f.advance_rng = true;
