@@ -341,6 +341,94 @@ TEMPLATE_TEST_CASE("CUDA attention matches the CPU's: grouped heads, padding, a 
                     Catch::Contains("batch*kv_stride x kv_heads*head_dim"));
 }
 
+namespace {
+/// Flash attention (kernels/attention.cu) against the CPU's in double and against the
+/// materialized path on the same device, for one shape: the output, the log-sum-exp's effect
+/// through dq, dk and dv.
+template <class T>
+void check_flash(const AttentionShape& shape, const std::vector<unsigned char>& valid, std::uint64_t seed) {
+  using moet::testing::detail::download_matrix;
+  using moet::testing::detail::rounded;
+  using moet::testing::detail::upload_matrix;
+  const Index B = shape.batch, L = shape.seq, K = shape.kv_seq, S = shape.kv_stride, H = shape.heads, hd = shape.head_dim;
+  Rng rng(seed);
+  const Matrix<double> q = rounded<T>(rng.normal_matrix<double>(B * L, H * hd)),
+                       k = rounded<T>(rng.normal_matrix<double>(B * S, shape.kv_heads * hd)),
+                       v = rounded<T>(rng.normal_matrix<double>(B * S, shape.kv_heads * hd)),
+                       dy = rounded<T>(rng.normal_matrix<double>(B * L, H * hd));
+  const cpu_impl::CausalAttention<double> cpu(shape, valid);
+  const auto cc = cpu.forward(q, k, v);
+  const auto [dq, dk, dv] = cpu.backward(cc, q, k, v, dy, overwrite);
+
+  CudaContext& ctx = context();
+  const cudaStream_t st = ctx.stream();
+  const auto q_d = upload_matrix<T>(q, st), k_d = upload_matrix<T>(k, st), v_d = upload_matrix<T>(v, st),
+             dy_d = upload_matrix<T>(dy, st);
+  auto run = [&](AttentionKernel kernel) {
+    ctx.set_attention_kernel(kernel);
+    const cuda_impl::Attention<T> gpu(ctx, shape, valid);
+    ctx.set_attention_kernel(AttentionKernel::automatic);
+    CHECK(gpu.flash() == (kernel != AttentionKernel::materialized));
+    const auto lookups = ctx.matmuls().lookups();
+    const auto c = gpu.forward(q_d.view(), k_d.view(), v_d.view());
+    const auto [gq, gk, gv] = gpu.backward(c, q_d.view(), k_d.view(), v_d.view(), dy_d.view(), overwrite);
+    if (gpu.flash()) CHECK(ctx.matmuls().lookups() == lookups);  // no GEMM: the scores never leave the kernels
+    return std::array<Matrix<double>, 4>{download_matrix<T>(c.y.view(), st), download_matrix<T>(gq.view(), st),
+                                         download_matrix<T>(gk.view(), st), download_matrix<T>(gv.view(), st)};
+  };
+  const auto flash = run(AttentionKernel::flash), materialized = run(AttentionKernel::materialized);
+  const auto again = run(AttentionKernel::automatic);
+  const std::array<const Matrix<double>*, 4> want{&cc.y, &dq, &dk, &dv};
+  const char* names[] = {"output", "dq", "dk", "dv"};
+  // The layers' tolerance (compare_options): P and dS are rounded to T before their products on
+  // both paths, so flash and materialized differ from double by the same kind of error.
+  const double tolerance = moet::testing::compare_options<T>().tolerance;
+  for (int i = 0; i < 4; ++i) {
+    const double scale = want[i]->cwiseAbs().maxCoeff();
+    const double error = (flash[i] - *want[i]).cwiseAbs().maxCoeff() / scale,
+                 between = (flash[i] - materialized[i]).cwiseAbs().maxCoeff() / scale;
+    INFO(names[i] << " (head_dim " << hd << ", " << L << " queries over " << K << " keys): flash vs cpu " << error
+                  << ", flash vs materialized " << between << ", tolerance " << tolerance);
+    CHECK(error <= tolerance);
+    CHECK(between <= tolerance);
+    CHECK(flash[i] == again[i]);  // the same bits on every run
+  }
+  for (Index b = 0; b < B; ++b) {  // rows of a storage past a sequence's keys stay zero
+    CHECK(flash[2].middleRows(b * S + K, S - K).isZero());
+    CHECK(flash[3].middleRows(b * S + K, S - K).isZero());
+  }
+}
+}  // namespace
+
+TEMPLATE_TEST_CASE("CUDA flash attention matches the CPU's", "[cuda][flash]", bf16, fp16) {
+  SECTION("head_dim 16: 70 queries (two tiles), grouped heads, padding") {
+    std::vector<unsigned char> valid(2 * 70, 1);
+    valid[70] = valid[71] = valid[5] = 0;
+    check_flash<TestType>(AttentionShape{2, 70, 4, 2, 16, 70, 70}, valid, 31);
+  }
+  SECTION("head_dim 32: 5 new queries over a cache of 37 keys kept 40 apart") {
+    std::vector<unsigned char> valid(2 * 37, 1);
+    valid[37] = 0;
+    check_flash<TestType>(AttentionShape{2, 5, 4, 1, 32, 37, 40}, valid, 32);
+  }
+  SECTION("head_dim 64 and 128: one padded sequence start") {
+    std::vector<unsigned char> valid(20, 1);
+    valid[0] = valid[1] = 0;  // queries 0 and 1 see no key: their outputs and gradients are 0
+    check_flash<TestType>(AttentionShape{1, 20, 2, 2, 64, 20, 20}, valid, 33);
+    check_flash<TestType>(AttentionShape{1, 20, 2, 1, 128, 20, 20}, valid, 34);
+  }
+  SECTION("refused where it cannot run, by name") {
+    context().set_attention_kernel(AttentionKernel::flash);
+    CHECK_THROWS_WITH((cuda_impl::Attention<TestType>(context(), AttentionShape{1, 4, 2, 2, 8, 4, 4}, {})),
+                      Catch::Contains("head_dim 16, 32, 64 or 128") && Catch::Contains("head_dim 8"));
+    CHECK_THROWS_WITH((cuda_impl::Attention<float>(context(), AttentionShape{1, 4, 2, 2, 16, 4, 4}, {})),
+                      Catch::Contains("got float storage"));
+    context().set_attention_kernel(AttentionKernel::automatic);
+    CHECK_FALSE((cuda_impl::Attention<float>(context(), AttentionShape{1, 4, 2, 2, 16, 4, 4}, {}).flash()));
+    CHECK((cuda_impl::Attention<TestType>(context(), AttentionShape{1, 4, 2, 2, 16, 4, 4}, {}).flash()));
+  }
+}
+
 TEST_CASE("CUDA layers reject wrong shapes with the CPU's messages", "[cuda]") {
   using Spec = Mixture<Router<TopK<2>>, Expert<LoRA<4>>, 8>;
   Rng rng(7);

@@ -92,12 +92,12 @@ TEST_CASE("CUDA models load F32, F16 and BF16 checkpoints; adapter files move be
 // (7.0e-2 bf16, 8.2e-3 fp16: the ratio of their u, so rounding and nothing else); the tolerance is
 // 64 u per tensor (0.125 bf16, 0.0156 fp16), far below the O(1) error of a wrong op.
 template <class T>
-void compare_half(double tol) {
+void compare_half(double tol, const io::ModelConfig& config = llama_config()) {
   using M = Decoder<Llama, Slots<at<q, MoLoRA<2, 2>>, at<ffn_hidden, MoV<2>>>>;
   CudaContext& ctx = context();
   Rng a(41), b(41);
-  M::model<double> cpu(llama_config(), a, {}, 0.3);
-  typename M::template model<T, cuda> gpu(ctx, llama_config(), b, {}, 0.3);
+  M::model<double> cpu(config, a, {}, 0.3);
+  typename M::template model<T, cuda> gpu(ctx, config, b, {}, 0.3);
   share_weights(cpu, gpu, 3);
   require_same_pass(cpu, gpu, padded_batch(29), tol);
 }
@@ -105,4 +105,19 @@ void compare_half(double tol) {
 TEST_CASE("CUDA Llama in bf16 and fp16 matches the CPU model to the storage precision", "[cuda][model][half]") {
   compare_half<bf16>(64 * 0x1p-9);
   compare_half<fp16>(64 * 0x1p-12);
+}
+
+// head_dim 16 (the other tests' models have head_dim 4 or 8, which only the materialized
+// attention takes): the whole model through the flash kernels, forced (AttentionKernel::flash
+// refuses what it cannot run), then through the materialized path; both within the same bound.
+TEST_CASE("CUDA Llama with flash attention matches the CPU model", "[cuda][model][half][flash]") {
+  io::ModelConfig c = llama_config();
+  c.d_model = 32, c.heads = 2, c.kv_heads = 1;
+  for (AttentionKernel kernel : {AttentionKernel::flash, AttentionKernel::materialized}) {
+    INFO("attention kernel " << int(kernel));
+    context().set_attention_kernel(kernel);
+    compare_half<bf16>(64 * 0x1p-9, c);
+    compare_half<fp16>(64 * 0x1p-12, c);
+  }
+  context().set_attention_kernel(AttentionKernel::automatic);
 }

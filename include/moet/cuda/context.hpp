@@ -29,6 +29,13 @@ inline std::optional<std::string> cuda_unavailable_reason() {
   return std::nullopt;
 }
 
+/// Which attention the CUDA backend's ops run (ops.hpp's Attention):
+///   automatic     flash where it applies (bf16 / fp16, head_dim 16, 32, 64 or 128, a device of
+///                 compute capability 8.0 or newer), else materialized
+///   materialized  cuBLASLt strided-batched GEMMs over the (queries, keys) scores and a softmax kernel
+///   flash         the flash kernels (kernels/attention.cu); an attention they cannot run is refused
+enum class AttentionKernel { automatic, materialized, flash };
+
 class CudaContext;
 namespace cuda_impl {
 /// This thread's current context (PyTorch's "current stream", per thread): the one the backend's
@@ -66,6 +73,7 @@ class CudaContext {
       MOET_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
       name_ = prop.name;
       sm_count_ = prop.multiProcessorCount;
+      compute_capability_ = prop.major * 10 + prop.minor;
     } catch (...) {
       release();
       throw;
@@ -92,6 +100,11 @@ class CudaContext {
   int device() const { return device_; }
   const std::string& device_name() const { return name_; }
   int sm_count() const { return sm_count_; }
+  /// 10 major + minor (90 on an H100 / H200).
+  int compute_capability() const { return compute_capability_; }
+  /// The attention the model ops run from now on (AttentionKernel above; benchmarks compare them).
+  void set_attention_kernel(AttentionKernel kernel) { attention_ = kernel; }
+  AttentionKernel attention_kernel() const { return attention_; }
   cudaStream_t stream() const { return stream_; }
   cublasLtHandle_t lt() const { return lt_; }
   void* workspace() const { return workspace_; }
@@ -114,6 +127,8 @@ class CudaContext {
 
   int device_ = 0;
   int sm_count_ = 0;
+  int compute_capability_ = 0;
+  AttentionKernel attention_ = AttentionKernel::automatic;
   std::string name_;
   cudaStream_t stream_ = nullptr;
   cublasLtHandle_t lt_ = nullptr;

@@ -10,6 +10,8 @@
 //   softmax_rows          attention's masked, causal softmax of float scores into probabilities
 //   softmax_grad_rows     attention's dS = P (dP - D) scale from recomputed P
 //   row_dot               D[r] = <a[r], b[r]> (attention's D = rowsum(dO * O))
+//   flash_attention_*     attention without the (queries, keys) matrices: tensor-core tiles
+//                         (wmma), online softmax, backward recomputing P (kernels/attention.cu)
 //   cross_entropy_rows    the LM head's per-token loss and d(logits), one chunk of rows
 //   sum_rows_scaled       out[0] = sum(values) * scale, one block in a fixed order (deterministic)
 #pragma once
@@ -99,6 +101,34 @@ void softmax_grad_rows(const T* p, const float* dp, const float* d, std::int64_t
 template <class T>
 void attention_row_dot(const T* dy, std::int64_t ld_dy, const T* y, std::int64_t ld_y, std::int64_t batch, std::int64_t heads,
                        std::int64_t q_len, int head_dim, float* d, cudaStream_t stream);
+
+/// Where flash attention's operands are: token-major rows (row stride ld_*), query i of sequence
+/// b at row b q_len + i, head h at columns h head_dim; key j at row b kv_stride + j, kv head
+/// h / (heads / kv_heads). Query i sees keys j <= k_len - q_len + i with valid[b k_len + j].
+struct FlashShape {
+  std::int64_t batch = 0, q_len = 0, k_len = 0, kv_stride = 0;
+  int heads = 0, kv_heads = 0, head_dim = 0;
+  std::int64_t ld_q = 0, ld_k = 0, ld_v = 0, ld_o = 0;  ///< o: the output (forward) or dO (backward)
+  std::int64_t ld_dq = 0, ld_dk = 0, ld_dv = 0;
+  float scale = 1.f;
+};
+
+/// Whether the flash kernels take this head_dim and storage type: bf16 and fp16 (wmma's 16-bit
+/// inputs, float32 accumulation) with head_dim 16, 32, 64 or 128.
+template <class T>
+bool flash_attention_supported(int head_dim);
+/// out (B q_len rows, token-major) = softmax(q k^T scale, masked) v; lse[(b heads + h) q_len + i]
+/// = the row's log-sum-exp (-inf when no key is visible, and the output row is 0).
+template <class T>
+void flash_attention_forward(const T* q, const T* k, const T* v, const unsigned char* valid, T* out, float* lse,
+                             const FlashShape& shape, cudaStream_t stream);
+/// dq, dk, dv (overwritten; dk and dv rows k_len .. kv_stride of each sequence untouched) from
+/// dout, the forward's lse and d[(b heads + h) q_len + i] = <dout row, out row> (attention_row_dot).
+/// Two kernels, no atomics: one per query tile for dq, one per key tile (over the kv group's
+/// query heads) for dk and dv, so every result has the same bits on every run.
+template <class T>
+void flash_attention_backward(const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* d,
+                              const unsigned char* valid, T* dq, T* dk, T* dv, const FlashShape& shape, cudaStream_t stream);
 
 /// out[r] = the column of row r's largest value, the lowest column among equal ones (a row of
 /// -inf gives 0), or -1 when the row holds a NaN: greedy decoding's pick, as the host's

@@ -11,8 +11,12 @@
 // Tensors are DeviceMatrix (owning) and DeviceView (reading, any row stride); frozen weights are
 // built from host matrices of double (the checkpoint's or the random init's, so a seed gives the
 // CPU model's weights rounded to T). The ops are kernels of kernels/model.cu and cuBLASLt GEMMs:
-//   attention  q, k, v copied into head-major layouts (a kv group's query heads stacked), then one
-//              strided-batched GEMM per product over every (sequence, kv head): S = Q K^T / sqrt(hd)
+//   attention  flash (kernels/attention.cu) where it applies: bf16 / fp16, head_dim 16, 32, 64 or
+//              128, compute capability 8.0+ (CudaContext::set_attention_kernel chooses otherwise):
+//              tensor-core tiles, online softmax, no (queries, keys) matrix; backward recomputes P
+//              from the log-sum-exp in two kernels (dQ per query tile; dK, dV per key tile).
+//              Otherwise (materialized): q, k, v copied into head-major layouts (a kv group's
+//              query heads stacked), then one strided-batched GEMM per product over every (sequence, kv head): S = Q K^T / sqrt(hd)
 //              (float32), a masked causal softmax kernel (keeps the log-sum-exp), O = P V;
 //              backward recomputes P from the log-sum-exp: dV = P^T dO, dP = dO V^T,
 //              dS = P (dP - rowsum(dO O)), dQ = dS K, dK = dS^T Q (the group's heads summed
@@ -29,6 +33,7 @@
 #include <memory>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -217,7 +222,18 @@ class Attention {
     if (s_.kv_seq == 0) s_.kv_seq = s_.seq;
     if (s_.kv_stride == 0) s_.kv_stride = s_.kv_seq;
     valid_ = to_device(valid.empty() ? std::vector<unsigned char>(std::size_t(s_.batch * s_.kv_seq), 1) : valid, ctx.stream());
+    const bool can_flash = flash_attention_supported<T>(int(s_.head_dim)) && ctx.compute_capability() >= 80;
+    flash_ = ctx.attention_kernel() != AttentionKernel::materialized && can_flash;
+    if (ctx.attention_kernel() == AttentionKernel::flash && !can_flash)
+      throw value_error(detail::concat("CausalAttention: AttentionKernel::flash needs bf16 or fp16 storage, head_dim 16, 32, 64 "
+                                       "or 128 and compute capability 8.0 or newer; got ",
+                                       std::is_same_v<T, float> ? "float" : "16-bit", " storage, head_dim ", s_.head_dim,
+                                       ", compute capability ", ctx.compute_capability() / 10, ".",
+                                       ctx.compute_capability() % 10));
   }
+
+  /// Whether this attention runs the flash kernels (else the materialized GEMMs).
+  bool flash() const { return flash_; }
 
   /// k, v: sequence b's keys at rows [b kv_stride, b kv_stride + kv_seq) (a decoding cache's
   /// storage is read in place).
@@ -226,6 +242,11 @@ class Attention {
     const Index B = s_.batch, L = s_.seq, H = s_.heads, hd = s_.head_dim;
     const cudaStream_t st = ctx_->stream();
     Context c{DeviceMatrix<T>(B * L, H * hd, st), DeviceMatrix<float>(B * H * L, 1, st)};
+    if (flash_) {
+      flash_attention_forward<T>(q.data, k.data, v.data, valid_.data(), c.y.data(), c.lse.data(),
+                                 flash_shape(q, k, v, c.y.ld(), c.y.ld(), 0, 0), st);
+      return c;
+    }
     const DeviceMatrix<T> qh = heads_of(q, L, L, H), kh = heads_of(k, s_.kv_seq, stride(), s_.kv_heads);
     const DeviceMatrix<T> p = probabilities(qh, kh, c.lse.data(), nullptr);
     DeviceMatrix<T> oh(B * H * L, hd, st);
@@ -242,11 +263,22 @@ class Attention {
     detail::expect_shape("CausalAttention", "output gradient dy", dy.rows, dy.cols, q.rows, q.cols, "the shape of q");
     const Index B = s_.batch, L = s_.seq, K = s_.kv_seq, H = s_.heads, Hkv = s_.kv_heads, hd = s_.head_dim, rows = B * H * L;
     const cudaStream_t st = ctx_->stream();
+    DeviceMatrix<float> d(rows, 1, st);
+    attention_row_dot<T>(dy.data, dy.ld, c.y.data(), c.y.ld(), B, H, L, int(hd), d.data(), st);
+    auto kv_grad_matrix = [&](DeviceView<const T> like) {
+      return stride() == K ? DeviceMatrix<T>(like.rows, like.cols, st) : DeviceMatrix<T>::zeros(like.rows, like.cols, st);
+    };
+    if (flash_) {
+      DeviceMatrix<T> dq(B * L, H * hd, st), dk = kv_grad_matrix(k), dv = kv_grad_matrix(v);
+      FlashShape fs = flash_shape(q, k, v, dy.ld, dq.ld(), dk.ld(), dv.ld());
+      flash_attention_backward<T>(q.data, k.data, v.data, dy.data, c.lse.data(), d.data(), valid_.data(), dq.data(), dk.data(),
+                                  dv.data(), fs, st);
+      return {std::move(dq), std::move(dk), std::move(dv)};
+    }
     const DeviceMatrix<T> qh = heads_of(q, L, L, H), kh = heads_of(k, K, stride(), Hkv), vh = heads_of(v, K, stride(), Hkv),
                           doh = heads_of(dy, L, L, H);
     const DeviceMatrix<T> p = probabilities(qh, kh, nullptr, c.lse.data());
-    DeviceMatrix<float> d(rows, 1, st), dp(rows, K, st);
-    attention_row_dot<T>(dy.data, dy.ld, c.y.data(), c.y.ld(), B, H, L, int(hd), d.data(), st);
+    DeviceMatrix<float> dp(rows, K, st);
     product(Op::N, doh, Op::T, vh, dp);  // dP = dO V^T
     DeviceMatrix<T> ds(rows, K, st);
     softmax_grad_rows<T>(p.data(), dp.data(), d.data(), rows, K, float(1.0 / std::sqrt(double(hd))), ds.data(), st);
@@ -257,7 +289,7 @@ class Attention {
     DeviceMatrix<T> dq(B * L, H * hd, st);
     from_heads<T>(dqh.data(), B, L, int(H), int(hd), dq.data(), dq.ld(), L, st);
     auto kv_grad = [&](const DeviceMatrix<T>& gh, DeviceView<const T> like) {
-      DeviceMatrix<T> g = stride() == K ? DeviceMatrix<T>(like.rows, like.cols, st) : DeviceMatrix<T>::zeros(like.rows, like.cols, st);
+      DeviceMatrix<T> g = kv_grad_matrix(like);
       from_heads<T>(gh.data(), B, K, int(Hkv), int(hd), g.data(), g.ld(), stride(), st);
       return g;
     };
@@ -274,6 +306,27 @@ class Attention {
     detail::expect_shape("CausalAttention", "v", v.rows, v.cols, kv_rows, s_.kv_heads * s_.head_dim, kv_shape);
   }
   Index group() const { return s_.heads / s_.kv_heads; }
+
+  FlashShape flash_shape(DeviceView<const T> q, DeviceView<const T> k, DeviceView<const T> v, Index ld_o, Index ld_dq, Index ld_dk,
+                         Index ld_dv) const {
+    FlashShape f;
+    f.batch = s_.batch;
+    f.q_len = s_.seq;
+    f.k_len = s_.kv_seq;
+    f.kv_stride = stride();
+    f.heads = int(s_.heads);
+    f.kv_heads = int(s_.kv_heads);
+    f.head_dim = int(s_.head_dim);
+    f.ld_q = q.ld;
+    f.ld_k = k.ld;
+    f.ld_v = v.ld;
+    f.ld_o = ld_o;
+    f.ld_dq = ld_dq;
+    f.ld_dk = ld_dk;
+    f.ld_dv = ld_dv;
+    f.scale = float(1.0 / std::sqrt(double(s_.head_dim)));
+    return f;
+  }
 
   /// x token-major (sequence b's rows from b seq_stride) as head-major (B heads seq, head_dim).
   DeviceMatrix<T> heads_of(DeviceView<const T> x, Index seq, Index seq_stride, Index heads) const {
@@ -312,6 +365,7 @@ class Attention {
   CudaContext* ctx_ = nullptr;
   AttentionShape s_;
   DeviceMatrix<unsigned char> valid_;
+  bool flash_ = false;
 };
 
 /// The targets of a pass on the device, and how many count.

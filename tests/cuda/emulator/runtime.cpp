@@ -376,7 +376,17 @@ void exchange_xor(const void* value, void* out, std::size_t bytes, int lane_mask
   sync_warp();
 }
 
-void* dynamic_shared() { return block.shared.data(); }
+/// Aligned to 128 bytes, as a device's shared memory window is (wmma wants 32).
+void* dynamic_shared() {
+  const auto p = reinterpret_cast<std::uintptr_t>(block.shared.data());
+  return reinterpret_cast<void*>((p + 127) & ~std::uintptr_t(127));
+}
+
+int lane() { return block.current->lane; }
+
+void kernel_fault(const char* what) {
+  if (block.fault.empty()) block.fault = what;
+}
 
 bool is_device_pointer(const void* p) {
   if (p == nullptr) return true;
@@ -422,7 +432,7 @@ cudaError_t run(const char* kernel, dim3 grid, dim3 threads, std::size_t shared_
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
-        block.shared.assign(shared_bytes + 16, 0xff);
+        block.shared.assign(shared_bytes + 16 + 128, 0xff);  // + the alignment
         block.barrier = Barrier{};
         block.live = n;
         block.warp_barriers.assign(std::size_t(warps), Barrier{});

@@ -14,7 +14,14 @@
 // emulation (emulation.cuh, tests only) can run the same sources on a CPU.
 #ifdef MOET_CUDA_EMULATION
 #include "emulation.cuh"
+namespace moet::cuda_impl::device {
+namespace wmma = ::moet::cuda_emulation::wmma;
+}
 #else
+#include <mma.h>
+namespace moet::cuda_impl::device {
+namespace wmma = ::nvcuda::wmma;
+}
 #define MOET_LAUNCH(grid, block, shared, stream, ...) __VA_ARGS__<<<grid, block, shared, stream>>>
 #define MOET_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
 #endif

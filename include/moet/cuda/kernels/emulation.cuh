@@ -16,7 +16,14 @@
 //    dynamic shared memory and freshly allocated device memory start filled with 0xff bytes
 //    (NaN for float, bf16 and fp16) so that a read before a write shows up in the results;
 //  * launch configurations are validated as the device would (threads per block, grid limits,
-//    the 48 KiB of dynamic shared memory available without an opt-in).
+//    the 48 KiB of dynamic shared memory available without an opt-in);
+//  * the warp matrix functions (nvcuda::wmma, 16 x 16 x 16 tiles of bf16 / fp16 with float
+//    accumulators) as documented: every lane holds the whole tile (a fragment's element layout
+//    is unspecified, so kernels must not depend on it); load, mma and store wait for the whole
+//    warp; a store writes only this lane's share of the tile (element e by lane e % 32), so a
+//    lane that reads the stored tile without a __syncwarp in between sees the other lanes'
+//    elements missing; pointers must be 32-byte aligned and ldm a multiple of 16 bytes, as the
+//    device requires (a fault otherwise).
 // The runtime half (cudart and cuBLASLt calls, the fiber scheduler) is tests/cuda/emulator/.
 #pragma once
 
@@ -24,6 +31,7 @@
 #include <vector_types.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <cstring>
 #include <functional>
 #include <type_traits>
@@ -57,6 +65,10 @@ void exchange_xor(const void* value, void* out, std::size_t bytes, int lane_mask
 void* dynamic_shared();
 /// Whether p is null or inside (or one past) a live device allocation.
 bool is_device_pointer(const void* p);
+/// This thread's lane in its warp.
+int lane();
+/// Records a fault of the running kernel (what a device would report as a launch failure).
+void kernel_fault(const char* what);
 /// Records the fault of a launch whose argument `index` points outside device memory.
 void host_pointer_argument(const char* kernel, int index);
 /// Forgets a reported fault, which is otherwise sticky as on a device (the emulation's self-test).
@@ -113,6 +125,74 @@ template <class Kernel>
 Launch<Kernel> launch(const char* name, dim3 grid, dim3 block, std::size_t shared, cudaStream_t stream, Kernel kernel) {
   return {name, grid, block, shared, stream, kernel};
 }
+
+/// nvcuda::wmma's interface for the shapes moet uses (16 x 16 x 16, 16-bit inputs, float
+/// accumulators); see the head of this file for what is emulated and how.
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <class Use, int M, int N, int K, class T, class Layout = void>
+struct fragment {
+  static_assert(M == 16 && N == 16 && K == 16, "the emulation has the 16 x 16 x 16 shape only");
+  static constexpr int rows = 16, cols = 16;
+  float v[rows * cols];  // the tile, row-major (bf16 and fp16 values are exact in float)
+};
+
+namespace detail {
+template <class T>
+void check_operands(const T* p, unsigned ldm) {
+  if (reinterpret_cast<std::uintptr_t>(p) % 32 != 0) kernel_fault("a wmma load or store with a pointer not 32-byte aligned");
+  if ((ldm * sizeof(T)) % 16 != 0) kernel_fault("a wmma load or store with ldm not a multiple of 16 bytes");
+}
+template <class T>
+float to_float(const T& x) {
+  return static_cast<float>(x);
+}
+}  // namespace detail
+
+template <class Use, class T, class Layout, class S>
+void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const S* p, unsigned ldm) {
+  static_assert(!std::is_same_v<Use, accumulator>, "an accumulator load names its memory layout");
+  detail::check_operands(p, ldm);
+  sync_warp();
+  constexpr bool row = std::is_same_v<Layout, row_major>;
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) f.v[r * 16 + c] = detail::to_float(row ? p[r * ldm + c] : p[c * ldm + r]);
+}
+
+template <class T>
+void fill_fragment(fragment<accumulator, 16, 16, 16, T>& f, float value) {
+  for (float& x : f.v) x = value;
+}
+
+template <class A, class B, class LA, class LB>
+void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, A, LA>& a,
+              const fragment<matrix_b, 16, 16, 16, B, LB>& b, const fragment<accumulator, 16, 16, 16, float>& c) {
+  sync_warp();
+  float out[256];
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) {
+      float s = c.v[i * 16 + j];
+      for (int k = 0; k < 16; ++k) s += a.v[i * 16 + k] * b.v[k * 16 + j];
+      out[i * 16 + j] = s;
+    }
+  std::memcpy(d.v, out, sizeof out);
+}
+
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm, layout_t layout) {
+  detail::check_operands(p, ldm);
+  sync_warp();
+  for (int e = lane(); e < 256; e += 32) {
+    const int r = e / 16, c = e % 16;
+    (layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.v[e];
+  }
+}
+}  // namespace wmma
 
 }  // namespace moet::cuda_emulation
 
