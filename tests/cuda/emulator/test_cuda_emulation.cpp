@@ -2,11 +2,13 @@
 // block barriers and warp shuffles behave as on a device, threads run in an order that exposes
 // a missing barrier, impossible launches and barriers that
 // can never complete are reported, fresh device memory reads as NaN, writes past an
-// allocation's end are caught, and the emulated cublasLtMatmul follows cuBLASLt's column-major
+// allocation's end are caught, the warp matrix functions (wmma) multiply as documented and
+// refuse misaligned operands, and the emulated cublasLtMatmul follows cuBLASLt's column-major
 // contract (op(A) from A's own layout, beta C, the bias epilogue, strided batches). An access far outside an
 // allocation ends the program with SIGSEGV and a message naming the kernel. If the emulation were wrong
 // here, test_cuda_layers_emulated could pass for the wrong reasons.
 #include <cublasLt.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -76,6 +78,22 @@ __global__ void read_neighbour(float* out, bool barrier) {
   smem[t] = float(t);
   if (barrier) __syncthreads();
   out[blockIdx.x * blockDim.x + threadIdx.x] = smem[(t + 1) % n];
+}
+
+/// c (16 x 16, row-major) = a b with a row-major at a + offset and b column-major, both rows ldm
+/// apart. check_lane: each thread then reads element threadIdx.x * 8 of c (another lane's share
+/// of the store), with or without the __syncwarp that makes it safe, into seen.
+__global__ void wmma_product(const __half* a, const __half* b, float* c, int offset, int ldm, int sync, float* seen) {
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
+  wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> fb;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+  wmma::fill_fragment(acc, 1.f);
+  wmma::load_matrix_sync(fa, a + offset, unsigned(ldm));
+  wmma::load_matrix_sync(fb, b + offset, unsigned(ldm));
+  wmma::mma_sync(acc, fa, fb, acc);
+  wmma::store_matrix_sync(c, acc, 16u, wmma::mem_row_major);
+  if (sync) __syncwarp();
+  seen[threadIdx.x] = c[threadIdx.x * 8 + 1];
 }
 
 template <class T>
@@ -318,4 +336,49 @@ TEST_CASE("emulated cublasLtMatmul runs strided batches and refuses inconsistent
   cublasLtMatmulDescDestroy(desc);
   cublasLtDestroy(lt);
   for (void* p : {static_cast<void*>(d_a), static_cast<void*>(d_b), static_cast<void*>(d_d)}) CHECK(cudaFree(p) == cudaSuccess);
+}
+
+TEST_CASE("emulated wmma: 16 x 16 x 16 products as documented, misaligned operands refused", "[emulation]") {
+  const int ldm = 24;  // 48 bytes: a multiple of 16 bytes, as wmma requires
+  std::vector<__half> a(16 * ldm + 16), b(16 * ldm + 16);
+  for (int i = 0; i < int(a.size()); ++i) {
+    a[std::size_t(i)] = __float2half(float(i % 5) - 2.f);
+    b[std::size_t(i)] = __float2half(float(i % 3) * 0.5f);
+  }
+  __half* d_a = device_array<__half>(a.size());
+  __half* d_b = device_array<__half>(b.size());
+  float* d_c = device_array<float>(256);
+  float* d_seen = device_array<float>(32);
+  REQUIRE(cudaMemcpy(d_a, a.data(), a.size() * sizeof(__half), cudaMemcpyHostToDevice) == cudaSuccess);
+  REQUIRE(cudaMemcpy(d_b, b.data(), b.size() * sizeof(__half), cudaMemcpyHostToDevice) == cudaSuccess);
+  std::vector<float> c(256), seen(32);
+  MOET_LAUNCH(1, 32, 0, nullptr, wmma_product)(d_a, d_b, d_c, 16, ldm, 1, d_seen);  // 16 halves: 32 bytes in
+  REQUIRE(cudaGetLastError() == cudaSuccess);
+  REQUIRE(cudaMemcpy(c.data(), d_c, c.size() * sizeof(float), cudaMemcpyDeviceToHost) == cudaSuccess);
+  REQUIRE(cudaMemcpy(seen.data(), d_seen, seen.size() * sizeof(float), cudaMemcpyDeviceToHost) == cudaSuccess);
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) {
+      float want = 1.f;  // the accumulator's fill
+      for (int k = 0; k < 16; ++k)
+        want += __half2float(a[std::size_t(16 + i * ldm + k)]) * __half2float(b[std::size_t(16 + j * ldm + k)]);
+      CHECK(c[std::size_t(i * 16 + j)] == want);
+    }
+  for (int t = 0; t < 32; ++t) CHECK(seen[std::size_t(t)] == c[std::size_t(t * 8 + 1)]);
+
+  // Without the __syncwarp, a lane reads elements other lanes have not stored yet.
+  REQUIRE(cudaMemcpy(d_c, std::vector<float>(256, -1.f).data(), 256 * sizeof(float), cudaMemcpyHostToDevice) == cudaSuccess);
+  MOET_LAUNCH(1, 32, 0, nullptr, wmma_product)(d_a, d_b, d_c, 16, ldm, 0, d_seen);
+  REQUIRE(cudaMemcpy(seen.data(), d_seen, seen.size() * sizeof(float), cudaMemcpyDeviceToHost) == cudaSuccess);
+  int stale = 0;
+  for (int t = 0; t < 32; ++t) stale += seen[std::size_t(t)] == -1.f;
+  CHECK(stale > 0);
+
+  MOET_LAUNCH(1, 32, 0, nullptr, wmma_product)(d_a, d_b, d_c, 8, ldm, 1, d_seen);  // 16 bytes in: not 32-byte aligned
+  CHECK(cudaGetLastError() == cudaErrorLaunchFailure);
+  clear_faults();
+  MOET_LAUNCH(1, 32, 0, nullptr, wmma_product)(d_a, d_b, d_c, 16, 20, 1, d_seen);  // ldm of 40 bytes
+  CHECK(cudaGetLastError() == cudaErrorLaunchFailure);
+  clear_faults();
+  for (void* p : {static_cast<void*>(d_a), static_cast<void*>(d_b), static_cast<void*>(d_c), static_cast<void*>(d_seen)})
+    CHECK(cudaFree(p) == cudaSuccess);
 }
