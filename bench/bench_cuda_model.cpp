@@ -11,7 +11,9 @@
 // the frozen model's step in the same iterations and reports vs_floor (its time over the frozen
 // step's), tokens/s and peak device memory (the stream-ordered pool's high-water mark during its
 // own steps). Decoding: greedy generation of 64 tokens after a 16-token prompt, tokens/s, one
-// sequence and 32 decoded as one batch.
+// sequence and 32 decoded as one batch. Attention is flash (kernels/attention.cu) for these
+// shapes; frozen_materialized and batch32_materialized run the cuBLASLt path instead, so the two
+// are compared in one run.
 //
 // Without a CUDA device the program says why and exits 0. --moet_smoke shrinks every model to
 // 2 layers of width 32 and runs each case twice; moet_bench_cuda_model_emulated --moet_smoke runs
@@ -145,8 +147,11 @@ Floor<Arch>& floor_of(const Shape& s) {
   return f;
 }
 
+/// kernel: the attention the case's steps run (the floor's always run the automatic choice: flash
+/// for these bf16 models of head_dim 64), so frozen_materialized's vs_floor is materialized over
+/// flash attention in the same iterations.
 template <class Arch, class Spec>
-void train_step(benchmark::State& state, Shape (*shape)()) {
+void train_step(benchmark::State& state, Shape (*shape)(), AttentionKernel kernel = AttentionKernel::automatic) {
   const Shape s = shape();
   Floor<Arch>& floor = floor_of<Arch>(s);
   std::unique_ptr<typename Spec::template model<T, cuda>> model;
@@ -155,8 +160,10 @@ void train_step(benchmark::State& state, Shape (*shape)()) {
   const TokenBatch batch = random_batch(s, 3);
   auto floor_step = [&] { floor.model->train_step(batch, floor.opt); };
   auto case_step = [&] {
+    context().set_attention_kernel(kernel);
     if (model) model->train_step(batch, opt);
     else floor_step();
+    context().set_attention_kernel(AttentionKernel::automatic);
   };
   for (int i = 0; i < (smoke ? 1 : 2); ++i) floor_step(), case_step();  // warm-up: plans, pool, clocks
   pool_high_water(true);
@@ -177,7 +184,7 @@ void train_step(benchmark::State& state, Shape (*shape)()) {
 }
 
 template <class Arch>
-void decode(benchmark::State& state, Shape (*shape)(), Index batch) {
+void decode(benchmark::State& state, Shape (*shape)(), Index batch, AttentionKernel kernel = AttentionKernel::automatic) {
   const Shape s = shape();
   Floor<Arch>& floor = floor_of<Arch>(s);
   std::vector<std::vector<int>> prompts(std::size_t(batch), std::vector<int>(16));
@@ -185,6 +192,10 @@ void decode(benchmark::State& state, Shape (*shape)(), Index batch) {
     for (std::size_t i = 0; i < 16; ++i) prompts[b][i] = int((7 * i + 3 * b + 1) % std::size_t(s.config.vocab));
   const int new_tokens = smoke ? 4 : 64;
   auto run = [&](int tokens) {
+    const struct Kernel {
+      explicit Kernel(AttentionKernel k) { context().set_attention_kernel(k); }
+      ~Kernel() { context().set_attention_kernel(AttentionKernel::automatic); }
+    } scoped(kernel);
     if (batch == 1) benchmark::DoNotOptimize(floor.model->generate(prompts[0], {.max_new_tokens = tokens}));
     else benchmark::DoNotOptimize(floor.model->generate_batch(prompts, {.max_new_tokens = tokens}));
   };
@@ -202,19 +213,23 @@ template <class F>
 void add(const std::string& name, F f) {
   auto* b = benchmark::RegisterBenchmark(name.c_str(), f)->Unit(benchmark::kMillisecond)->UseManualTime();
   if (smoke) b->Iterations(2);
-  else b->MinTime(1.0);  // 14 cases x 3 repetitions within gpu-check.sh's bench_model step
+  else b->MinTime(1.0);  // 18 cases x 3 repetitions within gpu-check.sh's bench_model step
 }
 
 template <class Arch>
 void add_shape(const std::string& name, Shape (*shape)()) {
   const std::string p = "train_step/" + name + "/";
   add(p + "frozen", [shape](auto& st) { train_step<Arch, Frozen<Arch>>(st, shape); });
+  add(p + "frozen_materialized",
+      [shape](auto& st) { train_step<Arch, Frozen<Arch>>(st, shape, AttentionKernel::materialized); });
   add(p + "mov10", [shape](auto& st) { train_step<Arch, MoV10<Arch>>(st, shape); });
   add(p + "molora10", [shape](auto& st) { train_step<Arch, MoLoRA10<Arch>>(st, shape); });
   add(p + "lora16", [shape](auto& st) { train_step<Arch, LoRA16<Arch>>(st, shape); });
   add(p + "molora64_top2", [shape](auto& st) { train_step<Arch, MoLoRA64Top2<Arch>>(st, shape); });
   add("decode/" + name + "/batch1", [shape](auto& st) { decode<Arch>(st, shape, 1); });
   add("decode/" + name + "/batch32", [shape](auto& st) { decode<Arch>(st, shape, 32); });
+  add("decode/" + name + "/batch32_materialized",
+      [shape](auto& st) { decode<Arch>(st, shape, 32, AttentionKernel::materialized); });
 }
 
 }  // namespace

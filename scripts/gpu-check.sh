@@ -48,11 +48,11 @@ step configure 30 cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DMOET_CUDA
   -DCMAKE_PREFIX_PATH="$root/usr" -DCMAKE_CUDA_ARCHITECTURES="90-real;90-virtual" || exit 1
 step build 180 cmake --build build-gpu -j"$(nproc)" --target test_cuda_layers test_cuda_model test_cuda_errors moet_bench_cuda \
   moet_bench_cuda_model || exit 1
-step tests 40 ctest --test-dir build-gpu -R "^test_cuda_(layers|model|errors)$" --output-on-failure
+step tests 50 ctest --test-dir build-gpu -R "^test_cuda_(layers|model|errors)$" --output-on-failure
 step memcheck 60 ctest --test-dir build-gpu -L memcheck --output-on-failure
 step racecheck 40 ctest --test-dir build-gpu -L racecheck --output-on-failure
 step bench 40 build-gpu/bench/moet_bench_cuda --benchmark_out="$out/bench_cuda.json" --benchmark_out_format=json
-step bench_model 110 build-gpu/bench/moet_bench_cuda_model --benchmark_out="$out/bench_cuda_model.json" --benchmark_out_format=json
+step bench_model 130 build-gpu/bench/moet_bench_cuda_model --benchmark_out="$out/bench_cuda_model.json" --benchmark_out_format=json
 cp "$out"/bench_cuda*.json build-gpu/ 2> /dev/null  # for the compile call
 # PyTorch on the same machine against the JSON above (eager styles, SDPA, PEFT where importable)
 step compare 60 python3 bench/compare_pytorch.py --device cuda --markdown --model-warmup 1 --model-iters 2 \
