@@ -39,6 +39,14 @@ Two suites of cases, selected with ``--cases layers|model|all`` (or a regex):
   own tokens/s), each followed by the adapter variants' cost over that
   shape's frozen floor.  See "Model cases" below for the exact models.
 
+* decode (``--device cuda``, or PyTorch alone with --tiny): greedy generation
+  with a KV cache, as ``moet_bench_cuda_model``'s decode cases, one table:
+
+      case | moet tok/s | PyTorch tok/s | speed-up (moet / PyTorch)
+
+  decode/{gpt2_small,llama_1b}/batch{1,32}: 64 new tokens after a 16-token
+  prompt per sequence, the prefill included (see "Decode cases" below).
+
 moet's numbers come from running the moet benchmark binaries with JSON output
 and taking the median aggregate of their repetitions, or from a JSON file such
 a run wrote earlier (--moet-json, --moet-model-json: scripts/gpu-check.sh
@@ -1388,6 +1396,154 @@ def run_pytorch_model(names: list[str], shapes: dict[str, ModelShape], warmup: i
 
 
 # --------------------------------------------------------------------------
+# Decode cases: greedy generation with a KV cache (the frozen model)
+# --------------------------------------------------------------------------
+# decode/<shape>/batch{1,32}, as moet_bench_cuda_model's decode cases: the frozen
+# model (frozen_model's weights) generates DECODE_NEW tokens greedily after a
+# DECODE_PROMPT-token prompt per sequence, `batch` sequences at once, with a
+# preallocated (batch, kv_heads, length, head_dim) key and value cache per layer:
+# one prefill pass over the prompts, then one pass per new token, each reading
+# the cache in place (SDPA on the GPU; no mask when one query attends to every
+# cached key).  The timed call includes the prefill, as moet's generate does.
+# Reported: tokens/s = batch * DECODE_NEW / time.  --check first compares the
+# cached decoding's tokens with decoding that recomputes the whole sequence
+# each step (no cache).
+DECODE_PROMPT = 16
+DECODE_NEW = 64
+DECODE_CASES: dict[str, tuple[str, int]] = {
+    f"decode/{family}/batch{b}": (family, b) for family in MODEL_SHAPES for b in (1, 32)}
+
+
+def decode_new_tokens(shape: ModelShape) -> int:
+    """DECODE_NEW, or fewer where GPT-2's learned positions end sooner (--tiny)."""
+    return DECODE_NEW if shape.llama else min(DECODE_NEW, shape.positions - DECODE_PROMPT)
+
+
+def decode_prompts(shape: ModelShape, batch: int) -> torch.Tensor:
+    """The prompts of moet_bench_cuda_model's decode cases: token i of sequence
+    b is (7 i + 3 b + 1) mod vocab."""
+    i = torch.arange(DECODE_PROMPT)[None, :]
+    b = torch.arange(batch)[:, None]
+    return ((7 * i + 3 * b + 1) % shape.vocab).to(DEVICE)
+
+
+def _attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int, gqa: bool) -> torch.Tensor:
+    """q (B, heads, L, hd) over the last L of k, v's (B, kv_heads, K, hd)
+    positions, causally (L = K at the prefill, L = 1 when decoding)."""
+    L, K = q.shape[2], k.shape[2]
+    if USE_SDPA and hasattr(F, "scaled_dot_product_attention"):
+        if gqa:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=L > 1, enable_gqa=True)
+        if group > 1:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=L > 1)
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if L > 1:
+        visible = torch.ones(L, K, dtype=torch.bool, device=q.device).tril(K - L)
+        scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+@torch.no_grad()
+def generate_greedy(m: FrozenModel, prompts: torch.Tensor, new_tokens: int, cached: bool = True) -> torch.Tensor:
+    """(batch, new_tokens) greedy continuations of prompts (batch, P); cached=False
+    recomputes every position at each step (the --check reference)."""
+    s = m.shape
+    B, P = prompts.shape
+    total, hd, group = P + new_tokens, s.head_dim, s.heads // s.kv_heads
+    if s.llama:
+        inv_freq = 1.0 / s.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=DEVICE) / hd)
+        angles = torch.arange(total, dtype=torch.float32, device=DEVICE)[:, None] * inv_freq[None, :]
+        angles = torch.cat((angles, angles), dim=-1)
+        cos, sin = angles.cos().to(DTYPE), angles.sin().to(DTYPE)
+    caches = [(torch.empty(B, s.kv_heads, total, hd, dtype=DTYPE, device=DEVICE),
+               torch.empty(B, s.kv_heads, total, hd, dtype=DTYPE, device=DEVICE)) for _ in m.blocks]
+    seq, ids, pos, out = prompts, prompts, 0, []
+    for _ in range(new_tokens):
+        L = ids.shape[1]
+        x = m.wte[ids]
+        if m.wpe is not None:
+            x = x + m.wpe[pos:pos + L]
+        for p, (k_cache, v_cache) in zip(m.blocks, caches):
+            a = _norm(s, x, p.norm1_w, p.norm1_b).reshape(B * L, s.d_model)
+            q = _affine(a, p.wq, p.bq).view(B, L, s.heads, hd)
+            k = _affine(a, p.wk, p.bk).view(B, L, s.kv_heads, hd)
+            v = _affine(a, p.wv, p.bv).view(B, L, s.kv_heads, hd)
+            if s.llama:
+                q, k = _rotate(q, cos[pos:pos + L], sin[pos:pos + L]), _rotate(k, cos[pos:pos + L], sin[pos:pos + L])
+            k_cache[:, :, pos:pos + L] = k.transpose(1, 2)
+            v_cache[:, :, pos:pos + L] = v.transpose(1, 2)
+            o = _attend_cached(q.transpose(1, 2), k_cache[:, :, :pos + L], v_cache[:, :, :pos + L], group, m.sdpa_gqa)
+            x = x + _affine(o.transpose(1, 2).reshape(B * L, s.d_model), p.wo, p.bo).view(B, L, s.d_model)
+            b2 = _norm(s, x, p.norm2_w, p.norm2_b).reshape(B * L, s.d_model)
+            gate = _affine(b2, p.w_gate, None) if p.w_gate is not None else None
+            h = _ffn_act(s, _affine(b2, p.w_up, p.b_up), gate)
+            x = x + _affine(h, p.w_down, p.b_down).view(B, L, s.d_model)
+        last = _norm(s, x[:, -1], m.normf_w, m.normf_b)
+        token = (last @ m.lm_head.t()).argmax(-1)
+        out.append(token)
+        seq = torch.cat((seq, token[:, None]), dim=1)
+        if cached:
+            ids, pos = token[:, None], pos + L
+        else:
+            ids = seq
+    return torch.stack(out, dim=1)
+
+
+def run_pytorch_decode(names: list[str], shapes: dict[str, ModelShape], iters: int,
+                       check: bool) -> dict[str, tuple[float, int]]:
+    """case -> (median ms of one generate call: prefill + the new tokens, new tokens)."""
+    on_gpu = DEVICE != "cpu"
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    results = {}
+    for name in names:
+        family, batch = DECODE_CASES[name]
+        m = frozen_model(shapes[family])
+        prompts = decode_prompts(m.shape, batch)
+        new_tokens = decode_new_tokens(m.shape)
+        if check:
+            a = generate_greedy(m, prompts, 4)
+            b = generate_greedy(m, prompts, 4, cached=False)
+            same = bool((a == b).all())
+            print(f"  {name}: cached and recomputed greedy tokens "
+                  f"{'agree' if same else 'DIFFER (bf16 near-ties?)'}", file=sys.stderr)
+        generate_greedy(m, prompts, 2)   # warm-up
+        samples = []
+        for _ in range(iters):
+            sync()
+            t0 = time.perf_counter()
+            generate_greedy(m, prompts, new_tokens)
+            sync()
+            samples.append((time.perf_counter() - t0) * 1e3)
+        results[name] = (statistics.median(samples), new_tokens)
+        print(f"  {name}: median {results[name][0]:.1f} ms of " + " ".join(f"{t:.1f}" for t in samples),
+              file=sys.stderr)
+    return results
+
+
+def print_decode_table(names: list[str], moet: dict[str, float], torch_res: dict[str, tuple[float, int]],
+                       markdown: bool, moet_note: str) -> None:
+    """tokens/s of each side (moet always generates DECODE_NEW tokens) and moet's speed-up."""
+    print(header(f"greedy decode, {DECODE_PROMPT}-token prompts + {DECODE_NEW} new tokens (PyTorch: "
+                 f"fewer where GPT-2's positions end sooner, --tiny), "
+                 f"{str(DTYPE).removeprefix('torch.')}"
+                 + (f" on {torch.cuda.get_device_name()}" if DEVICE != "cpu" else "")))
+    print()
+    rows = []
+    for name in names:
+        batch = DECODE_CASES[name][1]
+        pt = batch * torch_res[name][1] / (torch_res[name][0] * 1e-3)
+        m_ms = moet.get(name)
+        mt = batch * DECODE_NEW / (m_ms * 1e-3) if m_ms else None
+        rows.append([name, f"{mt:.0f}" if mt else "n/a", f"{pt:.0f}", f"{mt / pt:.2f}x" if mt else "n/a"])
+    print_rows(["case", "moet tok/s", "PyTorch tok/s", "speed-up (moet / PyTorch)"], rows, markdown)
+    if moet_note:
+        print(moet_note)
+
+
+# --------------------------------------------------------------------------
 # moet numbers (Google Benchmark JSON)
 # --------------------------------------------------------------------------
 
@@ -1396,8 +1552,9 @@ _UNIT_TO_MS = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}
 
 def _case_pattern(name: str) -> str:
     # Google Benchmark appends e.g. "/min_time:0.500", "/real_time", "/manual_time",
-    # "/threads:1", "_median"; a further number ("/10240") would be another case.
-    return re.escape(name) + r"($|/(min_time|real_time|manual_time|process_time|threads|iterations|repeats)|_)"
+    # "/threads:1", "_median"; a further number ("/10240") or name ("_materialized") is another case.
+    return (re.escape(name)
+            + r"($|/(min_time|real_time|manual_time|process_time|threads|iterations|repeats)|_(mean|median|stddev|cv)$)")
 
 
 def parse_moet_json(data: dict, names: list[str]) -> dict[str, float]:
@@ -1714,7 +1871,7 @@ def main() -> int:
                      if args.device == "cuda" or args.tiny or c.cpu_default]
 
     if args.list:
-        print("\n".join([*CASES, *MODEL_CASES]))
+        print("\n".join([*CASES, *MODEL_CASES, *(DECODE_CASES if args.device == "cuda" else [])]))
         extra = [n for n in MODEL_CASES if n not in model_default]
         if extra:
             print(f"(--device {args.device}: 'all' and 'model' leave out {', '.join(extra)}; "
@@ -1731,8 +1888,16 @@ def main() -> int:
             args.moet_bench_model = DEFAULT_MOET_BENCH_CUDA_MODEL
 
     names, model_names = select_cases(args.cases, model_default)
-    if not names and not model_names:
-        print(f"no case matches {args.cases!r}; cases: {', '.join([*CASES, *MODEL_CASES])}",
+    # Decode cases: moet has them on the GPU only (moet_bench_cuda_model); --tiny runs PyTorch's.
+    decode_ok = args.device == "cuda" or args.tiny
+    if args.cases in ("all", "model"):
+        decode_names = list(DECODE_CASES) if decode_ok else []
+    elif args.cases == "layers":
+        decode_names = []
+    else:
+        decode_names = [n for n in DECODE_CASES if re.search(args.cases, n)] if decode_ok else []
+    if not names and not model_names and not decode_names:
+        print(f"no case matches {args.cases!r}; cases: {', '.join([*CASES, *MODEL_CASES, *DECODE_CASES])}",
               file=sys.stderr)
         return 2
     size = "tiny" if args.tiny else args.device
@@ -1784,6 +1949,22 @@ def main() -> int:
             print()
             print()
         print_model_tables(model_names, moet_model, torch_model, shapes, args.markdown, moet_note)
+    if decode_names:
+        decode_note = ""
+        if args.tiny:
+            moet_decode, decode_note = {}, "moet: not run (--tiny: the moet binary only has the full-size model)"
+        elif args.moet_model_json:
+            moet_decode = load_moet_json(args.moet_model_json, decode_names)
+        else:
+            moet_decode = run_moet(args.moet_bench_model, decode_names, args.model_iters)
+        if not args.tiny and not moet_decode:
+            decode_note = "moet: n/a (no decode results; see stderr)"
+        print(f"timing PyTorch greedy decoding ({len(decode_names)} cases)...", file=sys.stderr)
+        torch_decode = run_pytorch_decode(decode_names, shapes, args.model_iters, args.check)
+        if names or model_names:
+            print()
+            print()
+        print_decode_table(decode_names, moet_decode, torch_decode, args.markdown, decode_note)
     return 0
 
 

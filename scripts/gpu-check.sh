@@ -39,7 +39,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max
 cat "$out/device.txt"
 if [ "$mode" = compile ]; then
   [ -f build-gpu/bench_cuda_model.json ] || { echo "no build-gpu/bench_cuda_model.json: run scripts/gpu-check.sh first"; exit 2; }
-  step compare_compile 560 python3 bench/compare_pytorch.py --device cuda --markdown --compile --model-warmup 1 --model-iters 2 \
+  step compare_compile 560 python3 -u bench/compare_pytorch.py --device cuda --markdown --compile --model-warmup 1 --model-iters 2 \
     --cases 'train_step/(gpt2_small|llama_1b)/(frozen|lora16|molora64_top2)' --moet-model-json build-gpu/bench_cuda_model.json
   echo "logs in $out"
   exit 0
@@ -55,6 +55,6 @@ step bench 40 build-gpu/bench/moet_bench_cuda --benchmark_out="$out/bench_cuda.j
 step bench_model 130 build-gpu/bench/moet_bench_cuda_model --benchmark_out="$out/bench_cuda_model.json" --benchmark_out_format=json
 cp "$out"/bench_cuda*.json build-gpu/ 2> /dev/null  # for the compile call
 # PyTorch on the same machine against the JSON above (eager styles, SDPA, PEFT where importable)
-step compare 60 python3 bench/compare_pytorch.py --device cuda --markdown --model-warmup 1 --model-iters 2 \
+step compare 60 python3 -u bench/compare_pytorch.py --device cuda --markdown --model-warmup 1 --model-iters 2 \
   --moet-json "$out/bench_cuda.json" --moet-model-json "$out/bench_cuda_model.json"
 echo "logs in $out"
