@@ -31,6 +31,7 @@ namespace device {
 /// and `col_tiles` tiles of C rows (streamed), head_dim D.
 template <class T, int D, int W, int C, int row_tiles, int col_tiles>
 struct FlashLayout {
+  using Element = T;
   static constexpr int warps = W, rows = 16 * W, cols = C;
   static constexpr int ld = D + 8;      // elements between a T tile's rows
   static constexpr int sld = C + 4;     // floats between a score tile's rows
@@ -44,6 +45,13 @@ struct FlashLayout {
   static_assert(D % 16 == 0 && C % 16 == 0 && D <= 128, "wmma tiles are 16 x 16");
   static_assert(bytes <= std::size_t(48) << 10, "a flash kernel's shared memory must fit the 48 KiB default");
 
+  /// The first two row tiles (the second null where there is one) and the two column tiles.
+  struct Tiles {
+    T *row0, *row1, *col0, *col1;
+  };
+  __device__ static Tiles tiles(unsigned char* base) {
+    return {row_tile(base, 0), row_tiles > 1 ? row_tile(base, 1) : nullptr, col_tile(base, 0), col_tile(base, 1)};
+  }
   /// Tile i of the row tiles, then of the column tiles, then each warp's scores and scratch.
   __device__ static T* row_tile(unsigned char* base, int i) { return reinterpret_cast<T*>(base + i * row_tile_bytes); }
   __device__ static T* col_tile(unsigned char* base, int i) {
@@ -161,6 +169,36 @@ __device__ __forceinline__ bool flash_visible(const FlashShape& s, const unsigne
   return i < s.q_len && j < s.k_len && j <= s.k_len - s.q_len + i && valid[b * s.k_len + j];
 }
 
+/// One past the last key that queries q0 .. q0 + rows - 1 see (causal): the key loop's end.
+__device__ __forceinline__ std::int64_t causal_key_end(const FlashShape& s, std::int64_t q0, int rows) {
+  const std::int64_t last = (q0 + rows < s.q_len ? q0 + rows : s.q_len) - 1;
+  const std::int64_t end = s.k_len - s.q_len + last + 1;
+  return end < s.k_len ? end : s.k_len;
+}
+
+/// This thread's place: its warp, and its row (lane / 2) and half of the columns (lane % 2) of
+/// the warp's score tile; scores: the warp's float tile, p: the same bytes as T (P or dS).
+template <class L>
+struct WarpTile {
+  int warp, row, half;
+  float* scores;
+  typename L::Element* p;
+  __device__ explicit WarpTile(unsigned char* base)
+      : warp(int(threadIdx.x >> 5)), row(int(threadIdx.x & 31) >> 1), half(int(threadIdx.x & 1)),
+        scores(L::scores(base, warp)), p(reinterpret_cast<typename L::Element*>(scores)) {}
+  /// Column c of this thread's half of its row.
+  __device__ int col(int c) const { return half * (L::cols / 2) + c; }
+  __device__ float score(int c) const { return scores[row * L::sld + col(c)]; }
+  /// Writes values (this thread's half-row, in T) over the scores once every lane has read them,
+  /// and waits until the whole tile is written.
+  __device__ void store(const float (&values)[L::cols / 2]) const {
+    __syncwarp();
+#pragma unroll
+    for (int c = 0; c < L::cols / 2; ++c) p[row * L::pld + col(c)] = from_f<typename L::Element>(values[c]);
+    __syncwarp();
+  }
+};
+
 template <class T, int D>
 __global__ void flash_forward_kernel(const T* q, const T* k, const T* v, const unsigned char* valid, T* out, float* lse,
                                      FlashShape s, int vec) {
@@ -171,12 +209,9 @@ __global__ void flash_forward_kernel(const T* q, const T* k, const T* v, const u
   constexpr int C = L::cols, R = L::rows;
   MOET_DYNAMIC_SHARED(float4, shared_raw);
   unsigned char* base = reinterpret_cast<unsigned char*>(shared_raw);
-  T* qs = L::row_tile(base, 0);
-  T* ks = L::col_tile(base, 0);
-  T* vs = L::col_tile(base, 1);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, row = lane >> 1, half = lane & 1;
-  float* sw = L::scores(base, warp);
-  T* pw = reinterpret_cast<T*>(sw);
+  const auto [qs, no_second_row_tile, ks, vs] = L::tiles(base);
+  const WarpTile<L> w(base);
+  const int warp = w.warp, row = w.row, half = w.half;
   float* tw = L::scratch(base, warp);
   const std::int64_t b = blockIdx.y / s.heads;
   const int h = int(blockIdx.y % s.heads), hk = h / (s.heads / s.kv_heads);
@@ -185,9 +220,7 @@ __global__ void flash_forward_kernel(const T* q, const T* k, const T* v, const u
   const T* vb = v + b * s.kv_stride * s.ld_v + hk * D;
   stage_rows<T, D>(q + b * s.q_len * s.ld_q + h * D, s.ld_q, q0, s.q_len, R, qs, L::ld, vec != 0);
 
-  // The keys the block's last query sees end the loop (causal).
-  const std::int64_t last = (q0 + R < s.q_len ? q0 + R : s.q_len) - 1;
-  const std::int64_t key_end = s.k_len - s.q_len + last + 1 < s.k_len ? s.k_len - s.q_len + last + 1 : s.k_len;
+  const std::int64_t key_end = causal_key_end(s, q0, R);
   float m = -INFINITY, l = 0.f;
   float o[D / 2];  // columns 16 n + 8 half + c of the lane's row, at o[8 n + c]
 #pragma unroll
@@ -197,14 +230,13 @@ __global__ void flash_forward_kernel(const T* q, const T* k, const T* v, const u
     stage_rows<T, D>(kb, s.ld_k, k0, s.k_len, C, ks, L::ld, vec != 0);
     stage_rows<T, D>(vb, s.ld_v, k0, s.k_len, C, vs, L::ld, vec != 0);
     __syncthreads();
-    product_abt<T, D, C>(qs + warp * 16 * L::ld, L::ld, ks, L::ld, sw, L::sld);
+    product_abt<T, D, C>(qs + warp * 16 * L::ld, L::ld, ks, L::ld, w.scores, L::sld);
     __syncwarp();
     float p[C / 2];
     float tile_max = -INFINITY;
 #pragma unroll
     for (int c = 0; c < C / 2; ++c) {
-      const int col = half * (C / 2) + c;
-      p[c] = flash_visible(s, valid, b, i, k0 + col) ? sw[row * L::sld + col] * s.scale : -INFINITY;
+      p[c] = flash_visible(s, valid, b, i, k0 + w.col(c)) ? w.score(c) * s.scale : -INFINITY;
       tile_max = fmaxf(tile_max, p[c]);
     }
     tile_max = fmaxf(tile_max, __shfl_xor_sync(full_mask, tile_max, 1));
@@ -221,14 +253,11 @@ __global__ void flash_forward_kernel(const T* q, const T* k, const T* v, const u
     m = m_new;
 #pragma unroll
     for (int x = 0; x < D / 2; ++x) o[x] *= alpha;
-    __syncwarp();  // every lane has read its scores before P overwrites them
-#pragma unroll
-    for (int c = 0; c < C / 2; ++c) pw[row * L::pld + half * (C / 2) + c] = from_f<T>(p[c]);
-    __syncwarp();
+    w.store(p);
     // O += P V, one 16-column chunk at a time through the scratch tile.
     wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fp[C / 16];
 #pragma unroll
-    for (int kk = 0; kk < C / 16; ++kk) wmma::load_matrix_sync(fp[kk], pw + kk * 16, unsigned(L::pld));
+    for (int kk = 0; kk < C / 16; ++kk) wmma::load_matrix_sync(fp[kk], w.p + kk * 16, unsigned(L::pld));
 #pragma unroll
     for (int n = 0; n < D / 16; ++n) {
       wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
@@ -268,16 +297,12 @@ __global__ void flash_dq_kernel(const T* q, const T* k, const T* v, const T* dou
   constexpr int C = L::cols, R = L::rows;
   MOET_DYNAMIC_SHARED(float4, shared_raw);
   unsigned char* base = reinterpret_cast<unsigned char*>(shared_raw);
-  T* qs = L::row_tile(base, 0);
-  T* dos = L::row_tile(base, 1);
-  T* ks = L::col_tile(base, 0);
-  T* vs = L::col_tile(base, 1);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, row = lane >> 1, half = lane & 1;
-  float* sw = L::scores(base, warp);
-  T* pw = reinterpret_cast<T*>(sw);
+  const auto [qs, dos, ks, vs] = L::tiles(base);
+  const WarpTile<L> w(base);
+  const int warp = w.warp;
   const std::int64_t b = blockIdx.y / s.heads;
   const int h = int(blockIdx.y % s.heads), hk = h / (s.heads / s.kv_heads);
-  const std::int64_t q0 = std::int64_t(blockIdx.x) * R, i = q0 + warp * 16 + row;
+  const std::int64_t q0 = std::int64_t(blockIdx.x) * R, i = q0 + warp * 16 + w.row;
   const std::int64_t r = (b * s.heads + h) * s.q_len + i;
   const float lse_i = i < s.q_len ? lse[r] : -INFINITY, d_i = i < s.q_len ? d[r] : 0.f;
   stage_rows<T, D>(q + b * s.q_len * s.ld_q + h * D, s.ld_q, q0, s.q_len, R, qs, L::ld, vec != 0);
@@ -285,8 +310,7 @@ __global__ void flash_dq_kernel(const T* q, const T* k, const T* v, const T* dou
   const T* kb = k + b * s.kv_stride * s.ld_k + hk * D;
   const T* vb = v + b * s.kv_stride * s.ld_v + hk * D;
 
-  const std::int64_t last = (q0 + R < s.q_len ? q0 + R : s.q_len) - 1;
-  const std::int64_t key_end = s.k_len - s.q_len + last + 1 < s.k_len ? s.k_len - s.q_len + last + 1 : s.k_len;
+  const std::int64_t key_end = causal_key_end(s, q0, R);
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[D / 16];
 #pragma unroll
   for (int n = 0; n < D / 16; ++n) wmma::fill_fragment(acc[n], 0.f);
@@ -295,25 +319,19 @@ __global__ void flash_dq_kernel(const T* q, const T* k, const T* v, const T* dou
     stage_rows<T, D>(kb, s.ld_k, k0, s.k_len, C, ks, L::ld, vec != 0);
     stage_rows<T, D>(vb, s.ld_v, k0, s.k_len, C, vs, L::ld, vec != 0);
     __syncthreads();
-    product_abt<T, D, C>(qs + warp * 16 * L::ld, L::ld, ks, L::ld, sw, L::sld);  // S = Q K^T
+    product_abt<T, D, C>(qs + warp * 16 * L::ld, L::ld, ks, L::ld, w.scores, L::sld);  // S = Q K^T
     __syncwarp();
     float p[C / 2];
 #pragma unroll
-    for (int c = 0; c < C / 2; ++c) {
-      const int col = half * (C / 2) + c;
-      p[c] = lse_i != -INFINITY && flash_visible(s, valid, b, i, k0 + col) ? expf(sw[row * L::sld + col] * s.scale - lse_i)
-                                                                            : 0.f;
-    }
+    for (int c = 0; c < C / 2; ++c)
+      p[c] = lse_i != -INFINITY && flash_visible(s, valid, b, i, k0 + w.col(c)) ? expf(w.score(c) * s.scale - lse_i) : 0.f;
     __syncwarp();
-    product_abt<T, D, C>(dos + warp * 16 * L::ld, L::ld, vs, L::ld, sw, L::sld);  // dP = dO V^T
+    product_abt<T, D, C>(dos + warp * 16 * L::ld, L::ld, vs, L::ld, w.scores, L::sld);  // dP = dO V^T
     __syncwarp();
 #pragma unroll
-    for (int c = 0; c < C / 2; ++c) p[c] = p[c] == 0.f ? 0.f : p[c] * (sw[row * L::sld + half * (C / 2) + c] - d_i) * s.scale;
-    __syncwarp();
-#pragma unroll
-    for (int c = 0; c < C / 2; ++c) pw[row * L::pld + half * (C / 2) + c] = from_f<T>(p[c]);
-    __syncwarp();
-    accumulate_pb<T, D, C>(pw, L::pld, ks, L::ld, acc);  // dQ += dS K
+    for (int c = 0; c < C / 2; ++c) p[c] = p[c] == 0.f ? 0.f : p[c] * (w.score(c) - d_i) * s.scale;
+    w.store(p);                                          // dS
+    accumulate_pb<T, D, C>(w.p, L::pld, ks, L::ld, acc);  // dQ += dS K
   }
   write_rows<T, D>(acc, L::scratch(base, warp), dq + b * s.q_len * s.ld_dq + h * D, s.ld_dq, q0 + warp * 16, s.q_len);
 #endif
@@ -329,16 +347,12 @@ __global__ void flash_dkdv_kernel(const T* q, const T* k, const T* v, const T* d
   constexpr int C = L::cols, R = L::rows;
   MOET_DYNAMIC_SHARED(float4, shared_raw);
   unsigned char* base = reinterpret_cast<unsigned char*>(shared_raw);
-  T* ks = L::row_tile(base, 0);
-  T* vs = L::row_tile(base, 1);
-  T* qs = L::col_tile(base, 0);
-  T* dos = L::col_tile(base, 1);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, row = lane >> 1, half = lane & 1;
-  float* sw = L::scores(base, warp);
-  T* pw = reinterpret_cast<T*>(sw);
+  const auto [ks, vs, qs, dos] = L::tiles(base);
+  const WarpTile<L> w(base);
+  const int warp = w.warp;
   const std::int64_t b = blockIdx.y / s.kv_heads;
   const int hk = int(blockIdx.y % s.kv_heads), group = s.heads / s.kv_heads;
-  const std::int64_t j0 = std::int64_t(blockIdx.x) * R, j = j0 + warp * 16 + row, shift = s.k_len - s.q_len;
+  const std::int64_t j0 = std::int64_t(blockIdx.x) * R, j = j0 + warp * 16 + w.row, shift = s.k_len - s.q_len;
   stage_rows<T, D>(k + b * s.kv_stride * s.ld_k + hk * D, s.ld_k, j0, s.k_len, R, ks, L::ld, vec != 0);
   stage_rows<T, D>(v + b * s.kv_stride * s.ld_v + hk * D, s.ld_v, j0, s.k_len, R, vs, L::ld, vec != 0);
 
@@ -361,35 +375,24 @@ __global__ void flash_dkdv_kernel(const T* q, const T* k, const T* v, const T* d
       stage_rows<T, D>(qb, s.ld_q, i0, s.q_len, C, qs, L::ld, vec != 0);
       stage_rows<T, D>(ob, s.ld_o, i0, s.q_len, C, dos, L::ld, vec != 0);
       __syncthreads();
-      product_abt<T, D, C>(ks + warp * 16 * L::ld, L::ld, qs, L::ld, sw, L::sld);  // S^T = K Q^T
+      product_abt<T, D, C>(ks + warp * 16 * L::ld, L::ld, qs, L::ld, w.scores, L::sld);  // S^T = K Q^T
       __syncwarp();
       float p[C / 2];
 #pragma unroll
       for (int c = 0; c < C / 2; ++c) {
-        const std::int64_t ii = i0 + half * (C / 2) + c;
+        const std::int64_t ii = i0 + w.col(c);
         const float l_i = ii < s.q_len ? lse_h[ii] : -INFINITY;
-        p[c] = l_i != -INFINITY && flash_visible(s, valid, b, ii, j)
-                   ? expf(sw[row * L::sld + half * (C / 2) + c] * s.scale - l_i)
-                   : 0.f;
+        p[c] = l_i != -INFINITY && flash_visible(s, valid, b, ii, j) ? expf(w.score(c) * s.scale - l_i) : 0.f;
       }
-      __syncwarp();
-#pragma unroll
-      for (int c = 0; c < C / 2; ++c) pw[row * L::pld + half * (C / 2) + c] = from_f<T>(p[c]);
-      __syncwarp();
-      accumulate_pb<T, D, C>(pw, L::pld, dos, L::ld, dv_acc);  // dV += P^T dO
+      w.store(p);                                                // P^T
+      accumulate_pb<T, D, C>(w.p, L::pld, dos, L::ld, dv_acc);  // dV += P^T dO
       __syncwarp();  // every lane has loaded P^T before dP^T overwrites it
-      product_abt<T, D, C>(vs + warp * 16 * L::ld, L::ld, dos, L::ld, sw, L::sld);  // dP^T = V dO^T
+      product_abt<T, D, C>(vs + warp * 16 * L::ld, L::ld, dos, L::ld, w.scores, L::sld);  // dP^T = V dO^T
       __syncwarp();
 #pragma unroll
-      for (int c = 0; c < C / 2; ++c) {
-        const std::int64_t ii = i0 + half * (C / 2) + c;
-        p[c] = p[c] == 0.f ? 0.f : p[c] * (sw[row * L::sld + half * (C / 2) + c] - d_h[ii]) * s.scale;
-      }
-      __syncwarp();
-#pragma unroll
-      for (int c = 0; c < C / 2; ++c) pw[row * L::pld + half * (C / 2) + c] = from_f<T>(p[c]);
-      __syncwarp();
-      accumulate_pb<T, D, C>(pw, L::pld, qs, L::ld, dk_acc);  // dK += dS^T Q
+      for (int c = 0; c < C / 2; ++c) p[c] = p[c] == 0.f ? 0.f : p[c] * (w.score(c) - d_h[i0 + w.col(c)]) * s.scale;
+      w.store(p);                                               // dS^T
+      accumulate_pb<T, D, C>(w.p, L::pld, qs, L::ld, dk_acc);  // dK += dS^T Q
     }
   }
   float* scratch = L::scratch(base, warp);
