@@ -17,6 +17,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -55,6 +56,14 @@ T from_double(double x) {
   if constexpr (std::is_same_v<T, float>) return float(x);
   else if constexpr (std::is_same_v<T, bf16>) return __double2bfloat16(x);
   else return __double2half(x);
+}
+/// A host value of type Host as T: float sources round once, straight from float (as the
+/// device's conversions do); others through double.
+template <class T, class Host>
+T from_host(Host x) {
+  if constexpr (std::is_same_v<Host, float> && std::is_same_v<T, bf16>) return __float2bfloat16_rn(x);
+  else if constexpr (std::is_same_v<Host, float> && std::is_same_v<T, fp16>) return __float2half_rn(x);
+  else return from_double<T>(double(x));
 }
 template <class T>
 double to_double(T x) {
@@ -180,12 +189,18 @@ inline void wait_for(cudaStream_t stream) {
 /// converting to T on the host. Synchronous with respect to the host.
 template <class T, class Host>
 void upload(DeviceView<T> dst, const Host* host, std::ptrdiff_t host_ld, cudaStream_t stream) {
-  std::vector<T> staged(std::size_t(dst.rows * dst.cols));
-  for (std::ptrdiff_t r = 0; r < dst.rows; ++r)
-    for (std::ptrdiff_t c = 0; c < dst.cols; ++c) staged[r * dst.cols + c] = from_double<T>(double(host[r * host_ld + c]));
-  if (staged.empty()) return;
-  MOET_CUDA_CHECK(cudaMemcpy2DAsync(dst.data, std::size_t(dst.ld) * sizeof(T), staged.data(), std::size_t(dst.cols) * sizeof(T),
-                                    std::size_t(dst.cols) * sizeof(T), std::size_t(dst.rows), cudaMemcpyHostToDevice, stream));
+  const std::ptrdiff_t rows = dst.rows, cols = dst.cols;
+  if (rows * cols == 0) return;
+  // Converted on the host's threads (a checkpoint's tensors are large), into storage that is
+  // written once and not zeroed first.
+  const std::unique_ptr<T[]> staged(new T[std::size_t(rows * cols)]);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (rows * cols > (std::ptrdiff_t(1) << 18))
+#endif
+  for (std::ptrdiff_t r = 0; r < rows; ++r)
+    for (std::ptrdiff_t c = 0; c < cols; ++c) staged[std::size_t(r * cols + c)] = from_host<T>(host[r * host_ld + c]);
+  MOET_CUDA_CHECK(cudaMemcpy2DAsync(dst.data, std::size_t(dst.ld) * sizeof(T), staged.get(), std::size_t(cols) * sizeof(T),
+                                    std::size_t(cols) * sizeof(T), std::size_t(rows), cudaMemcpyHostToDevice, stream));
   wait_for(stream);
 }
 

@@ -509,16 +509,20 @@ Matrix<float> tensor_download(const P& p) {
   for (Index i = 0; i < m.size(); ++i) m.data()[i] = float(v[std::size_t(i)]);
   return m;
 }
+/// m (a row-major matrix, or a block of its columns: read in place, no copy) into dst, converted
+/// once from m's scalar type to T.
 template <class T, class M>
 void tensor_upload(DeviceView<T> dst, const std::string& name, const M& m) {
-  const Matrix<double> h = m.template cast<double>();
+  using S = typename M::Scalar;
+  const Eigen::Ref<const Matrix<S>, 0, Eigen::OuterStride<>> h(m);
   detail::expect_shape("moet CUDA backend", name.c_str(), h.rows(), h.cols(), dst.rows, dst.cols, "the tensor's shape");
   if constexpr (std::is_same_v<T, fp16>)
-    for (Index i = 0; i < h.size(); ++i)
-      if (std::abs(h.data()[i]) > 65504.0)
-        throw numeric_error(detail::concat("moet CUDA backend: value ", h.data()[i], " at index ", i, " of ", name,
-                                           " overflows fp16 (largest 65504); load this model in bf16 or float"));
-  upload(dst, h.data(), h.cols(), CudaContext::current().stream());
+    for (Index r = 0; r < h.rows(); ++r)
+      for (Index c = 0; c < h.cols(); ++c)
+        if (std::abs(double(h(r, c))) > 65504.0)
+          throw numeric_error(detail::concat("moet CUDA backend: value ", double(h(r, c)), " at index ", r * h.cols() + c, " of ",
+                                             name, " overflows fp16 (largest 65504); load this model in bf16 or float"));
+  upload(dst, h.data(), h.outerStride(), CudaContext::current().stream());
 }
 }  // namespace cuda_impl
 
