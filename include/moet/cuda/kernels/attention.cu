@@ -80,6 +80,12 @@ struct FlashConfig {
   using Layout = FlashLayout<T, D, warps, cols, row_tiles, col_tiles>;
 };
 
+/// The unit of the flash kernels' dynamic shared memory: declared 128-byte aligned, so that every
+/// tile (at multiples of 32 bytes from the start) meets wmma's 32-byte alignment.
+struct alignas(128) FlashShared {
+  unsigned char bytes[128];
+};
+
 template <class T>
 __device__ __forceinline__ void copy16(T* dst, const T* src) {
 #ifdef MOET_CUDA_EMULATION
@@ -207,7 +213,7 @@ __global__ void flash_forward_kernel(const T* q, const T* k, const T* v, const u
 #else
   using L = typename FlashConfig<T, D, 1, 2>::Layout;
   constexpr int C = L::cols, R = L::rows;
-  MOET_DYNAMIC_SHARED(float4, shared_raw);
+  MOET_DYNAMIC_SHARED(FlashShared, shared_raw);
   unsigned char* base = reinterpret_cast<unsigned char*>(shared_raw);
   const auto [qs, no_second_row_tile, ks, vs] = L::tiles(base);
   const WarpTile<L> w(base);
@@ -295,7 +301,7 @@ __global__ void flash_dq_kernel(const T* q, const T* k, const T* v, const T* dou
 #else
   using L = typename FlashConfig<T, D, 2, 2>::Layout;
   constexpr int C = L::cols, R = L::rows;
-  MOET_DYNAMIC_SHARED(float4, shared_raw);
+  MOET_DYNAMIC_SHARED(FlashShared, shared_raw);
   unsigned char* base = reinterpret_cast<unsigned char*>(shared_raw);
   const auto [qs, dos, ks, vs] = L::tiles(base);
   const WarpTile<L> w(base);
@@ -345,7 +351,7 @@ __global__ void flash_dkdv_kernel(const T* q, const T* k, const T* v, const T* d
 #else
   using L = typename FlashConfig<T, D, 2, 2>::Layout;
   constexpr int C = L::cols, R = L::rows;
-  MOET_DYNAMIC_SHARED(float4, shared_raw);
+  MOET_DYNAMIC_SHARED(FlashShared, shared_raw);
   unsigned char* base = reinterpret_cast<unsigned char*>(shared_raw);
   const auto [ks, vs, qs, dos] = L::tiles(base);
   const WarpTile<L> w(base);
