@@ -16,8 +16,9 @@
 //              tensor-core tiles, online softmax, no (queries, keys) matrix; backward recomputes P
 //              from the log-sum-exp in two kernels (dQ per query tile; dK, dV per key tile).
 //              Otherwise (materialized): q, k, v copied into head-major layouts (a kv group's
-//              query heads stacked), then one strided-batched GEMM per product over every (sequence, kv head): S = Q K^T / sqrt(hd)
-//              (float32), a masked causal softmax kernel (keeps the log-sum-exp), O = P V;
+//              query heads stacked), then one strided-batched GEMM per product over every
+//              (sequence, kv head): S = Q K^T / sqrt(hd) (float32), a masked causal softmax
+//              kernel (keeps the log-sum-exp), O = P V;
 //              backward recomputes P from the log-sum-exp: dV = P^T dO, dP = dO V^T,
 //              dS = P (dP - rowsum(dO O)), dQ = dS K, dK = dS^T Q (the group's heads summed
 //              inside the product, in float32).
@@ -244,7 +245,7 @@ class Attention {
     Context c{DeviceMatrix<T>(B * L, H * hd, st), DeviceMatrix<float>(B * H * L, 1, st)};
     if (flash_) {
       flash_attention_forward<T>(q.data, k.data, v.data, valid_.data(), c.y.data(), c.lse.data(),
-                                 flash_shape(q, k, v, c.y.ld(), c.y.ld(), 0, 0), st);
+                                 flash_shape(q, k, v, c.y.ld(), 0, 0, 0), st);
       return c;
     }
     const DeviceMatrix<T> qh = heads_of(q, L, L, H), kh = heads_of(k, s_.kv_seq, stride(), s_.kv_heads);
