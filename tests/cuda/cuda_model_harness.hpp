@@ -143,6 +143,19 @@ void require_same_pass(Cpu& cpu, Gpu& gpu, const TokenBatch& batch, double tol =
   require_same_gradients(cpu, gpu, tol);
 }
 
+/// The logits of decoding `prompt` through a fresh cache: its first two tokens in one step, then
+/// one token a step (every position's logits, in order, as a full forward gives them).
+template <class Gpu>
+std::vector<double> cached_logits(Gpu& gpu, const std::vector<int>& prompt) {
+  auto cache = gpu.start_cache();
+  std::vector<double> stepped = host(gpu.decode(cache, {prompt[0], prompt[1]}));
+  for (std::size_t t = 2; t < prompt.size(); ++t) {
+    const std::vector<double> l = host(gpu.decode(cache, {prompt[t]}));
+    stepped.insert(stepped.end(), l.begin(), l.end());
+  }
+  return stepped;
+}
+
 inline TokenBatch padded_batch(int vocab) {
   // two sequences of 6: the second left-padded by two, labels in Hugging Face's convention
   TokenBatch b{2, 6, {}, {1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1}, {}, {}};
@@ -264,13 +277,7 @@ void compare_model(const io::ModelConfig& config, const ModelOptions& options) {
     const std::vector<int> prompt{3, 1, 4, 1, 5};
     TokenBatch one{1, Index(prompt.size()), prompt, {}, {}, {}};
     const std::vector<double> full = host(gpu.logits(one));
-    auto cache = gpu.start_cache();
-    std::vector<double> stepped = host(gpu.decode(cache, {3, 1}));
-    for (std::size_t t = 2; t < prompt.size(); ++t) {
-      const std::vector<double> l = host(gpu.decode(cache, {prompt[t]}));
-      stepped.insert(stepped.end(), l.begin(), l.end());
-    }
-    CHECK(relative(stepped, full) <= tolerance);
+    CHECK(relative(cached_logits(gpu, prompt), full) <= tolerance);
     CHECK(gpu.generate(prompt, {.max_new_tokens = 6}) == cpu.generate(prompt, {.max_new_tokens = 6}));
     const SamplingOptions sampled{.max_new_tokens = 6, .temperature = 0.8, .top_p = 0.9, .seed = 42};
     CHECK(gpu.generate(prompt, sampled) == cpu.generate(prompt, sampled));
