@@ -588,13 +588,15 @@ def _sdpa_accepts_gqa() -> bool:
     return True
 
 
-def _rope_tables(shape: ModelShape) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary angles, (seq, head_dim) in the rotate-half
-    layout (each frequency twice: for the first and the second half of a head).
-    Angles are formed in float32, then the tables are cast to DTYPE."""
+def _rope_tables(shape: ModelShape, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, (length, head_dim) in the rotate-half
+    layout (each frequency twice: for the first and the second half of a head),
+    for positions 0 .. length - 1 (default: shape.seq).  Angles are formed in
+    float32, then the tables are cast to DTYPE."""
     hd = shape.head_dim
     inv_freq = 1.0 / shape.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=DEVICE) / hd)
-    angles = torch.arange(shape.seq, dtype=torch.float32, device=DEVICE)[:, None] * inv_freq[None, :]
+    positions = shape.seq if length is None else length
+    angles = torch.arange(positions, dtype=torch.float32, device=DEVICE)[:, None] * inv_freq[None, :]
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos().to(DTYPE), angles.sin().to(DTYPE)
 
@@ -1454,10 +1456,7 @@ def generate_greedy(m: FrozenModel, prompts: torch.Tensor, new_tokens: int, cach
     B, P = prompts.shape
     total, hd, group = P + new_tokens, s.head_dim, s.heads // s.kv_heads
     if s.llama:
-        inv_freq = 1.0 / s.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=DEVICE) / hd)
-        angles = torch.arange(total, dtype=torch.float32, device=DEVICE)[:, None] * inv_freq[None, :]
-        angles = torch.cat((angles, angles), dim=-1)
-        cos, sin = angles.cos().to(DTYPE), angles.sin().to(DTYPE)
+        cos, sin = _rope_tables(s, total)
     caches = [(torch.empty(B, s.kv_heads, total, hd, dtype=DTYPE, device=DEVICE),
                torch.empty(B, s.kv_heads, total, hd, dtype=DTYPE, device=DEVICE)) for _ in m.blocks]
     seq, ids, pos, out = prompts, prompts, 0, []
