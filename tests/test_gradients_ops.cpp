@@ -35,6 +35,33 @@ struct RotaryAt {
     return rope.backward(c, x, positions, dy, m);
   }
 };
+
+/// A norm with its residual add, as a pre-norm block uses it: inputs x and r, output [y | s] with
+/// s = x + r and y = norm(s); backward is the norm's backward with s's own gradient added in the
+/// same call (the residual path), returned to both inputs.
+template <class Norm>
+struct ResidualNorm {
+  Norm norm;
+  struct Context {
+    typename Norm::Context n;
+    Matrix<double> sum, out;
+    const Matrix<double>& output() const { return out; }
+    double aux_loss() const { return 0.0; }
+  };
+  static std::string name() { return Norm::name() + " with a residual"; }
+  Context forward(In<double> x, In<double> r) const {
+    Context c;
+    c.n = norm.forward(x, r, c.sum);
+    c.out.resize(x.rows(), 2 * x.cols());
+    c.out << c.n.output(), c.sum;
+    return c;
+  }
+  std::pair<Matrix<double>, Matrix<double>> backward(const Context& c, In<double>, In<double>, In<double> d_out, GradMode m) const {
+    const Index d = norm.width();
+    Matrix<double> dx = norm.backward(c.n, c.sum, d_out.leftCols(d), d_out.rightCols(d), m);
+    return {dx, dx};
+  }
+};
 }  // namespace
 
 TEST_CASE("LayerNorm and RMSNorm pass gradients to their input", "[grad][ops]") {
@@ -45,6 +72,29 @@ TEST_CASE("LayerNorm and RMSNorm pass gradients to their input", "[grad][ops]") 
   require_gradients(rms, rng, rng.normal_matrix<double>(5, 6));
   REQUIRE(count_parameters(ln).total == 12);
   REQUIRE(count_parameters(ln).trainable == 0);
+}
+
+TEST_CASE("LayerNorm and RMSNorm fused with the residual add before them", "[grad][ops]") {
+  Rng rng(11);
+  ResidualNorm<LayerNorm<double>> ln{LayerNorm<double>(rng.normal_matrix<double>(1, 6), rng.normal_matrix<double>(1, 6), 1e-5)};
+  require_gradients(ln, rng, rng.normal_matrix<double>(5, 6), rng.normal_matrix<double>(5, 6));
+  ResidualNorm<RMSNorm<double>> rms{RMSNorm<double>(rng.normal_matrix<double>(1, 6), 1e-6)};
+  require_gradients(rms, rng, rng.normal_matrix<double>(5, 6), rng.normal_matrix<double>(5, 6));
+  // The fused calls equal the separate ones, and refuse mismatched residuals.
+  const Matrix<double> x = rng.normal_matrix<double>(5, 6), r = rng.normal_matrix<double>(5, 6), dy = rng.normal_matrix<double>(5, 6),
+                       dres = rng.normal_matrix<double>(5, 6);
+  Matrix<double> sum;
+  const auto fused = rms.norm.forward(x, r, sum);
+  const Matrix<double> s = x + r;
+  const auto plain = rms.norm.forward(s);
+  REQUIRE(sum == s);
+  REQUIRE(fused.output() == plain.output());
+  const Matrix<double> expected = rms.norm.backward(plain, s, dy, GradMode::overwrite) + dres;
+  REQUIRE((rms.norm.backward(fused, sum, dy, dres, GradMode::overwrite) - expected).cwiseAbs().maxCoeff() < 1e-15);
+  REQUIRE_THROWS_WITH(rms.norm.forward(x, r.topRows(4), sum),
+                      Catch::Contains("RMSNorm") && Catch::Contains("residual r") && Catch::Contains("(4, 6)"));
+  REQUIRE_THROWS_WITH(rms.norm.backward(fused, sum, dy, dres.leftCols(5), GradMode::overwrite),
+                      Catch::Contains("residual gradient dres"));
 }
 
 TEST_CASE("GELU (tanh) and SwiGLU", "[grad][ops]") {

@@ -2,6 +2,7 @@
 // and parameters: output, routing, input gradients and every parameter gradient, in float, bf16
 // and fp16 (cuda_harness.hpp). Needs a GPU; skipped (exit 77) without one.
 #include <catch2/catch.hpp>
+#include <moet/cpu/ops/norms.hpp>
 #include <moet/cuda/ops.hpp>
 
 #include "cuda_harness.hpp"
@@ -427,6 +428,68 @@ TEMPLATE_TEST_CASE("CUDA flash attention matches the CPU's", "[cuda][flash]", bf
     CHECK_FALSE((cuda_impl::Attention<float>(context(), AttentionShape{1, 4, 2, 2, 16, 4, 4}, {}).flash()));
     CHECK((cuda_impl::Attention<TestType>(context(), AttentionShape{1, 4, 2, 2, 16, 4, 4}, {}).flash()));
   }
+}
+
+TEMPLATE_TEST_CASE("CUDA residual fusions match the CPU: norms after an add, projections accumulating dx", "[cuda]", float, bf16) {
+  // A block's residual adds ride on its neighbours: x1 = x + o is written by the norm that reads
+  // it (norm2), the residual gradient is added by the norm backward that precedes it, and the
+  // input gradients of q, k and v (up and gate) sum in their GEMMs (beta = 1).
+  using moet::testing::detail::download_matrix;
+  using moet::testing::detail::rounded;
+  using moet::testing::detail::upload_matrix;
+  const double tolerance = moet::testing::compare_options<TestType>().tolerance;
+  auto check = [&](const char* what, const Matrix<double>& got, const Matrix<double>& want) {
+    const double error = (got - want).cwiseAbs().maxCoeff() / want.cwiseAbs().maxCoeff();
+    INFO(what << ": max |gpu - cpu| / max |cpu| = " << error << ", tolerance " << tolerance);
+    CHECK(error <= tolerance);
+  };
+  const cudaStream_t st = context().stream();
+  const Index N = 7, D = 40;
+  Rng rng(41);
+  const Matrix<double> w = rounded<TestType>(rng.normal_matrix<double>(1, D, 1.0, 0.2)),
+                       b = rounded<TestType>(rng.normal_matrix<double>(1, D)), x = rounded<TestType>(rng.normal_matrix<double>(N, D)),
+                       r = rounded<TestType>(rng.normal_matrix<double>(N, D)), dy = rounded<TestType>(rng.normal_matrix<double>(N, D)),
+                       dres = rounded<TestType>(rng.normal_matrix<double>(N, D));
+  const auto x_d = upload_matrix<TestType>(x, st), r_d = upload_matrix<TestType>(r, st), dy_d = upload_matrix<TestType>(dy, st),
+             dres_d = upload_matrix<TestType>(dres, st);
+  auto check_norm = [&](const auto& cpu, const auto& gpu) {
+    const Matrix<double> s = rounded<TestType>(x + r);  // what a separate add would have stored
+    Matrix<double> cpu_sum;
+    const auto cc = cpu.forward(x, r, cpu_sum);
+    DeviceMatrix<TestType> sum(0, 0, st);
+    const auto gc = gpu.forward(x_d.view(), r_d.view(), sum);
+    CHECK(download_matrix<TestType>(sum.view(), st) == s);
+    const auto separate = gpu.forward(sum.view());
+    CHECK(download_matrix<TestType>(gc.y.view(), st) == download_matrix<TestType>(separate.y.view(), st));
+    const auto c_ref = cpu.forward(s);  // the CPU in double from the same rounded sum
+    check("normalised sum", download_matrix<TestType>(gc.y.view(), st), c_ref.y);
+    check("dx + dres", download_matrix<TestType>(gpu.backward(gc, sum.view(), dy_d.view(), dres_d.view(), overwrite).view(), st),
+          cpu.backward(c_ref, s, dy, dres, overwrite));
+    CHECK_THROWS_WITH(gpu.forward(x_d.view(), r_d.view().row_block(0, N - 1), sum), Catch::Contains("residual r"));
+    CHECK_THROWS_WITH(gpu.backward(gc, sum.view(), dy_d.view(), dres_d.view().col_block(0, D - 1), overwrite),
+                      Catch::Contains("residual gradient dres"));
+    (void)cc;
+  };
+  check_norm(cpu_impl::LayerNorm<double>(w, b, 1e-5), cuda_impl::Normalization<TestType, true>(context(), w, b, 1e-5));
+  check_norm(cpu_impl::RMSNorm<double>(w, 1e-6), cuda_impl::Normalization<TestType, false>(context(), w, 1e-6));
+
+  // dx += dy W^T in the GEMM, and an empty dx becomes dy W^T.
+  const Index d_out = 24;
+  const Matrix<double> weight = rounded<TestType>(rng.normal_matrix<double>(D, d_out, 0.0, 0.5)),
+                       g = rounded<TestType>(rng.normal_matrix<double>(N, d_out));
+  const cpu_impl::FrozenLinear<double> cpu_linear(weight);
+  const cuda_impl::FrozenLinear<TestType> gpu_linear(context(), weight);
+  const auto g_d = upload_matrix<TestType>(g, st);
+  const auto lc = gpu_linear.forward(x_d.view());
+  DeviceMatrix<TestType> acc = upload_matrix<TestType>(dres, st), empty(0, 0, st);
+  gpu_linear.backward_into(acc, lc, x_d.view(), g_d.view(), overwrite);
+  gpu_linear.backward_into(empty, lc, x_d.view(), g_d.view(), overwrite);
+  const Matrix<double> product = cpu_linear.backward(cpu_linear.forward(x), x, g, overwrite);
+  check("dx += dy W^T", download_matrix<TestType>(acc.view(), st), dres + product);
+  check("dx = dy W^T into an empty dx", download_matrix<TestType>(empty.view(), st), product);
+  DeviceMatrix<TestType> wrong = upload_matrix<TestType>(dres.leftCols(D - 1), st);
+  CHECK_THROWS_WITH(gpu_linear.backward_into(wrong, lc, x_d.view(), g_d.view(), overwrite),
+                    Catch::Contains("accumulated input gradient") && Catch::Contains("(7, 39)"));
 }
 
 TEST_CASE("CUDA layers reject wrong shapes with the CPU's messages", "[cuda]") {

@@ -50,6 +50,17 @@ class FrozenLinear {
     detail::expect_shape(name(), "output gradient dy", dy.rows(), dy.cols(), c.y.rows(), d_out(), "tokens x d_out");
     return dy * weight.value().transpose();
   }
+  /// dx += dy W0^T in the product itself (an empty dx becomes it): how a block sums the input
+  /// gradients of the projections that read one input.
+  void backward_into(Matrix<T>& dx, const Context& c, In<T> x, In<T> dy, GradMode mode) const {
+    if (dx.size() == 0) {
+      dx = backward(c, x, dy, mode);
+      return;
+    }
+    detail::expect_shape(name(), "output gradient dy", dy.rows(), dy.cols(), c.y.rows(), d_out(), "tokens x d_out");
+    detail::expect_shape(name(), "accumulated input gradient", dx.rows(), dx.cols(), dy.rows(), d_in(), "tokens x d_in");
+    dx.noalias() += dy * weight.value().transpose();
+  }
 
  public:
   BOOST_HANA_DEFINE_STRUCT(FrozenLinear, (Frozen<T>, weight), (Frozen<T>, bias));

@@ -58,6 +58,17 @@ class FrozenLinear {
     gemm<T, T>(*ctx_, Op::N, dy, Op::T, weight.value(), dx.view(), 1.f, 0.f);
     return dx;
   }
+  /// dx += dy W0^T in the GEMM (beta = 1; an empty dx becomes it): how a block sums the input
+  /// gradients of the projections that read one input, with no add kernel.
+  void backward_into(DeviceMatrix<T>& dx, const Context& c, DeviceView<const T> x, DeviceView<const T> dy, GradMode mode) const {
+    if (dx.size() == 0) {
+      dx = backward(c, x, dy, mode);
+      return;
+    }
+    detail::expect_shape(name(), "output gradient dy", dy.rows, dy.cols, c.y.rows(), d_out(), "tokens x d_out");
+    detail::expect_shape(name(), "accumulated input gradient", dx.rows(), dx.cols(), dy.rows, d_in(), "tokens x d_in");
+    gemm<T, T>(*ctx_, Op::N, dy, Op::T, weight.value(), dx.view(), 1.f, 1.f);
+  }
 
  private:
   FrozenLinear(CudaContext& ctx, const Matrix<double>& w, std::unique_ptr<Matrix<double>> b)

@@ -27,13 +27,18 @@ void embed(const int* ids, const int* positions, std::int64_t tokens, const T* w
            std::int64_t ld_wpe, std::int64_t width, T* out, std::int64_t ld_out, cudaStream_t stream);
 
 /// y = (x - mean) rstd w [+ b]; stats (rows, 2) float = {mean, rstd}; centered false: RMSNorm (mean 0).
+/// With res (else null): the residual add first, in the same pass: sum = x + res (rounded to T,
+/// as a separate add would store it) and y normalises sum.
 template <class T>
-void norm_forward(const T* x, std::int64_t ld_x, std::int64_t rows, std::int64_t width, const T* w, const T* b, float eps,
-                  bool centered, T* y, std::int64_t ld_y, float* stats, cudaStream_t stream);
-/// dx = rstd (g - mean(g) - xh mean(g xh)), g = dy w (mean(g) dropped when not centered).
+void norm_forward(const T* x, std::int64_t ld_x, const T* res, std::int64_t ld_res, T* sum, std::int64_t ld_sum, std::int64_t rows,
+                  std::int64_t width, const T* w, const T* b, float eps, bool centered, T* y, std::int64_t ld_y, float* stats,
+                  cudaStream_t stream);
+/// dx = rstd (g - mean(g) - xh mean(g xh)) [+ dres], g = dy w (mean(g) dropped when not centered);
+/// dres (else null): the gradient that reaches x around the norm, on the residual path.
 template <class T>
-void norm_backward(const T* x, std::int64_t ld_x, const T* dy, std::int64_t ld_dy, std::int64_t rows, std::int64_t width,
-                   const T* w, const float* stats, bool centered, T* dx, std::int64_t ld_dx, cudaStream_t stream);
+void norm_backward(const T* x, std::int64_t ld_x, const T* dy, std::int64_t ld_dy, const T* dres, std::int64_t ld_dres,
+                   std::int64_t rows, std::int64_t width, const T* w, const float* stats, bool centered, T* dx, std::int64_t ld_dx,
+                   cudaStream_t stream);
 
 /// kind: moet::Activation as int. out = act(x); backward: out = act'(x) dy.
 template <class T>

@@ -107,24 +107,48 @@ class Normalization {
 
   Index width() const { return weight.cols(); }
 
-  Context forward(DeviceView<const T> x) const {
+  Context forward(DeviceView<const T> x) const { return forward_impl(x, nullptr, nullptr); }
+
+  /// A residual add and the norm after it in one pass: sum = x + r (rounded to T), then the
+  /// normalisation of sum, which backward takes as its input.
+  Context forward(DeviceView<const T> x, DeviceView<const T> r, DeviceMatrix<T>& sum) const {
     detail::expect_cols(name(), "input x", x.rows, x.cols, width(), "tokens x d");
-    const cudaStream_t s = ctx_->stream();
-    Context c{DeviceMatrix<T>(x.rows, width(), s), DeviceMatrix<float>(x.rows, 2, s)};
-    norm_forward<T>(x.data, x.ld, x.rows, width(), weight.value().data, Centered ? bias.value().data : nullptr, float(eps_), Centered,
-                    c.y.data(), c.y.ld(), c.stats.data(), s);
-    return c;
+    detail::expect_shape(name(), "residual r", r.rows, r.cols, x.rows, x.cols, "the shape of x");
+    sum = DeviceMatrix<T>(x.rows, x.cols, ctx_->stream());
+    return forward_impl(x, &r, &sum);
   }
 
-  DeviceMatrix<T> backward(const Context& c, DeviceView<const T> x, DeviceView<const T> dy, GradMode) const {
-    detail::expect_shape(name(), "output gradient dy", dy.rows, dy.cols, c.y.rows(), width(), "tokens x d");
-    DeviceMatrix<T> dx(dy.rows, width(), ctx_->stream());
-    norm_backward<T>(x.data, x.ld, dy.data, dy.ld, dy.rows, width(), weight.value().data, c.stats.data(), Centered, dx.data(),
-                     dx.ld(), ctx_->stream());
-    return dx;
+  DeviceMatrix<T> backward(const Context& c, DeviceView<const T> x, DeviceView<const T> dy, GradMode mode) const {
+    return backward_impl(c, x, dy, nullptr, mode);
+  }
+  /// backward(c, x, dy) + dres in one pass: dres is the gradient reaching x around the norm
+  /// (the residual path).
+  DeviceMatrix<T> backward(const Context& c, DeviceView<const T> x, DeviceView<const T> dy, DeviceView<const T> dres,
+                           GradMode mode) const {
+    detail::expect_shape(name(), "residual gradient dres", dres.rows, dres.cols, dy.rows, width(), "tokens x d");
+    return backward_impl(c, x, dy, &dres, mode);
   }
 
  private:
+  Context forward_impl(DeviceView<const T> x, const DeviceView<const T>* r, DeviceMatrix<T>* sum) const {
+    detail::expect_cols(name(), "input x", x.rows, x.cols, width(), "tokens x d");
+    const cudaStream_t s = ctx_->stream();
+    Context c{DeviceMatrix<T>(x.rows, width(), s), DeviceMatrix<float>(x.rows, 2, s)};
+    norm_forward<T>(x.data, x.ld, r ? r->data : nullptr, r ? r->ld : 0, sum ? sum->data() : nullptr, sum ? sum->ld() : 0, x.rows,
+                    width(), weight.value().data, Centered ? bias.value().data : nullptr, float(eps_), Centered, c.y.data(), c.y.ld(),
+                    c.stats.data(), s);
+    return c;
+  }
+
+  DeviceMatrix<T> backward_impl(const Context& c, DeviceView<const T> x, DeviceView<const T> dy, const DeviceView<const T>* dres,
+                                GradMode) const {
+    detail::expect_shape(name(), "output gradient dy", dy.rows, dy.cols, c.y.rows(), width(), "tokens x d");
+    DeviceMatrix<T> dx(dy.rows, width(), ctx_->stream());
+    norm_backward<T>(x.data, x.ld, dy.data, dy.ld, dres ? dres->data : nullptr, dres ? dres->ld : 0, dy.rows, width(),
+                     weight.value().data, c.stats.data(), Centered, dx.data(), dx.ld(), ctx_->stream());
+    return dx;
+  }
+
   Normalization(CudaDevice device, const Matrix<double>& w, const Matrix<double>* b, double eps)
       : ctx_(&static_cast<CudaContext&>(device)),
         eps_(eps),

@@ -213,8 +213,7 @@ class Block {
       c.attn = in.attention.forward(q_in(c), k_in(c), v_in(c));
     }
     c.template at<slot::o>() = slot<slot::o>().forward(c.attn.output(), in.rows);
-    c.x1 = Ops::add(x, c.template at<slot::o>().output());
-    c.n2 = norm2.forward(c.x1);
+    c.n2 = norm2.forward(x, c.template at<slot::o>().output(), c.x1);  // x1 = x + o, normalised in the same pass
     const View b = c.n2.output();
     c.template at<slot::ffn_up>() = slot<slot::ffn_up>().forward(b, in.rows);
     if constexpr (llama) {
@@ -241,15 +240,14 @@ class Block {
       auto [d_gate, d_up] =
           Ops::swiglu_backward(c.template at<slot::ffn_gate>().output(), c.template at<slot::ffn_up>().output(), d_act);
       db = slot<slot::ffn_up>().backward(c.template at<slot::ffn_up>(), b, d_up, mode);
-      Ops::add_into(db, slot<slot::ffn_gate>().backward(c.template at<slot::ffn_gate>(), b, d_gate, mode));
+      slot<slot::ffn_gate>().backward_into(db, c.template at<slot::ffn_gate>(), b, d_gate, mode);
     } else {
       db = slot<slot::ffn_up>().backward(
           c.template at<slot::ffn_up>(), b, Ops::activation_backward(activation_, c.template at<slot::ffn_up>().output(), d_act),
           mode);
     }
     if (!Ops::empty(db_router)) Ops::add_into(db, db_router);
-    Tensor dx1 = norm2.backward(c.n2, c.x1, db, mode);
-    Ops::add_into(dx1, dy);
+    const Tensor dx1 = norm2.backward(c.n2, c.x1, db, dy, mode);  // + dy: the residual path around the MLP
     // attention
     auto [dq, dk, dv] = in.attention.backward(c.attn, q_in(c), k_in(c), v_in(c),
                                               slot<slot::o>().backward(c.template at<slot::o>(), c.attn.output(), dx1, mode), mode);
@@ -263,12 +261,10 @@ class Block {
     Tensor dv_raw = slot<slot::values>().backward(c.template at<slot::values>(), c.template at<slot::v>().output(), a,
                                                   std::move(dv), da_router, mode);
     Tensor da = slot<slot::q>().backward(c.template at<slot::q>(), a, dq, mode);
-    Ops::add_into(da, slot<slot::k>().backward(c.template at<slot::k>(), a, dk_raw, mode));
-    Ops::add_into(da, slot<slot::v>().backward(c.template at<slot::v>(), a, dv_raw, mode));
+    slot<slot::k>().backward_into(da, c.template at<slot::k>(), a, dk_raw, mode);
+    slot<slot::v>().backward_into(da, c.template at<slot::v>(), a, dv_raw, mode);
     if (!Ops::empty(da_router)) Ops::add_into(da, da_router);
-    Tensor dx = norm1.backward(c.n1, x, da, mode);
-    Ops::add_into(dx, dx1);
-    return dx;
+    return norm1.backward(c.n1, x, da, dx1, mode);  // + dx1: the residual path around attention
   }
 
   /// Adds the weighted auxiliary losses of the block's routed slots into `sum`.

@@ -124,6 +124,19 @@ class LinearSlot<Slot, type_list<E...>, T, Backend> {
     });
   }
 
+  /// dst += backward(c, x, dy, mode) (an empty dst becomes it): a layer with its own
+  /// backward_into accumulates in place (the frozen projection: in its GEMM), others add theirs.
+  void backward_into(Tensor& dst, const Context& c, View x, View dy, GradMode mode) {
+    if (c.value.index() != layer_.index())
+      throw value_error(detail::concat("slot ", Slot::name, ": the context comes from a different slot"));
+    with_index<N>(layer_.index(), [&](auto i) {
+      auto& l = std::get<i()>(layer_);
+      const auto& ctx = std::get<i()>(c.value);
+      if constexpr (requires { l.backward_into(dst, ctx, x, dy, mode); }) l.backward_into(dst, ctx, x, dy, mode);
+      else Ops::add_into(dst, l.backward(ctx, x, dy, mode));
+    });
+  }
+
   template <class Sum>
   static void add_aux(Sum& sum, const Context& c) {
     std::visit([&](const auto& ctx) { model_impl::add_aux<Ops>(sum, ctx); }, c.value);

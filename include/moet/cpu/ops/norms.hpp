@@ -71,7 +71,24 @@ class Normalization {
     return c;
   }
 
-  Matrix<T> backward(const Context& c, In<T> x, In<T> dy, GradMode) const {
+  /// A residual add and the norm after it (the GPU fuses them into one pass): sum = x + r, then
+  /// the normalisation of sum, which backward takes as its input.
+  Context forward(In<T> x, In<T> r, Matrix<T>& sum) const {
+    detail::expect_cols(name(), "input x", x.rows(), x.cols(), width(), "tokens x d");
+    detail::expect_shape(name(), "residual r", r.rows(), r.cols(), x.rows(), x.cols(), "the shape of x");
+    sum = x + r;
+    return forward(sum);
+  }
+
+  Matrix<T> backward(const Context& c, In<T> x, In<T> dy, GradMode mode) const { return backward_impl(c, dy, nullptr, mode); }
+  /// backward(c, x, dy) + dres: dres is the gradient reaching x around the norm (the residual path).
+  Matrix<T> backward(const Context& c, In<T> x, In<T> dy, In<T> dres, GradMode mode) const {
+    detail::expect_shape(name(), "residual gradient dres", dres.rows(), dres.cols(), dy.rows(), width(), "tokens x d");
+    return backward_impl(c, dy, &dres, mode);
+  }
+
+ private:
+  Matrix<T> backward_impl(const Context& c, In<T> dy, const In<T>* dres, GradMode) const {
     detail::expect_shape(name(), "output gradient dy", dy.rows(), dy.cols(), c.y.rows(), width(), "tokens x d");
     const Index N = dy.rows();
     Matrix<T> dx(N, width());
@@ -81,11 +98,11 @@ class Normalization {
       const T mean_gx = g.cwiseProduct(c.xhat.row(t)).mean();
       const T mean_g = Centered ? g.mean() : T(0);
       dx.row(t) = c.rstd(t) * (g.array() - mean_g - c.xhat.row(t).array() * mean_gx);
+      if (dres) dx.row(t) += dres->row(t);
     }
     return dx;
   }
 
- private:
   void init(In<T> w, In<T> b) {
     detail::expect_positive(name(), "width", w.cols());
     detail::expect_shape(name(), "weight", w.rows(), w.cols(), 1, w.cols(), "1 x d");

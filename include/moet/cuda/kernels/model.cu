@@ -62,11 +62,19 @@ __global__ void embed_kernel(const int* ids, const int* positions, std::int64_t 
 
 template <class T>
 __global__ void __launch_bounds__(row_threads)
-    norm_forward_kernel(const T* x, std::int64_t ld_x, std::int64_t rows, std::int64_t width, const T* w, const T* b, float eps,
-                        int centered, T* y, std::int64_t ld_y, float* stats) {
+    norm_forward_kernel(const T* x, std::int64_t ld_x, const T* res, std::int64_t ld_res, T* sum, std::int64_t ld_sum,
+                        std::int64_t rows, std::int64_t width, const T* w, const T* b, float eps, int centered, T* y,
+                        std::int64_t ld_y, float* stats) {
   __shared__ float scratch[32];
   for (std::int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const T* xr = x + r * ld_x;
+    if (res) {
+      // The residual add: s = x + res rounded to T (as a separate add would store it), then the
+      // passes below read s. Each thread reads back only the columns it wrote, so no barrier.
+      T* sr = sum + r * ld_sum;
+      for (std::int64_t c = threadIdx.x; c < width; c += blockDim.x) sr[c] = from_f<T>(to_f(xr[c]) + to_f(res[r * ld_res + c]));
+      xr = sr;
+    }
     float mean = 0.f;
     if (centered) {
       float s = 0.f;
@@ -93,8 +101,9 @@ __global__ void __launch_bounds__(row_threads)
 
 template <class T>
 __global__ void __launch_bounds__(row_threads)
-    norm_backward_kernel(const T* x, std::int64_t ld_x, const T* dy, std::int64_t ld_dy, std::int64_t rows, std::int64_t width,
-                         const T* w, const float* stats, int centered, T* dx, std::int64_t ld_dx) {
+    norm_backward_kernel(const T* x, std::int64_t ld_x, const T* dy, std::int64_t ld_dy, const T* dres, std::int64_t ld_dres,
+                         std::int64_t rows, std::int64_t width, const T* w, const float* stats, int centered, T* dx,
+                         std::int64_t ld_dx) {
   __shared__ float scratch[32];
   for (std::int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const float mean = stats[2 * r], rstd = stats[2 * r + 1];
@@ -109,7 +118,8 @@ __global__ void __launch_bounds__(row_threads)
     for (std::int64_t c = threadIdx.x; c < width; c += blockDim.x) {
       const float g = to_f(dy[r * ld_dy + c]) * to_f(w[c]);
       const float xh = (to_f(x[r * ld_x + c]) - mean) * rstd;
-      dx[r * ld_dx + c] = from_f<T>(rstd * (g - mean_g - xh * mean_gx));
+      const float around = dres ? to_f(dres[r * ld_dres + c]) : 0.f;  // the residual path's gradient
+      dx[r * ld_dx + c] = from_f<T>(rstd * (g - mean_g - xh * mean_gx) + around);
     }
   }
 }
@@ -442,20 +452,22 @@ void embed(const int* ids, const int* positions, std::int64_t tokens, const T* w
 }
 
 template <class T>
-void norm_forward(const T* x, std::int64_t ld_x, std::int64_t rows, std::int64_t width, const T* w, const T* b, float eps,
-                  bool centered, T* y, std::int64_t ld_y, float* stats, cudaStream_t stream) {
+void norm_forward(const T* x, std::int64_t ld_x, const T* res, std::int64_t ld_res, T* sum, std::int64_t ld_sum, std::int64_t rows,
+                  std::int64_t width, const T* w, const T* b, float eps, bool centered, T* y, std::int64_t ld_y, float* stats,
+                  cudaStream_t stream) {
   if (rows == 0) return;
   MOET_LAUNCH(row_grid(rows), row_threads, 0, stream, device::norm_forward_kernel<T>)
-  (x, ld_x, rows, width, w, b, eps, centered ? 1 : 0, y, ld_y, stats);
+  (x, ld_x, res, ld_res, sum, ld_sum, rows, width, w, b, eps, centered ? 1 : 0, y, ld_y, stats);
   MOET_CUDA_CHECK_LAUNCH("norm_forward_kernel");
 }
 
 template <class T>
-void norm_backward(const T* x, std::int64_t ld_x, const T* dy, std::int64_t ld_dy, std::int64_t rows, std::int64_t width,
-                   const T* w, const float* stats, bool centered, T* dx, std::int64_t ld_dx, cudaStream_t stream) {
+void norm_backward(const T* x, std::int64_t ld_x, const T* dy, std::int64_t ld_dy, const T* dres, std::int64_t ld_dres,
+                   std::int64_t rows, std::int64_t width, const T* w, const float* stats, bool centered, T* dx, std::int64_t ld_dx,
+                   cudaStream_t stream) {
   if (rows == 0) return;
   MOET_LAUNCH(row_grid(rows), row_threads, 0, stream, device::norm_backward_kernel<T>)
-  (x, ld_x, dy, ld_dy, rows, width, w, stats, centered ? 1 : 0, dx, ld_dx);
+  (x, ld_x, dy, ld_dy, dres, ld_dres, rows, width, w, stats, centered ? 1 : 0, dx, ld_dx);
   MOET_CUDA_CHECK_LAUNCH("norm_backward_kernel");
 }
 
@@ -640,10 +652,10 @@ void gather_step_numbers(const double* sums, const double* sq, double scale, dou
 #define MOET_INSTANTIATE_MODEL(T)                                                                                              \
   template void embed<T>(const int*, const int*, std::int64_t, const T*, std::int64_t, const T*, std::int64_t, std::int64_t, T*, \
                          std::int64_t, cudaStream_t);                                                                           \
-  template void norm_forward<T>(const T*, std::int64_t, std::int64_t, std::int64_t, const T*, const T*, float, bool, T*,       \
-                                std::int64_t, float*, cudaStream_t);                                                            \
-  template void norm_backward<T>(const T*, std::int64_t, const T*, std::int64_t, std::int64_t, std::int64_t, const T*,         \
-                                 const float*, bool, T*, std::int64_t, cudaStream_t);                                           \
+  template void norm_forward<T>(const T*, std::int64_t, const T*, std::int64_t, T*, std::int64_t, std::int64_t, std::int64_t,  \
+                                const T*, const T*, float, bool, T*, std::int64_t, float*, cudaStream_t);                       \
+  template void norm_backward<T>(const T*, std::int64_t, const T*, std::int64_t, const T*, std::int64_t, std::int64_t,         \
+                                 std::int64_t, const T*, const float*, bool, T*, std::int64_t, cudaStream_t);                   \
   template void activation<T>(int, const T*, std::int64_t, std::int64_t, std::int64_t, T*, std::int64_t, cudaStream_t);       \
   template void activation_backward<T>(int, const T*, std::int64_t, const T*, std::int64_t, std::int64_t, std::int64_t, T*,    \
                                        std::int64_t, cudaStream_t);                                                             \
