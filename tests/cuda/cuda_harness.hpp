@@ -91,6 +91,23 @@ Matrix<double> download_matrix(DeviceView<const T> v, cudaStream_t stream) {
   return m;
 }
 
+/// max |got - want| / max |want| (the scale floored at 1e-30), with a line naming it and the
+/// tolerance for the test's INFO; a shape mismatch is an infinite error.
+struct Relative {
+  double error;
+  std::string line;
+};
+inline Relative relative_error(const std::string& what, const Matrix<double>& got, const Matrix<double>& want, double tolerance) {
+  std::ostringstream line;
+  if (got.rows() != want.rows() || got.cols() != want.cols()) {
+    line << what << ": shape " << got.rows() << " x " << got.cols() << ", expected " << want.rows() << " x " << want.cols();
+    return {INFINITY, line.str()};
+  }
+  const double error = want.size() == 0 ? 0.0 : (got - want).cwiseAbs().maxCoeff() / std::max(want.cwiseAbs().maxCoeff(), 1e-30);
+  line << what << ": max |gpu - cpu| / max |cpu| = " << error << ", tolerance " << tolerance;
+  return {error, line.str()};
+}
+
 template <class T>
 DeviceMatrix<T> upload_matrix(const Matrix<double>& m, cudaStream_t stream) {
   DeviceMatrix<T> d(m.rows(), m.cols(), stream);

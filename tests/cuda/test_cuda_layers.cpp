@@ -326,9 +326,9 @@ TEMPLATE_TEST_CASE("CUDA attention matches the CPU's: grouped heads, padding, a 
   // stored intermediate (P, dS, the head-major copies are exact) to 8 significant bits.
   const double tolerance = moet::testing::compare_options<TestType>().tolerance;
   auto check = [&](const char* what, const Matrix<double>& got, const Matrix<double>& want) {
-    const double error = (got - want).cwiseAbs().maxCoeff() / want.cwiseAbs().maxCoeff();
-    INFO(what << ": max |gpu - cpu| / max |cpu| = " << error << ", tolerance " << tolerance);
-    CHECK(error <= tolerance);
+    const auto r = moet::testing::detail::relative_error(what, got, want, tolerance);
+    INFO(r.line);
+    CHECK(r.error <= tolerance);
   };
   check("output", download_matrix<TestType>(gc.y.view(), st), cc.y);
   check("dq", download_matrix<TestType>(gq.view(), st), dq);
@@ -439,9 +439,9 @@ TEMPLATE_TEST_CASE("CUDA residual fusions match the CPU: norms after an add, pro
   using moet::testing::detail::upload_matrix;
   const double tolerance = moet::testing::compare_options<TestType>().tolerance;
   auto check = [&](const char* what, const Matrix<double>& got, const Matrix<double>& want) {
-    const double error = (got - want).cwiseAbs().maxCoeff() / want.cwiseAbs().maxCoeff();
-    INFO(what << ": max |gpu - cpu| / max |cpu| = " << error << ", tolerance " << tolerance);
-    CHECK(error <= tolerance);
+    const auto r = moet::testing::detail::relative_error(what, got, want, tolerance);
+    INFO(r.line);
+    CHECK(r.error <= tolerance);
   };
   const cudaStream_t st = context().stream();
   const Index N = 7, D = 40;
