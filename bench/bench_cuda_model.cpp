@@ -15,6 +15,8 @@
 // shapes; frozen_materialized and batch32_materialized run the cuBLASLt path instead, so the two
 // are compared in one run.
 //
+// MOET_CUDA_ATTENTION=materialized runs every case on the cuBLASLt attention (scripts/gpu-check.sh
+// materialized: a second call's fallback should flash attention fault on a device).
 // Without a CUDA device the program says why and exits 0. --moet_smoke shrinks every model to
 // 2 layers of width 32 and runs each case twice; moet_bench_cuda_model_emulated --moet_smoke runs
 // it so on the host emulation of the device. Neither is in the default build (bench/CMakeLists.txt).
@@ -39,6 +41,10 @@ using namespace moet::slot;
 using T = bf16;
 
 bool smoke = false;
+/// The attention every case runs unless it names its own: the context's start, automatic unless
+/// MOET_CUDA_ATTENTION says otherwise (materialized: the fallback should flash attention fault on
+/// a device, so that the other numbers still come).
+AttentionKernel base_kernel = AttentionKernel::automatic;
 
 CudaContext& context() {
   static CudaContext ctx;
@@ -151,7 +157,7 @@ Floor<Arch>& floor_of(const Shape& s) {
 /// for these bf16 models of head_dim 64), so frozen_materialized's vs_floor is materialized over
 /// flash attention in the same iterations.
 template <class Arch, class Spec>
-void train_step(benchmark::State& state, Shape (*shape)(), AttentionKernel kernel = AttentionKernel::automatic) {
+void train_step(benchmark::State& state, Shape (*shape)(), AttentionKernel kernel = base_kernel) {
   const Shape s = shape();
   Floor<Arch>& floor = floor_of<Arch>(s);
   std::unique_ptr<typename Spec::template model<T, cuda>> model;
@@ -163,7 +169,7 @@ void train_step(benchmark::State& state, Shape (*shape)(), AttentionKernel kerne
     context().set_attention_kernel(kernel);
     if (model) model->train_step(batch, opt);
     else floor_step();
-    context().set_attention_kernel(AttentionKernel::automatic);
+    context().set_attention_kernel(base_kernel);
   };
   for (int i = 0; i < (smoke ? 1 : 2); ++i) floor_step(), case_step();  // warm-up: plans, pool, clocks
   pool_high_water(true);
@@ -184,7 +190,7 @@ void train_step(benchmark::State& state, Shape (*shape)(), AttentionKernel kerne
 }
 
 template <class Arch>
-void decode(benchmark::State& state, Shape (*shape)(), Index batch, AttentionKernel kernel = AttentionKernel::automatic) {
+void decode(benchmark::State& state, Shape (*shape)(), Index batch, AttentionKernel kernel = base_kernel) {
   const Shape s = shape();
   Floor<Arch>& floor = floor_of<Arch>(s);
   std::vector<std::vector<int>> prompts(std::size_t(batch), std::vector<int>(16));
@@ -194,7 +200,7 @@ void decode(benchmark::State& state, Shape (*shape)(), Index batch, AttentionKer
   auto run = [&](int tokens) {
     const struct Kernel {
       explicit Kernel(AttentionKernel k) { context().set_attention_kernel(k); }
-      ~Kernel() { context().set_attention_kernel(AttentionKernel::automatic); }
+      ~Kernel() { context().set_attention_kernel(base_kernel); }
     } scoped(kernel);
     if (batch == 1) benchmark::DoNotOptimize(floor.model->generate(prompts[0], {.max_new_tokens = tokens}));
     else benchmark::DoNotOptimize(floor.model->generate_batch(prompts, {.max_new_tokens = tokens}));
@@ -248,7 +254,16 @@ int main(int argc, char** argv) {
     std::printf("moet_bench_cuda_model: no CUDA device here (%s); nothing to measure\n", reason->c_str());
     return 0;
   }
+  try {
+    base_kernel = context().attention_kernel();  // MOET_CUDA_ATTENTION, else automatic
+  } catch (const moet::error& e) {
+    std::fprintf(stderr, "moet_bench_cuda_model: %s\n", e.what());
+    return 2;
+  }
   std::printf("device: %s, %d SMs\n", context().device_name().c_str(), context().sm_count());
+  if (base_kernel != AttentionKernel::automatic)
+    std::printf("MOET_CUDA_ATTENTION=%s: every case (and the floor) runs it unless the case names its own\n",
+                base_kernel == AttentionKernel::flash ? "flash" : "materialized");
   add_shape<GPT2>("gpt2_small", gpt2_small);
   add_shape<Llama>("llama_1b", llama_1b);
   auto args = moet::bench::with_defaults(int(kept.size()), kept.data(), defaults);

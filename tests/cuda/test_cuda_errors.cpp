@@ -3,6 +3,8 @@
 // without a usable device (or on a device that does not exist) refuses by name. Runs everywhere.
 #include <catch2/catch.hpp>
 
+#include <cstdlib>
+
 #include <moet/cuda/layers.hpp>
 
 using namespace moet;
@@ -47,4 +49,20 @@ TEST_CASE("host conversions round to nearest even") {
   CHECK(cuda_impl::to_double(cuda_impl::from_double<bf16>(1.0 + 3.0 / 256)) == 1.0 + 4.0 / 256);  // tie: to even
   CHECK(cuda_impl::to_double(cuda_impl::from_double<fp16>(1.0 + 1.0 / 4096)) == 1.0);
   CHECK(cuda_impl::to_double(cuda_impl::from_double<float>(0.1)) == double(0.1f));
+}
+
+TEST_CASE("MOET_CUDA_ATTENTION picks a context's first attention kernel, and a wrong value is refused by name") {
+  const char* before = std::getenv("MOET_CUDA_ATTENTION");
+  const std::string saved = before ? before : "";
+  ::unsetenv("MOET_CUDA_ATTENTION");
+  CHECK(moet::attention_kernel_from_environment() == moet::AttentionKernel::automatic);
+  ::setenv("MOET_CUDA_ATTENTION", "materialized", 1);
+  CHECK(moet::attention_kernel_from_environment() == moet::AttentionKernel::materialized);
+  ::setenv("MOET_CUDA_ATTENTION", "flash", 1);
+  CHECK(moet::attention_kernel_from_environment() == moet::AttentionKernel::flash);
+  ::setenv("MOET_CUDA_ATTENTION", "Flash2", 1);
+  CHECK_THROWS_WITH(moet::attention_kernel_from_environment(),
+                    Catch::Contains("MOET_CUDA_ATTENTION is \"Flash2\"") && Catch::Contains("automatic, materialized or flash"));
+  if (before) ::setenv("MOET_CUDA_ATTENTION", saved.c_str(), 1);
+  else ::unsetenv("MOET_CUDA_ATTENTION");
 }

@@ -8,6 +8,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <optional>
 #include <string>
 
@@ -36,6 +37,18 @@ inline std::optional<std::string> cuda_unavailable_reason() {
 ///   flash         the flash kernels (kernels/attention.cu); an attention they cannot run is refused
 enum class AttentionKernel { automatic, materialized, flash };
 
+/// The attention a new context starts with: MOET_CUDA_ATTENTION=automatic, materialized or flash
+/// (unset or empty: automatic), so that a program can be run on the other kernel without a change
+/// (scripts/gpu-check.sh materialized); any other value is a moet::value_error naming it.
+inline AttentionKernel attention_kernel_from_environment() {
+  const char* v = std::getenv("MOET_CUDA_ATTENTION");
+  const std::string value = v ? v : "";
+  if (value.empty() || value == "automatic") return AttentionKernel::automatic;
+  if (value == "materialized") return AttentionKernel::materialized;
+  if (value == "flash") return AttentionKernel::flash;
+  throw value_error(detail::concat("MOET_CUDA_ATTENTION is \"", value, "\"; expected automatic, materialized or flash"));
+}
+
 class CudaContext;
 namespace cuda_impl {
 /// This thread's current context (PyTorch's "current stream", per thread): the one the backend's
@@ -52,7 +65,7 @@ class CudaContext {
 
   /// Uses device `device`; throws moet::cuda_error naming the failing call (cudaGetDeviceCount
   /// when there is no driver or no device).
-  explicit CudaContext(int device = 0) : device_(device) {
+  explicit CudaContext(int device = 0) : device_(device), attention_(attention_kernel_from_environment()) {
     int count = 0;
     MOET_CUDA_CHECK(cudaGetDeviceCount(&count));
     if (device < 0 || device >= count)
@@ -102,7 +115,8 @@ class CudaContext {
   int sm_count() const { return sm_count_; }
   /// 10 major + minor (90 on an H100 / H200).
   int compute_capability() const { return compute_capability_; }
-  /// The attention the model ops run from now on (AttentionKernel above; benchmarks compare them).
+  /// The attention the model ops run from now on (AttentionKernel above; benchmarks compare them);
+  /// a context starts with attention_kernel_from_environment().
   void set_attention_kernel(AttentionKernel kernel) { attention_ = kernel; }
   AttentionKernel attention_kernel() const { return attention_; }
   cudaStream_t stream() const { return stream_; }
