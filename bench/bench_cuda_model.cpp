@@ -11,7 +11,9 @@
 // the frozen model's step in the same iterations and reports vs_floor (its time over the frozen
 // step's), tokens/s and peak device memory (the stream-ordered pool's high-water mark during its
 // own steps). Decoding: greedy generation of 64 tokens after a 16-token prompt, tokens/s, one
-// sequence and 32 decoded as one batch. Attention is flash (kernels/attention.cu) for these
+// sequence and 32 decoded as one batch. Loading: load_pretrained of gpt2_small from a BF16
+// checkpoint (written once to the temp folder, then read from the page cache) into a bf16 model
+// with MoLoRA-10 on six slots, the files to a model ready to train. Attention is flash (kernels/attention.cu) for these
 // shapes; frozen_materialized and batch32_materialized run the cuBLASLt path instead, so the two
 // are compared in one run.
 //
@@ -24,8 +26,10 @@
 
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -215,11 +219,34 @@ void decode(benchmark::State& state, Shape (*shape)(), Index batch, AttentionKer
   state.counters["tokens_per_s"] = double(new_tokens) * double(batch) * double(state.iterations()) / (total * 1e-3);
 }
 
+void load(benchmark::State& state) {
+  const Shape s = gpt2_small();
+  const std::filesystem::path dir =
+      std::filesystem::temp_directory_path() / (smoke ? "moet_bench_cuda_model_gpt2_smoke" : "moet_bench_cuda_model_gpt2");
+  if (!std::filesystem::exists(dir / "model.safetensors")) {
+    Rng rng(1);
+    Decoder<GPT2>::model<float> cpu(s.config, rng);  // drawn on the host once
+    save_pretrained(cpu, dir, {.dtype = io::DType::BF16});
+  }
+  double total = 0;
+  for (auto _ : state) {
+    std::optional<MoLoRA10<GPT2>::model<T, cuda>> model;
+    const double ms = milliseconds([&] {
+      Rng rng(3);
+      model.emplace(load_pretrained<MoLoRA10<GPT2>, T, cuda>(context(), dir, rng));
+    });
+    state.SetIterationTime(ms * 1e-3);
+    total += ms;
+  }
+  state.counters["load_s"] = total * 1e-3 / double(state.iterations());
+}
+
 template <class F>
-void add(const std::string& name, F f) {
+benchmark::internal::Benchmark* add(const std::string& name, F f) {
   auto* b = benchmark::RegisterBenchmark(name.c_str(), f)->Unit(benchmark::kMillisecond)->UseManualTime();
   if (smoke) b->Iterations(2);
   else b->MinTime(1.0);  // 18 cases x 3 repetitions within gpu-check.sh's bench_model step
+  return b;
 }
 
 template <class Arch>
@@ -266,6 +293,7 @@ int main(int argc, char** argv) {
                 base_kernel == AttentionKernel::flash ? "flash" : "materialized");
   add_shape<GPT2>("gpt2_small", gpt2_small);
   add_shape<Llama>("llama_1b", llama_1b);
+  add("load_pretrained/gpt2_small_bf16_file", load)->Iterations(smoke ? 2 : 1);  // seconds each: one load per repetition
   auto args = moet::bench::with_defaults(int(kept.size()), kept.data(), defaults);
   std::map<std::string, double> targets;  // issue 16's bounds on an H100/H200 (none at smoke sizes)
   if (!smoke)

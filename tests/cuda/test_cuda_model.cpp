@@ -46,3 +46,35 @@ TEST_CASE("Stand-in weights: fill_uniform is bounded, varied and the same on eve
   });
   CHECK(r1.next() == r2.next());  // nothing was drawn
 }
+
+TEST_CASE("Frozen weights that start at zero are zeroed on the device, never uploaded from the host", "[cuda][model]") {
+  // load_pretrained's placeholders and init_stddev 0 pass Matrix::Zero to the layers, which fill
+  // their device storage with it; every host upload waits for the stream once, so the waits count
+  // the uploads. The MoLoRA slot and the biases cover the fused layer as well as FrozenLinear.
+  using M = Decoder<GPT2, Slots<at<q, MoLoRA<2, 2>>>>;
+  const auto build = [](const FrozenInit& init, Rng& rng) {
+    const long before = cuda_impl::host_waits();
+    M::model<float, cuda> m(context(), gpt2_config(), rng, {}, init);
+    return std::pair{std::move(m), cuda_impl::host_waits() - before};
+  };
+  Rng r1(5), r2(5), r3(5);
+  auto [drawn, drawn_waits] = build(0.3, r1);
+  auto [placeholder, placeholder_waits] = build(FrozenInit::placeholder(), r2);
+  auto [zero, zero_waits] = build(0.0, r3);
+  long weights = 0;  // the frozen matrices (the norms' vectors and the biases are uploaded as before)
+  for_each_frozen(placeholder, [&](auto& f) {
+    if (f.rows() > 1) {
+      CHECK(relative(host(f.value()), std::vector<double>(std::size_t(f.size()), 0.0)) == 0.0);
+      ++weights;
+    }
+  });
+  CHECK(weights == 2 + 2 * 6);  // wte, wpe; q (the MoLoRA's W0), k, v, o, ffn_up, ffn_down per layer
+  CHECK(placeholder_waits == zero_waits);
+  CHECK(drawn_waits - placeholder_waits == weights);
+  // The adapters are those of the random model of the same seed; the Rng ends where it does.
+  std::vector<std::vector<double>> a, b;
+  for_each_device_param(drawn, [&](auto& p) { a.push_back(host<float>(p.value())); });
+  for_each_device_param(placeholder, [&](auto& p) { b.push_back(host<float>(p.value())); });
+  CHECK(a == b);
+  CHECK(r1.next() == r2.next());
+}

@@ -2,7 +2,6 @@
 // epilogue; backward returns dx = dy W0^T. The floor the CUDA adapters are measured against.
 #pragma once
 
-#include <memory>
 #include <string>
 
 #include <boost/hana/define_struct.hpp>
@@ -29,13 +28,20 @@ class FrozenLinear {
 
   static std::string name() { return "FrozenLinear"; }
 
-  /// weight: the host (d_in, d_out) W0, converted to T.
+  /// weight: the host (d_in, d_out) W0, converted to T (any Eigen expression; Matrix::Zero
+  /// is a fill on the device, with no host copy).
   template <class Derived>
-  FrozenLinear(CudaContext& ctx, const Eigen::MatrixBase<Derived>& weight) : FrozenLinear(ctx, Matrix<double>(weight.template cast<double>()), nullptr) {}
+  FrozenLinear(CudaContext& ctx, const Eigen::MatrixBase<Derived>& weight) : FrozenLinear(ctx, weight.rows(), weight.cols(), false) {
+    upload(weight_.view(), weight, ctx.stream());
+  }
   /// bias: the host (1, d_out) b.
   template <class Derived, class DerivedBias>
   FrozenLinear(CudaContext& ctx, const Eigen::MatrixBase<Derived>& weight, const Eigen::MatrixBase<DerivedBias>& bias)
-      : FrozenLinear(ctx, Matrix<double>(weight.template cast<double>()), std::make_unique<Matrix<double>>(bias.template cast<double>())) {}
+      : FrozenLinear(ctx, weight.rows(), weight.cols(), true) {
+    detail::expect_shape(name(), "bias", bias.rows(), bias.cols(), 1, d_out(), "1 x d_out");
+    upload(weight_.view(), weight, ctx.stream());
+    upload(bias_.view(), bias, ctx.stream());
+  }
 
   FrozenLinear(FrozenLinear&&) noexcept = default;
 
@@ -71,21 +77,18 @@ class FrozenLinear {
   }
 
  private:
-  FrozenLinear(CudaContext& ctx, const Matrix<double>& w, std::unique_ptr<Matrix<double>> b)
+  /// The storage, not yet written.
+  FrozenLinear(CudaContext& ctx, Index d_in, Index d_out, bool has_bias)
       : ctx_(&ctx),
-        weight_(validated(w).rows(), w.cols(), ctx.stream()),
-        bias_(b ? 1 : 0, b ? w.cols() : 0, ctx.stream()),
+        weight_(validated(d_in, d_out), d_out, ctx.stream()),
+        bias_(has_bias ? 1 : 0, has_bias ? d_out : 0, ctx.stream()),
         weight("weight", weight_.view()),
-        bias("bias", bias_.view()) {
-    if (b) detail::expect_shape(name(), "bias", b->rows(), b->cols(), 1, w.cols(), "1 x d_out");
-    upload(weight_.view(), w.data(), w.cols(), ctx.stream());
-    if (b) upload(bias_.view(), b->data(), b->cols(), ctx.stream());
-  }
+        bias("bias", bias_.view()) {}
 
-  static const Matrix<double>& validated(const Matrix<double>& w) {
-    if (w.rows() <= 0 || w.cols() <= 0)
-      throw value_error(detail::concat(name(), ": weight must be non-empty, got shape ", detail::shape_string(w.rows(), w.cols())));
-    return w;
+  static Index validated(Index d_in, Index d_out) {
+    if (d_in <= 0 || d_out <= 0)
+      throw value_error(detail::concat(name(), ": weight must be non-empty, got shape ", detail::shape_string(d_in, d_out)));
+    return d_in;
   }
 
   CudaContext* ctx_;

@@ -30,7 +30,6 @@
 // than d_out / d_in): no copies.
 #pragma once
 
-#include <memory>
 #include <string>
 
 #include <boost/hana/define_struct.hpp>
@@ -100,15 +99,23 @@ class LoraMixture {
 
   /// weight: the host (d_in, d_out) W0, converted to T. Router kernel and A are drawn from `rng`
   /// in the CPU layer's order, so the same seed gives the same initial values.
+  /// (Any Eigen expression; Matrix::Zero is a fill on the device, with no host copy.)
   template <class Derived>
   LoraMixture(CudaContext& ctx, const Eigen::MatrixBase<Derived>& weight, Rng& rng, const Options& options = {})
-      : LoraMixture(ctx, Matrix<double>(weight.template cast<double>()), nullptr, rng, options) {}
+      : LoraMixture(ctx, weight.rows(), weight.cols(), false, options) {
+    upload(base_weight.mutable_value(), weight, ctx.stream());
+    draw_adapters(rng);
+  }
   /// bias: the host (1, d_out) b.
   template <class Derived, class DerivedBias>
   LoraMixture(CudaContext& ctx, const Eigen::MatrixBase<Derived>& weight, const Eigen::MatrixBase<DerivedBias>& bias, Rng& rng,
               const Options& options = {})
-      : LoraMixture(ctx, Matrix<double>(weight.template cast<double>()),
-                    std::make_unique<Matrix<double>>(bias.template cast<double>()), rng, options) {}
+      : LoraMixture(ctx, weight.rows(), weight.cols(), true, options) {
+    detail::expect_shape(name(), "bias", bias.rows(), bias.cols(), 1, d_out_, "1 x d_out");
+    upload(base_weight.mutable_value(), weight, ctx.stream());
+    upload(base_bias.mutable_value(), bias, ctx.stream());
+    draw_adapters(rng);
+  }
 
   LoraMixture(LoraMixture&&) noexcept = default;
 
@@ -225,37 +232,37 @@ class LoraMixture {
     return {lora_up.value().data, R * lora_up.value().ld, 1, lora_up.value().ld};
   }
 
-  LoraMixture(CudaContext& ctx, const Matrix<double>& w, std::unique_ptr<Matrix<double>> b, Rng& rng, const Options& options)
+  /// The buffers, zeroed; the constructors above write W0, b and the drawn adapters.
+  LoraMixture(CudaContext& ctx, Index d_in, Index d_out, bool has_bias, const Options& options)
       : ctx_(&ctx),
-        options_(validated(options, w)),
+        options_(validated(options, d_in, d_out)),
         scale_(float(options.expert.alpha / R)),
-        d_in_(w.rows()),
-        d_out_(w.cols()),
-        cols_(w.cols() + right_cols),
-        has_bias_(b != nullptr),
-        weights_(DeviceMatrix<T>::zeros(w.rows() + ER, w.cols() + right_cols, ctx.stream())),
-        bias_(DeviceMatrix<T>::zeros(1, w.cols() + right_cols, ctx.stream())),
-        right_grad_(DeviceMatrix<float>::zeros(w.rows(), right_cols, ctx.stream())),
-        up_grad_(DeviceMatrix<float>::zeros(ER, w.cols(), ctx.stream())),
+        d_in_(d_in),
+        d_out_(d_out),
+        cols_(d_out + right_cols),
+        has_bias_(has_bias),
+        weights_(DeviceMatrix<T>::zeros(d_in + ER, d_out + right_cols, ctx.stream())),
+        bias_(DeviceMatrix<T>::zeros(1, d_out + right_cols, ctx.stream())),
+        right_grad_(DeviceMatrix<float>::zeros(d_in, right_cols, ctx.stream())),
+        up_grad_(DeviceMatrix<float>::zeros(ER, d_out, ctx.stream())),
         base_weight("base_weight", weights_.view().row_block(0, d_in_).col_block(0, d_out_)),
         base_bias("base_bias", bias_.view().row_block(0, has_bias_ ? 1 : 0).col_block(0, has_bias_ ? d_out_ : 0)),
         router_kernel("router_kernel", weights_.view().row_block(0, d_in_).col_block(d_out_, E),
                       right_grad_.view().col_block(0, E)),
         lora_down("lora_down", weights_.view().row_block(0, d_in_).col_block(d_out_ + E8, ER),
                   right_grad_.view().col_block(E8, ER)),
-        lora_up("lora_up", weights_.view().row_block(d_in_, ER).col_block(0, d_out_), up_grad_.view()) {
-    if (b) detail::expect_shape(name(), "bias", b->rows(), b->cols(), 1, d_out_, "1 x d_out");
-    cudaStream_t stream = ctx.stream();
-    upload(base_weight.mutable_value(), w.data(), w.cols(), stream);
-    if (b) upload(base_bias.mutable_value(), b->data(), b->cols(), stream);
-    const common::LoraInit<R> init(d_in_, E, options, rng);  // as the CPU layer draws them
-    upload(router_kernel.value(), init.router.data(), init.router.cols(), stream);
-    upload(lora_down.value(), init.down.data(), init.down.cols(), stream);
+        lora_up("lora_up", weights_.view().row_block(d_in_, ER).col_block(0, d_out_), up_grad_.view()) {}
+
+  /// The router kernel and A, drawn as the CPU layer draws them (B starts at zero).
+  void draw_adapters(Rng& rng) {
+    const common::LoraInit<R> init(d_in_, E, options_, rng);
+    upload(router_kernel.value(), init.router.data(), init.router.cols(), ctx_->stream());
+    upload(lora_down.value(), init.down.data(), init.down.cols(), ctx_->stream());
   }
 
-  static const Options& validated(const Options& options, const Matrix<double>& w) {
+  static const Options& validated(const Options& options, Index d_in, Index d_out) {
     check_routing_limits<E, Policy>();
-    common::check_additive_mixture(name(), options, w.rows(), w.cols());
+    common::check_additive_mixture(name(), options, d_in, d_out);
     if (R > 512 && options.dispatch == Dispatch::grouped)
       throw value_error(detail::concat(name(), ": the CUDA grouped path takes LoRA ranks up to 512, got ", R));
     return options;

@@ -80,13 +80,6 @@ namespace cuda_impl {
 template <class T>
 class CompositionLayer;  // composition_layer.hpp (CALM), included by models.hpp
 
-template <class T>
-DeviceMatrix<T> upload_matrix(const Matrix<double>& host, cudaStream_t stream) {
-  DeviceMatrix<T> d(host.rows(), host.cols(), stream);
-  if (host.size()) upload(d.view(), host.data(), host.cols(), stream);
-  return d;
-}
-
 /// LayerNorm (centered) or RMSNorm with frozen weights; keeps each row's mean and 1/std.
 template <class T, bool Centered>
 class Normalization {
@@ -107,7 +100,10 @@ class Normalization {
 
   Index width() const { return weight.cols(); }
 
-  Context forward(DeviceView<const T> x) const { return forward_impl(x, nullptr, nullptr); }
+  Context forward(DeviceView<const T> x) const {
+    detail::expect_cols(name(), "input x", x.rows, x.cols, width(), "tokens x d");
+    return forward_impl(x, nullptr, nullptr);
+  }
 
   /// A residual add and the norm after it in one pass: sum = x + r (rounded to T), then the
   /// normalisation of sum, which backward takes as its input.
@@ -130,8 +126,7 @@ class Normalization {
   }
 
  private:
-  Context forward_impl(DeviceView<const T> x, const DeviceView<const T>* r, DeviceMatrix<T>* sum) const {
-    detail::expect_cols(name(), "input x", x.rows, x.cols, width(), "tokens x d");
+  Context forward_impl(DeviceView<const T> x, const DeviceView<const T>* r, DeviceMatrix<T>* sum) const {  // x checked
     const cudaStream_t s = ctx_->stream();
     Context c{DeviceMatrix<T>(x.rows, width(), s), DeviceMatrix<float>(x.rows, 2, s)};
     norm_forward<T>(x.data, x.ld, r ? r->data : nullptr, r ? r->ld : 0, sum ? sum->data() : nullptr, sum ? sum->ld() : 0, x.rows,
@@ -176,7 +171,9 @@ class Embedding {
  public:
   using Scalar = T;
   static std::string name() { return "Embedding"; }
-  Embedding(CudaDevice device, const Matrix<double>& table)
+  /// table: (count, d), any host matrix expression (Matrix::Zero: zeroed on the device).
+  template <class Derived>
+  Embedding(CudaDevice device, const Eigen::MatrixBase<Derived>& table)
       : ctx_(&static_cast<CudaContext&>(device)), table("table", upload_matrix<T>(table, ctx_->stream())) {}
   Embedding(Embedding&&) noexcept = default;
   Index count() const { return table.rows(); }
@@ -585,7 +582,8 @@ struct ops<cuda, T> {
   static CudaContext& context() { return CudaContext::current(); }
   static cudaStream_t stream() { return context().stream(); }
 
-  static Frozen frozen(Device device, const std::string&, const char* what, const HostMatrix& value) {
+  template <class Derived>
+  static Frozen frozen(Device device, const std::string&, const char* what, const Eigen::MatrixBase<Derived>& value) {
     return Frozen(what, cuda_impl::upload_matrix<T>(value, static_cast<CudaContext&>(device).stream()));
   }
 

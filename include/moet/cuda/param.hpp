@@ -51,6 +51,46 @@ class DeviceParam : public cuda_impl::NamedDeviceTensor<T> {
   DeviceView<float> grad_;
 };
 
+namespace cuda_impl {
+/// Whether a host matrix is the expression Matrix::Zero(rows, cols) (a Constant of 0): the frozen
+/// weights' start when nothing is drawn (FrozenInit(0), FrozenInit::placeholder()), so that a
+/// layer zeroes its device storage instead of converting and uploading a host matrix of zeros.
+template <class Derived>
+bool is_zero_expression(const Eigen::MatrixBase<Derived>& m) {
+  if constexpr (std::is_same_v<Derived, typename Derived::ConstantReturnType>)
+    return m.derived().functor()() == typename Derived::Scalar(0);
+  else
+    return false;
+}
+
+/// Writes a host matrix of dst's shape (any Eigen expression) into dst, converted to T: a zero
+/// expression as a fill on the device, anything else through upload() (synchronous).
+template <class T, class Derived>
+void upload(DeviceView<T> dst, const Eigen::MatrixBase<Derived>& host, cudaStream_t stream) {
+  if (host.rows() != dst.rows || host.cols() != dst.cols)
+    throw value_error(detail::concat("upload: a host matrix of shape ", detail::shape_string(host.rows(), host.cols()),
+                                     " into a device matrix of shape ", detail::shape_string(dst.rows, dst.cols)));
+  if (dst.rows * dst.cols == 0) return;
+  if (is_zero_expression(host)) {
+    MOET_CUDA_CHECK(cudaMemset2DAsync(dst.data, std::size_t(dst.ld) * sizeof(T), 0, std::size_t(dst.cols) * sizeof(T),
+                                      std::size_t(dst.rows), stream));
+  } else if constexpr (std::is_same_v<Derived, Matrix<double>>) {
+    upload(dst, host.derived().data(), host.cols(), stream);
+  } else {
+    const Matrix<double> m = host.template cast<double>();
+    upload(dst, m.data(), m.cols(), stream);
+  }
+}
+
+/// A new device matrix holding a host matrix (any Eigen expression), converted to T.
+template <class T, class Derived>
+DeviceMatrix<T> upload_matrix(const Eigen::MatrixBase<Derived>& host, cudaStream_t stream) {
+  DeviceMatrix<T> d(host.rows(), host.cols(), stream);
+  upload(d.view(), host, stream);
+  return d;
+}
+}  // namespace cuda_impl
+
 /// A frozen device tensor (pretrained weights).
 template <class T>
 class DeviceFrozen : public cuda_impl::NamedDeviceTensor<T> {

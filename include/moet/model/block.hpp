@@ -93,14 +93,16 @@ SlotShape slot_shape(const io::ModelConfig& c) {
   else return {0, f, false};  // ffn_hidden
 }
 
-/// A frozen weight at its start (FrozenInit): normal(0, stddev), or zeros, drawing nothing
-/// (stddev 0: a benchmark fills it on the device) or skipping the draws (a placeholder for a
-/// checkpoint's tensor).
-template <class Host>
-Host initial_weight(Rng& rng, Index rows, Index cols, const FrozenInit& init) {
+/// Returns make(w) for a frozen weight w at its start (FrozenInit): drawn normal(0, stddev) into
+/// a host matrix, or the expression Host::Zero(rows, cols), drawing nothing (stddev 0: a
+/// benchmark fills it on the device) or skipping the draws (a placeholder for a checkpoint's
+/// tensor). The layers take either; the CUDA ones zero their device storage for the expression
+/// instead of converting and uploading a host matrix of zeros.
+template <class Host, class Make>
+auto with_initial_weight(Rng& rng, Index rows, Index cols, const FrozenInit& init, Make&& make) {
   if (init.advance_rng) rng.skip_normals(std::uint64_t(rows) * std::uint64_t(cols));
-  if (init.advance_rng || init.stddev == 0) return Host::Zero(rows, cols);
-  return rng.normal_matrix<typename Host::Scalar>(rows, cols, 0.0, init.stddev);
+  if (init.advance_rng || init.stddev == 0) return make(Host::Zero(rows, cols));
+  return make(rng.normal_matrix<typename Host::Scalar>(rows, cols, 0.0, init.stddev));
 }
 
 /// The slots an architecture has, in the order a block holds and visits them.
@@ -282,9 +284,10 @@ class Block {
       const SlotShape shape = slot_shape<X>(c);
       auto& target = std::get<index_of<X>>(staged);
       if constexpr (X::linear) {
-        const Host w = initial_weight<Host>(rng, shape.in, shape.out, init);
         const Host zero = Host::Zero(1, shape.out);
-        target.emplace(device, index, w, shape.bias ? &zero : nullptr, rng, o, c.d_model);
+        with_initial_weight<Host>(rng, shape.in, shape.out, init, [&](const auto& w) {
+          target.emplace(device, index, w, shape.bias ? &zero : nullptr, rng, o, c.d_model);
+        });
       } else {
         target.emplace(device, index, shape.out, rng, o, c.d_model);
       }

@@ -214,19 +214,20 @@ class DecoderModel {
       : device_(device),
         config_(checked(config)),
         options_(options),
-        wte(device, initial_weight<Host>(rng, config.vocab, config.d_model, init)),
+        wte(with_initial_weight<Host>(rng, config.vocab, config.d_model, init,
+                                      [&](const auto& w) { return typename Ops::Embedding(device, w); })),
         final_norm(BlockType::make_norm(device, config)) {
     if constexpr (llama) {
       rope_q_.emplace(device, config.heads, config.head_dim(), config.rope_theta, config.rope_scaling);
       rope_k_.emplace(device, config.kv_heads, config.head_dim(), config.rope_theta, config.rope_scaling);
     } else {
-      wpe.emplace(device, initial_weight<Host>(rng, config.max_positions, config.d_model, init));
+      with_initial_weight<Host>(rng, config.max_positions, config.d_model, init, [&](const auto& w) { wpe.emplace(device, w); });
     }
     blocks.reserve(std::size_t(config.layers));
     for (Index i = 0; i < config.layers; ++i) blocks.emplace_back(device, config, i, rng, options, init);
     if (!config.tied_embeddings)
-      lm_head.emplace(Ops::frozen(device, name(), "lm_head",
-                                  initial_weight<Host>(rng, config.vocab, config.d_model, init)));
+      with_initial_weight<Host>(rng, config.vocab, config.d_model, init,
+                                [&](const auto& w) { lm_head.emplace(Ops::frozen(device, name(), "lm_head", w)); });
     arena_ = typename Ops::GradientArena(*this);
   }
   /// The CPU shorthand: no device handle.

@@ -95,10 +95,12 @@ class LinearSlot<Slot, type_list<E...>, T, Backend> {
   };
 
   /// The slot of layer `index`: the mixture of the entry that names this layer, else the plain
-  /// projection; w (d_in, d_out) and the optional bias (1, d_out) are the frozen weights.
-  LinearSlot(typename Ops::Device device, Index index, const typename Ops::HostMatrix& w, const typename Ops::HostMatrix* bias,
+  /// projection; w (d_in, d_out: a host matrix or expression) and the optional bias (1, d_out)
+  /// are the frozen weights.
+  template <class W>
+  LinearSlot(typename Ops::Device device, Index index, const Eigen::MatrixBase<W>& w, const typename Ops::HostMatrix* bias,
              Rng& rng, const ModelOptions& options, Index d_model)
-      : layer_(make<0>(device, index, w, bias, rng, options, d_model)) {}
+      : layer_(make<0, W>(device, index, w, bias, rng, options, d_model)) {}
   LinearSlot(LinearSlot&&) noexcept = default;
 
   bool adapted() const { return layer_.index() != 0; }
@@ -117,8 +119,7 @@ class LinearSlot<Slot, type_list<E...>, T, Backend> {
   }
 
   Tensor backward(const Context& c, View x, View dy, GradMode mode) {
-    if (c.value.index() != layer_.index())
-      throw value_error(detail::concat("slot ", Slot::name, ": the context comes from a different slot"));
+    check(c);
     return with_index<N>(layer_.index(), [&](auto i) -> Tensor {
       return std::get<i()>(layer_).backward(std::get<i()>(c.value), x, dy, mode);
     });
@@ -127,8 +128,7 @@ class LinearSlot<Slot, type_list<E...>, T, Backend> {
   /// dst += backward(c, x, dy, mode) (an empty dst becomes it): a layer with its own
   /// backward_into accumulates in place (the frozen projection: in its GEMM), others add theirs.
   void backward_into(Tensor& dst, const Context& c, View x, View dy, GradMode mode) {
-    if (c.value.index() != layer_.index())
-      throw value_error(detail::concat("slot ", Slot::name, ": the context comes from a different slot"));
+    check(c);
     with_index<N>(layer_.index(), [&](auto i) {
       auto& l = std::get<i()>(layer_);
       const auto& ctx = std::get<i()>(c.value);
@@ -165,15 +165,20 @@ class LinearSlot<Slot, type_list<E...>, T, Backend> {
   }
 
  private:
-  template <std::size_t I>
-  static Layer make(typename Ops::Device device, Index index, const typename Ops::HostMatrix& w,
+  void check(const Context& c) const {
+    if (c.value.index() != layer_.index())
+      throw value_error(detail::concat("slot ", Slot::name, ": the context comes from a different slot"));
+  }
+
+  template <std::size_t I, class W>
+  static Layer make(typename Ops::Device device, Index index, const Eigen::MatrixBase<W>& w,
                     const typename Ops::HostMatrix* bias, Rng& rng, const ModelOptions& o, Index d_model) {
     if constexpr (I == sizeof...(E)) {
       if (bias) return Layer(std::in_place_index<0>, device, w, *bias);
       return Layer(std::in_place_index<0>, device, w);
     } else {
       using Entry = std::tuple_element_t<I, std::tuple<E...>>;
-      if (!Entry::where::contains(index)) return make<I + 1>(device, index, w, bias, rng, o, d_model);
+      if (!Entry::where::contains(index)) return make<I + 1, W>(device, index, w, bias, rng, o, d_model);
       const auto options = slot_options<Entry>(o, d_model);
       if (bias) return Layer(std::in_place_index<I + 1>, device, w, *bias, rng, options);
       return Layer(std::in_place_index<I + 1>, device, w, rng, options);
