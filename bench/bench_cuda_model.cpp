@@ -225,7 +225,7 @@ void load(benchmark::State& state) {
                                     (smoke ? "moet_bench_cuda_model_gpt2_smoke" : "moet_bench_cuda_model_gpt2");
   if (!std::filesystem::exists(dir / "model.safetensors")) {
     Rng rng(1);
-    Decoder<GPT2>::model<float> cpu(s.config, rng);  // drawn on the host once
+    Decoder<GPT2>::model<float> cpu(s.config, rng, {}, 0.0);  // zeros: no host draws in the GPU session's minutes
     save_pretrained(cpu, dir, {.dtype = io::DType::BF16});
   }
   double total = 0;
