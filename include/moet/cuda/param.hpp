@@ -64,7 +64,8 @@ bool is_zero_expression(const Eigen::MatrixBase<Derived>& m) {
 }
 
 /// Writes a host matrix of dst's shape (any Eigen expression) into dst, converted to T: a zero
-/// expression as a fill on the device, anything else through upload() (synchronous).
+/// expression as a fill on the device, anything else converted from its own scalar type through
+/// upload() (synchronous), as tensor_from_host reads a matrix.
 template <class T, class Derived>
 void upload(DeviceView<T> dst, const Eigen::MatrixBase<Derived>& host, cudaStream_t stream) {
   if (host.rows() != dst.rows || host.cols() != dst.cols)
@@ -74,11 +75,9 @@ void upload(DeviceView<T> dst, const Eigen::MatrixBase<Derived>& host, cudaStrea
   if (is_zero_expression(host)) {
     MOET_CUDA_CHECK(cudaMemset2DAsync(dst.data, std::size_t(dst.ld) * sizeof(T), 0, std::size_t(dst.cols) * sizeof(T),
                                       std::size_t(dst.rows), stream));
-  } else if constexpr (std::is_same_v<Derived, Matrix<double>>) {
-    upload(dst, host.derived().data(), host.cols(), stream);
-  } else {
-    const Matrix<double> m = host.template cast<double>();
-    upload(dst, m.data(), m.cols(), stream);
+  } else {  // a row-major matrix or column block is read in place, an expression evaluated once
+    const Eigen::Ref<const Matrix<typename Derived::Scalar>, 0, Eigen::OuterStride<>> h(host);
+    upload(dst, h.data(), h.outerStride(), stream);
   }
 }
 
