@@ -292,6 +292,41 @@ TEST_CASE("strided-batched GEMMs equal one GEMM per batch entry", "[cuda]") {
                     Catch::Contains("cuBLASLt matmul: a batch of 0"));
 }
 
+TEST_CASE("a GEMM's bias epilogue runs at any bias alignment; an empty product takes beta 0 or 1 and no bias", "[cuda]") {
+  // cuBLASLt picks an algorithm for the bias pointer the descriptor holds at heuristic time; one
+  // chosen for a 256-byte aligned bias faults on a less aligned one ("misaligned address"). The
+  // emulation refuses such a call as the device would fault. Row-major C (3 x 5) = A (3 x 4) B (4 x 5)
+  // + bias, with the bias at element offsets 0, 1 and 4 of one buffer (bf16: 256-, 2- and 8-byte aligned).
+  using moet::testing::detail::download_matrix;
+  using moet::testing::detail::upload_matrix;
+  Rng rng(21);
+  const cudaStream_t st = context().stream();
+  const Matrix<double> a = moet::testing::detail::rounded<bf16>(rng.normal_matrix<double>(3, 4));
+  const Matrix<double> b = moet::testing::detail::rounded<bf16>(rng.normal_matrix<double>(4, 5));
+  const Matrix<double> biases = moet::testing::detail::rounded<bf16>(rng.normal_matrix<double>(1, 9));
+  const DeviceMatrix<bf16> da = upload_matrix<bf16>(a, st), db = upload_matrix<bf16>(b, st), dbias = upload_matrix<bf16>(biases, st);
+  DeviceMatrix<bf16> dc = upload_matrix<bf16>(Matrix<double>::Zero(3, 5), st);
+  for (const Index offset : {Index(0), Index(1), Index(4)}) {
+    INFO("bias at element " << offset);
+    cuda_impl::gemm<bf16, bf16>(context(), cuda_impl::Op::N, da.view(), cuda_impl::Op::N, db.view(), dc.view(), 1.f, 0.f,
+                                dbias.view().data + offset);
+    const Matrix<double> want = (a * b).rowwise() + biases.middleCols(offset, 5).row(0);
+    const Matrix<double> got = download_matrix<bf16>(dc.view(), st);
+    CHECK((got - want).cwiseAbs().maxCoeff() <= 0.02 * (1.0 + want.cwiseAbs().maxCoeff()));  // bf16 output: 2^-8 relative, rounded once
+  }
+  auto empty = [](auto& m, Index rows) { return decltype(m.view()){m.view().data, rows, 0, m.view().ld}; };
+  CHECK_THROWS_WITH((cuda_impl::gemm<bf16, bf16>(context(), cuda_impl::Op::N, empty(da, 3), cuda_impl::Op::N,
+                                                 decltype(db.view()){db.view().data, 0, 5, 5}, dc.view(), 1.f, 0.5f)),
+                    Catch::Contains("K = 0 with beta 0.5"));
+  CHECK_THROWS_WITH((cuda_impl::gemm<bf16, bf16>(context(), cuda_impl::Op::N, empty(da, 3), cuda_impl::Op::N,
+                                                 decltype(db.view()){db.view().data, 0, 5, 5}, dc.view(), 1.f, 1.f,
+                                                 dbias.view().data)),
+                    Catch::Contains("K = 0 with beta 1 and a bias"));
+  cuda_impl::gemm<bf16, bf16>(context(), cuda_impl::Op::N, empty(da, 3), cuda_impl::Op::N,
+                              decltype(db.view()){db.view().data, 0, 5, 5}, dc.view(), 1.f, 0.f);
+  CHECK(download_matrix<bf16>(dc.view(), st).isZero(0.0));  // beta 0: C = 0
+}
+
 TEMPLATE_TEST_CASE("CUDA attention matches the CPU's: grouped heads, padding, a KV storage read in place", "[cuda]", float, bf16) {
   // Sequences of 4 queries over 6 key positions, kept 9 rows apart (a decoding cache's
   // capacity); 4 query heads share 2 kv heads; sequence 1 has one padded position, sequence 2 two.

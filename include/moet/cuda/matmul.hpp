@@ -54,7 +54,10 @@ void gemm(CudaContext& ctx, Op op_a, DeviceView<const T> a, Op op_b, DeviceView<
     throw value_error(detail::concat("cuBLASLt matmul: a batch of ", batch.count, " with strides ", batch.stride_a, ", ",
                                      batch.stride_b, ", ", batch.stride_c, " (needs 1 <= count < 2^31, strides >= 0, no bias)"));
   if (M == 0 || N == 0) return;
-  if (K == 0) {
+  if (K == 0) {  // no product: C = beta C, done here for the two betas the layers use
+    if ((beta != 0.f && beta != 1.f) || bias)
+      throw value_error(detail::concat("cuBLASLt matmul: K = 0 with beta ", beta, bias ? " and a bias" : "",
+                                       " (an empty product takes beta 0 or 1 and no bias)"));
     if (beta == 0.f)
       for (std::int64_t i = 0; i < batch.count; ++i)
         MOET_CUDA_CHECK(cudaMemset2DAsync(c.data + i * batch.stride_c, std::size_t(c.ld) * sizeof(TC), 0, std::size_t(N) * sizeof(TC),
@@ -73,7 +76,7 @@ void gemm(CudaContext& ctx, Op op_a, DeviceView<const T> a, Op op_b, DeviceView<
   key.trans_b = op_a == Op::T;
   key.ab_type = int(data_type<T>());
   key.c_type = int(data_type<TC>());
-  key.bias = bias != nullptr;
+  key.align_bias = bias ? pointer_alignment(bias) : 0;
   key.align_a = pointer_alignment(b.data, batch.stride_b * std::int64_t(sizeof(T)));
   key.align_b = pointer_alignment(a.data, batch.stride_a * std::int64_t(sizeof(T)));
   key.align_c = pointer_alignment(c.data, batch.stride_c * std::int64_t(sizeof(TC)));
@@ -83,8 +86,8 @@ void gemm(CudaContext& ctx, Op op_a, DeviceView<const T> a, Op op_b, DeviceView<
     key.stride_b = batch.stride_a;
     key.stride_c = batch.stride_c;
   }
-  const MatmulPlan& plan = ctx.matmuls().plan(ctx.lt(), key, CudaContext::workspace_bytes);
-  if (bias)
+  const MatmulPlan& plan = ctx.matmuls().plan(ctx.lt(), key, CudaContext::workspace_bytes, bias);
+  if (bias)  // this call's bias: the plan's algorithm was chosen for one of the same alignment
     MOET_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
   MOET_CUBLAS_CHECK(cublasLtMatmul(ctx.lt(), plan.desc, &alpha, b.data, plan.a, a.data, plan.b, &beta, c.data, plan.c, c.data,
                                    plan.c, &plan.algo, ctx.workspace(), CudaContext::workspace_bytes, ctx.stream()));

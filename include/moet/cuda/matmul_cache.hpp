@@ -2,6 +2,12 @@
 // algorithm the heuristic picked, created the first time a (shape, strides, types, transposes,
 // epilogue, pointer alignment) combination is seen and reused afterwards, so steady-state
 // training issues cublasLtMatmul alone.
+//
+// An algorithm may assume the alignments it was chosen for: A, B, C and D's come from the
+// preference (MIN_ALIGNMENT_*, 256 bytes unless set), the bias's from the bias pointer the
+// descriptor holds when the heuristic runs (cublasLt.h: the heuristic "depend[s] on its value to
+// determine expected pointer alignment"; a null pointer looks fully aligned). So every alignment
+// is part of the key, and the heuristic sees the call's own bias pointer.
 #pragma once
 
 #include <cublasLt.h>
@@ -21,13 +27,13 @@ struct MatmulKey {
   std::int64_t m = 0, n = 0, k = 0, lda = 0, ldb = 0, ldc = 0;
   int trans_a = 0, trans_b = 0;
   int ab_type = 0, c_type = 0;
-  int bias = 0;
+  int align_bias = 0;  ///< 0: no bias; else the bias pointer's alignment (BIAS epilogue)
   int align_a = 0, align_b = 0, align_c = 0;
   int batch = 1;
   std::int64_t stride_a = 0, stride_b = 0, stride_c = 0;
 
   auto tie() const {
-    return std::tie(m, n, k, lda, ldb, ldc, trans_a, trans_b, ab_type, c_type, bias, align_a, align_b, align_c, batch, stride_a,
+    return std::tie(m, n, k, lda, ldb, ldc, trans_a, trans_b, ab_type, c_type, align_bias, align_a, align_b, align_c, batch, stride_a,
                     stride_b, stride_c);
   }
   bool operator<(const MatmulKey& other) const { return tie() < other.tie(); }
@@ -47,14 +53,18 @@ class MatmulCache {
   MatmulCache& operator=(const MatmulCache&) = delete;
   ~MatmulCache() { clear(); }
 
-  /// The plan of `key`, made on first use with the heuristic (workspace at most `workspace_bytes`).
-  const MatmulPlan& plan(cublasLtHandle_t lt, const MatmulKey& key, std::size_t workspace_bytes) {
+  /// The plan of `key`, made on first use with the heuristic (workspace at most `workspace_bytes`);
+  /// bias: the call's bias pointer (of alignment key.align_bias), null without one.
+  const MatmulPlan& plan(cublasLtHandle_t lt, const MatmulKey& key, std::size_t workspace_bytes, const void* bias = nullptr) {
+    if ((bias != nullptr) != (key.align_bias != 0))
+      throw value_error(detail::concat("cuBLASLt plan: a bias pointer ", bias ? "given" : "missing", " for a key with bias alignment ",
+                                       key.align_bias));
     ++lookups_;
     auto found = plans_.find(key);
     if (found != plans_.end()) return found->second;
     MatmulPlan plan;
     try {
-      make(lt, key, workspace_bytes, plan);
+      make(lt, key, workspace_bytes, bias, plan);
     } catch (...) {
       destroy(plan);
       throw;
@@ -75,15 +85,16 @@ class MatmulCache {
   }
 
  private:
-  static void make(cublasLtHandle_t lt, const MatmulKey& key, std::size_t workspace_bytes, MatmulPlan& plan) {
+  static void make(cublasLtHandle_t lt, const MatmulKey& key, std::size_t workspace_bytes, const void* bias, MatmulPlan& plan) {
     const auto ab = cudaDataType_t(key.ab_type), c = cudaDataType_t(key.c_type);
     MOET_CUBLAS_CHECK(cublasLtMatmulDescCreate(&plan.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     const cublasOperation_t ta = key.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, tb = key.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
     MOET_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
     MOET_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
-    if (key.bias) {
+    if (bias) {
       const cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_BIAS;
       MOET_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof epilogue));
+      MOET_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
     }
     MOET_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.a, ab, key.trans_a ? key.k : key.m, key.trans_a ? key.m : key.k, key.lda));
     MOET_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.b, ab, key.trans_b ? key.n : key.k, key.trans_b ? key.k : key.n, key.ldb));
@@ -119,11 +130,14 @@ class MatmulCache {
     }
     cublasLtMatmulPreferenceDestroy(preference);
     MOET_CUBLAS_CHECK(status);
-    if (found == 0)
+    // cublasLt.h: a result's fields "are only valid if ... this member [state] is set to CUBLAS_STATUS_SUCCESS".
+    if (found == 0 || result.state != CUBLAS_STATUS_SUCCESS)
       throw cuda_error(detail::concat("cublasLtMatmulAlgoGetHeuristic found no algorithm for m=", key.m, " n=", key.n, " k=", key.k,
                                       " lda=", key.lda, " ldb=", key.ldb, " ldc=", key.ldc, " transa=", key.trans_a,
-                                      " transb=", key.trans_b, " batch=", key.batch, " (column-major)"),
-                       int(CUBLAS_STATUS_NOT_SUPPORTED));
+                                      " transb=", key.trans_b, " batch=", key.batch, " (column-major)",
+                                      found == 0 ? "" : ": its result's state is ",
+                                      found == 0 ? "" : cublasLtGetStatusName(result.state)),
+                       int(found == 0 ? CUBLAS_STATUS_NOT_SUPPORTED : result.state));
     plan.algo = result.algo;
     plan.workspace = result.workspaceSize;
   }

@@ -644,9 +644,23 @@ struct Layout {
   std::int64_t stride = 0;    // CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, in elements
 };
 
+/// CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_{A,B,C,D}_BYTES (uint32_t, 256 unless set).
 struct Preference {
-  int unused = 0;
+  std::uint32_t align[4] = {256, 256, 256, 256};
 };
+
+/// What an emulated algorithm assumes, kept in cublasLtMatmulAlgo_t's opaque words: the
+/// alignments (bytes) of A, B, C, D and the bias it was chosen for, after a marker. cublasLtMatmul
+/// refuses operands less aligned than that, where the device would fault ("misaligned address").
+constexpr std::uint64_t algo_marker = 0x6d6f6574616c676fULL;  // "moetalgo"
+
+/// The largest power of two up to 256 dividing every operand's address in the batch.
+std::uint64_t alignment_of(const void* p, std::int64_t stride_bytes) {
+  const auto address = reinterpret_cast<std::uintptr_t>(p) | std::uintptr_t(stride_bytes);
+  std::uint64_t alignment = 256;
+  while (alignment > 1 && address % alignment != 0) alignment /= 2;
+  return alignment;
+}
 
 MatmulDesc& get(cublasLtMatmulDesc_t d) { return *reinterpret_cast<MatmulDesc*>(d); }
 const Layout& get(cublasLtMatrixLayout_t l) { return *reinterpret_cast<const Layout*>(l); }
@@ -814,16 +828,23 @@ cublasStatus_t cublasLtMatmulPreferenceDestroy(cublasLtMatmulPreference_t prefer
   delete reinterpret_cast<Preference*>(preference);
   return CUBLAS_STATUS_SUCCESS;
 }
-cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t,
-                                                    cublasLtMatmulPreferenceAttributes_t attr, const void*,
-                                                    std::size_t) {
+cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t preference,
+                                                    cublasLtMatmulPreferenceAttributes_t attr, const void* buf,
+                                                    std::size_t bytes) {
+  Preference& p = *reinterpret_cast<Preference*>(preference);
   switch (attr) {
-    case CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES:
+    case CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES: {
+      std::uint64_t unused = 0;
+      return set_attribute(unused, buf, bytes);
+    }
     case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES:
+      return set_attribute(p.align[0], buf, bytes);
     case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES:
+      return set_attribute(p.align[1], buf, bytes);
     case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES:
+      return set_attribute(p.align[2], buf, bytes);
     case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES:
-      return CUBLAS_STATUS_SUCCESS;
+      return set_attribute(p.align[3], buf, bytes);
     default:
       return CUBLAS_STATUS_NOT_SUPPORTED;
   }
@@ -831,15 +852,22 @@ cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t,
 
 cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t, cublasLtMatmulDesc_t desc, cublasLtMatrixLayout_t a,
                                               cublasLtMatrixLayout_t b, cublasLtMatrixLayout_t c,
-                                              cublasLtMatrixLayout_t d, cublasLtMatmulPreference_t, int requested,
-                                              cublasLtMatmulHeuristicResult_t results[], int* returned) {
+                                              cublasLtMatrixLayout_t d, cublasLtMatmulPreference_t preference,
+                                              int requested, cublasLtMatmulHeuristicResult_t results[], int* returned) {
   std::int64_t m = 0, n = 0, k = 0;
   const cublasStatus_t status = shape(get(desc), get(a), get(b), get(c), get(d), m, n, k);
   if (status != CUBLAS_STATUS_SUCCESS) return status;
   if (requested < 1) return CUBLAS_STATUS_INVALID_VALUE;
+  const Preference& p = *reinterpret_cast<const Preference*>(preference);
   results[0] = cublasLtMatmulHeuristicResult_t{};
   results[0].workspaceSize = 0;
   results[0].state = CUBLAS_STATUS_SUCCESS;
+  // The algorithm assumes the preference's alignments and the alignment of the bias pointer the
+  // descriptor holds now (cublasLt.h: the heuristic depends on its value; null looks fully aligned).
+  std::uint64_t* words = results[0].algo.data;
+  words[0] = algo_marker;
+  for (int i = 0; i < 4; ++i) words[1 + i] = p.align[i];
+  words[5] = get(desc).bias ? alignment_of(get(desc).bias, 0) : 256;
   *returned = 1;
   return CUBLAS_STATUS_SUCCESS;
 }
@@ -847,7 +875,7 @@ cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t, cublasLtMatmulDe
 cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t desc_, const void* alpha_, const void* A,
                               cublasLtMatrixLayout_t a_, const void* B, cublasLtMatrixLayout_t b_, const void* beta_,
                               const void* C, cublasLtMatrixLayout_t c_, void* D, cublasLtMatrixLayout_t d_,
-                              const cublasLtMatmulAlgo_t*, void*, std::size_t, cudaStream_t) {
+                              const cublasLtMatmulAlgo_t* algo, void*, std::size_t, cudaStream_t) {
   const MatmulDesc& desc = get(desc_);
   const Layout &a = get(a_), &b = get(b_), &c = get(c_), &d = get(d_);
   std::int64_t m = 0, n = 0, k = 0;
@@ -855,6 +883,23 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t desc_, cons
   if (status != CUBLAS_STATUS_SUCCESS) return status;
   if (desc.epilogue == CUBLASLT_EPILOGUE_BIAS && desc.bias == nullptr)
     return invalid("BIAS epilogue without a bias pointer");
+  // No algorithm: cuBLASLt runs the heuristic itself, on these pointers. Else one of ours.
+  if (algo && algo->data[0] != algo_marker) return invalid("an algorithm that cublasLtMatmulAlgoGetHeuristic did not return");
+  if (algo) {
+    const char* names[] = {"A", "B", "C", "D"};
+    const void* pointers[] = {A, B, C, D};
+    const Layout* layouts[] = {&a, &b, &c, &d};
+    for (int i = 0; i < 4; ++i) {
+      const std::uint64_t has =
+          alignment_of(pointers[i], layouts[i]->stride * std::int64_t(element_bytes(layouts[i]->type)) * (layouts[i]->batch > 1));
+      if (has < algo->data[1 + i])
+        return invalid(std::string("operand ") + names[i] + " is " + std::to_string(has) + "-byte aligned, the algorithm assumes " +
+                       std::to_string(algo->data[1 + i]) + " (the device would fault: misaligned address)");
+    }
+    if (desc.bias && alignment_of(desc.bias, 0) < algo->data[5])
+      return invalid("the bias is " + std::to_string(alignment_of(desc.bias, 0)) + "-byte aligned, the algorithm was chosen for " +
+                     std::to_string(algo->data[5]) + " (the device would fault: misaligned address)");
+  }
   for (auto [p, l] : {std::pair{A, &a}, {B, &b}, {C, &c}, {static_cast<const void*>(D), &d}})
     if (!in_device_memory(p, *l)) return invalid("an operand is not (wholly) in device memory");
   if (desc.bias && !is_device_pointer(desc.bias)) return invalid("the bias is not in device memory");

@@ -4,7 +4,8 @@
 // can never complete are reported, fresh device memory reads as NaN, writes past an
 // allocation's end are caught, the warp matrix functions (wmma) multiply as documented and
 // refuse misaligned operands, and the emulated cublasLtMatmul follows cuBLASLt's column-major
-// contract (op(A) from A's own layout, beta C, the bias epilogue, strided batches). An access far outside an
+// contract (op(A) from A's own layout, beta C, the bias epilogue, strided batches, the alignments an
+// algorithm was chosen for). An access far outside an
 // allocation ends the program with SIGSEGV and a message naming the kernel. If the emulation were wrong
 // here, test_cuda_layers_emulated could pass for the wrong reasons.
 #include <cublasLt.h>
@@ -336,6 +337,71 @@ TEST_CASE("emulated cublasLtMatmul runs strided batches and refuses inconsistent
   cublasLtMatmulDescDestroy(desc);
   cublasLtDestroy(lt);
   for (void* p : {static_cast<void*>(d_a), static_cast<void*>(d_b), static_cast<void*>(d_d)}) CHECK(cudaFree(p) == cudaSuccess);
+}
+
+TEST_CASE("emulated cublasLtMatmul refuses operands less aligned than its algorithm was chosen for", "[emulation]") {
+  // As on the device: an algorithm from the heuristic assumes the preference's MIN_ALIGNMENT_*
+  // (256 bytes unless set) and the alignment of the bias pointer the descriptor held then.
+  const int m = 4, n = 3, k = 2;
+  float* d_a = device_array<float>(m * k + 1);
+  float* d_b = device_array<float>(k * n + 1);
+  float* d_d = device_array<float>(m * n);
+  float* d_bias = device_array<float>(m + 1);
+  REQUIRE(cudaMemset(d_a, 0, (m * k + 1) * 4) == cudaSuccess);
+  REQUIRE(cudaMemset(d_b, 0, (k * n + 1) * 4) == cudaSuccess);
+  REQUIRE(cudaMemset(d_bias, 0, (m + 1) * 4) == cudaSuccess);
+  cublasLtHandle_t lt = nullptr;
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t la = nullptr, lb = nullptr, ld = nullptr;
+  cublasLtMatmulPreference_t preference = nullptr;
+  REQUIRE(cublasLtCreate(&lt) == CUBLAS_STATUS_SUCCESS);
+  REQUIRE(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F) == CUBLAS_STATUS_SUCCESS);
+  const cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_BIAS;
+  REQUIRE(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof epilogue) == CUBLAS_STATUS_SUCCESS);
+  auto set_bias = [&](const float* p) {
+    REQUIRE(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &p, sizeof p) == CUBLAS_STATUS_SUCCESS);
+  };
+  REQUIRE(cublasLtMatrixLayoutCreate(&la, CUDA_R_32F, m, k, m) == CUBLAS_STATUS_SUCCESS);
+  REQUIRE(cublasLtMatrixLayoutCreate(&lb, CUDA_R_32F, k, n, k) == CUBLAS_STATUS_SUCCESS);
+  REQUIRE(cublasLtMatrixLayoutCreate(&ld, CUDA_R_32F, m, n, m) == CUBLAS_STATUS_SUCCESS);
+  REQUIRE(cublasLtMatmulPreferenceCreate(&preference) == CUBLAS_STATUS_SUCCESS);
+  auto heuristic = [&] {
+    cublasLtMatmulHeuristicResult_t result{};
+    int found = 0;
+    REQUIRE(cublasLtMatmulAlgoGetHeuristic(lt, desc, la, lb, ld, ld, preference, 1, &result, &found) == CUBLAS_STATUS_SUCCESS);
+    REQUIRE(found == 1);
+    REQUIRE(result.state == CUBLAS_STATUS_SUCCESS);
+    return result.algo;
+  };
+  const float alpha = 1.f, beta = 0.f;
+  auto matmul = [&](const float* a, const cublasLtMatmulAlgo_t* algo) {
+    return cublasLtMatmul(lt, desc, &alpha, a, la, d_b, lb, &beta, d_d, ld, d_d, ld, algo, nullptr, 0, nullptr);
+  };
+  set_bias(nullptr);  // chosen with no bias pointer yet: it looks fully aligned
+  const cublasLtMatmulAlgo_t aligned = heuristic();
+  set_bias(d_bias);
+  CHECK(matmul(d_a, &aligned) == CUBLAS_STATUS_SUCCESS);
+  set_bias(d_bias + 1);  // 4-byte aligned
+  CHECK(matmul(d_a, &aligned) == CUBLAS_STATUS_INVALID_VALUE);
+  CHECK(matmul(d_a, nullptr) == CUBLAS_STATUS_SUCCESS);  // no algorithm: cuBLASLt chooses for these pointers
+  const cublasLtMatmulAlgo_t for_bias = heuristic();     // chosen with the 4-byte aligned bias
+  CHECK(matmul(d_a, &for_bias) == CUBLAS_STATUS_SUCCESS);
+  CHECK(matmul(d_a + 1, &for_bias) == CUBLAS_STATUS_INVALID_VALUE);  // A at 4 bytes, the preference says 256
+  const std::uint32_t four = 4;
+  REQUIRE(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &four, sizeof four) ==
+          CUBLAS_STATUS_SUCCESS);
+  const cublasLtMatmulAlgo_t for_a = heuristic();
+  CHECK(matmul(d_a + 1, &for_a) == CUBLAS_STATUS_SUCCESS);
+  cublasLtMatmulAlgo_t made_up{};
+  CHECK(matmul(d_a, &made_up) == CUBLAS_STATUS_INVALID_VALUE);  // not from the heuristic
+  CHECK(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &four, 8) ==
+        CUBLAS_STATUS_INVALID_VALUE);  // uint32_t, as cublasLt.h says
+  cublasLtMatmulPreferenceDestroy(preference);
+  for (auto layout : {la, lb, ld}) cublasLtMatrixLayoutDestroy(layout);
+  cublasLtMatmulDescDestroy(desc);
+  cublasLtDestroy(lt);
+  for (void* p : {static_cast<void*>(d_a), static_cast<void*>(d_b), static_cast<void*>(d_d), static_cast<void*>(d_bias)})
+    CHECK(cudaFree(p) == cudaSuccess);
 }
 
 TEST_CASE("emulated wmma: 16 x 16 x 16 products as documented, misaligned operands refused", "[emulation]") {
