@@ -255,6 +255,29 @@ TEST_CASE("cuBLASLt heuristics are queried once per problem", "[cuda]") {
   CHECK(context().matmuls().heuristic_queries() == queries);
 }
 
+TEST_CASE("routing statistics are summed in a fixed order: two passes give the same bits", "[cuda]") {
+  // No floating-point atomics: each lane sums its rows in order, the warps of a block and then
+  // the blocks are added in order, so the aux losses (and the router gradients formed from them)
+  // repeat exactly. 2048 tokens make 256 routing blocks; soft and top-2 routing. On a device,
+  // atomics in the sums would make these differ in the last bits from run to run.
+  Rng rng(8);
+  DeviceMatrix<bf16> x = moet::testing::detail::upload_matrix<bf16>(rng.normal_matrix<double>(2048, 64), context().stream());
+  auto check = [&](auto& gpu) {
+    const auto first = gpu.forward(x);
+    const auto second = gpu.forward(x);
+    const AuxLosses a = first.aux(), b = second.aux();
+    CHECK(a.load_balance == b.load_balance);
+    CHECK(a.z_loss == b.z_loss);
+    CHECK(first.expert_usage() == second.expert_usage());
+    CHECK(std::isfinite(a.load_balance));
+    CHECK(a.z_loss > 0.0);
+  };
+  Mixture<Router<Soft>, Expert<LoRA<4>>, 8>::layer<bf16, cuda> soft(context(), Matrix<float>::Random(64, 64), rng);
+  check(soft);
+  Mixture<Router<TopK<2>>, Expert<LoRA<4>>, 8>::layer<bf16, cuda> top2(context(), Matrix<float>::Random(64, 64), rng);
+  check(top2);
+}
+
 TEST_CASE("strided-batched GEMMs equal one GEMM per batch entry", "[cuda]") {
   // Row-major C_i (3 x 5) = A_i^T (3 x 4) B_i (4 x 5) for 4 entries whose operands sit at strides
   // larger than the matrices (the gaps hold NaN-free filler that must not be read or written).

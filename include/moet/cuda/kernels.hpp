@@ -30,6 +30,9 @@ struct RoutingState {
   int* selected = nullptr;    ///< (rows, K) chosen expert ids, best first (top-k only)
   float* lse = nullptr;       ///< (rows) logsumexp of the logits
   double* stats = nullptr;    ///< (2E + 1): routing slots per expert, sum of probs per expert, sum of lse^2
+  /// (routing_blocks(rows), 2E + 1): each block's share of stats, added into stats in block order
+  /// by the routing call (no floating-point atomics: the sums are the same bits on every run).
+  double* partials = nullptr;
   double load_balance_weight = 0;
   double z_loss_weight = 0;
   /// Rows that count for the aux losses (a padded batch's real tokens): routing row r counts when
@@ -38,6 +41,13 @@ struct RoutingState {
   int groups = 1;
   std::int64_t counted_rows = 0;
 };
+
+/// How many blocks the routing kernels run for `rows` routing rows (a warp per row, 8 warps a
+/// block, at most 8192 blocks): the rows of RoutingState::partials.
+inline std::int64_t routing_blocks(std::int64_t rows) {
+  const std::int64_t blocks = (rows + 7) / 8;
+  return blocks < 1 ? 1 : (blocks > 8192 ? 8192 : blocks);
+}
 
 /// Routes `rows` rows of logits (ld apart); fills probs, gates, selected, lse and adds to stats
 /// (which the caller zeroes first).

@@ -26,6 +26,7 @@ struct DeviceRouting {
   DeviceMatrix<int> selected;    // (rows, K)
   DeviceMatrix<float> lse;       // (rows, 1)
   DeviceMatrix<double> stats;    // (1, 2E + 1): slots per expert, probability sums, sum of lse^2
+  DeviceMatrix<double> partials;  // (routing_blocks(rows), 2E + 1): each block's share, summed in block order
   DeviceMatrix<unsigned char> counted;  // (tokens) the RowMask's flags; empty: every row counts
   int groups = 1;                       // routing rows per token
   std::int64_t counted_rows = 0;
@@ -60,6 +61,7 @@ struct DeviceRouting {
     r.selected = DeviceMatrix<int>(rows, Policy::k, stream);
     r.lse = DeviceMatrix<float>(rows, 1, stream);
     r.stats = DeviceMatrix<double>::zeros(1, 2 * experts + 1, stream);
+    r.partials = DeviceMatrix<double>(routing_blocks(rows), 2 * experts + 1, stream);
     return r;
   }
 
@@ -74,6 +76,7 @@ struct DeviceRouting {
     s.selected = const_cast<int*>(selected.data());
     s.lse = const_cast<float*>(lse.data());
     s.stats = const_cast<double*>(stats.data());
+    s.partials = const_cast<double*>(partials.data());
     s.load_balance_weight = options.load_balance_weight;
     s.z_loss_weight = options.z_loss_weight;
     s.counted = counted.size() ? counted.data() : nullptr;

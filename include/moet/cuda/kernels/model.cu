@@ -13,27 +13,6 @@ namespace device {
 
 constexpr int row_threads = 256;
 
-template <class V>
-__device__ __forceinline__ V warp_sum_any(V v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(full_mask, v, offset);
-  return v;
-}
-
-/// The block's sum of v (every thread gets it); scratch: 32 values of shared memory.
-template <class V>
-__device__ V block_sum(V v, V* scratch) {
-  v = warp_sum_any(v);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();  // scratch may still be read from a previous call
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  V total = V(0);
-  const int warps = int((blockDim.x + 31) >> 5);
-  for (int i = 0; i < warps; ++i) total += scratch[i];
-  return total;
-}
-
 __device__ float block_max(float v, float* scratch) {
   v = warp_max(v);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;

@@ -13,25 +13,57 @@ namespace device {
 constexpr int warps_per_block = 8;
 constexpr int block_threads = 32 * warps_per_block;
 
-/// Per-block accumulators of the routing statistics, flushed to state.stats once per block.
+/// One lane's share of the routing statistics of the rows its warp routes: the slots and the
+/// probability sums of the experts it holds (lane + 32 i) and, in lane 0, the sum of lse^2.
+/// Summed without floating-point atomics: each lane in row order, the block's warps in warp
+/// order (BlockStats), the blocks in block order (sum_route_stats_kernel), so the statistics,
+/// and the aux losses and gradients formed from them, are the same bits on every run.
+template <int EPL>
+struct LaneStats {
+  double slots[EPL] = {}, probs[EPL] = {};
+  double lse2 = 0.0;
+
+  /// Adds one slot to `expert` (the lane holding it does).
+  __device__ void add_slot(int expert, int lane) {
+#pragma unroll
+    for (int i = 0; i < EPL; ++i)
+      if (lane + 32 * i == expert) slots[i] += 1.0;
+  }
+};
+
+/// The block's statistics in shared memory: the warps add their lanes' shares one warp after
+/// another, then the block writes them to its column of s.partials ((2E + 1) x blocks).
 struct BlockStats {
   double values[2 * max_experts + 1];
 
-  __device__ void clear() {
-    for (int i = threadIdx.x; i < 2 * max_experts + 1; i += blockDim.x) values[i] = 0.0;
-  }
-  __device__ void flush(const RoutingState& s) {
-    for (int i = threadIdx.x; i < 2 * s.experts + 1; i += blockDim.x) {
-      const int slot = i < 2 * s.experts ? i : 2 * max_experts;
-      if (values[slot] != 0.0) atomicAdd(&s.stats[i], values[slot]);
+  template <int EPL>
+  __device__ void gather(const LaneStats<EPL>& mine, const RoutingState& s) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, E = s.experts, n = 2 * s.experts + 1;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) values[i] = 0.0;
+    __syncthreads();
+    for (int w = 0; w < int(blockDim.x >> 5); ++w) {
+      if (warp == w) {
+#pragma unroll
+        for (int i = 0; i < EPL; ++i) {
+          const int e = lane + 32 * i;
+          if (e < E) {
+            values[e] += mine.slots[i];
+            values[E + e] += mine.probs[i];
+          }
+        }
+        if (lane == 0) values[2 * E] += mine.lse2;
+      }
+      __syncthreads();
     }
+    const std::int64_t blocks = gridDim.x;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s.partials[i * blocks + blockIdx.x] = values[i];
   }
 };
 
 /// Routes one row; leaves the row's gates in `gates_smem` (E floats, this warp's) as well.
 template <int EPL, class L>
 __device__ void route_row(const L* logits, const RoutingState& s, std::int64_t row, int lane, float* gates_smem,
-                          BlockStats& stats) {
+                          LaneStats<EPL>& stats) {
   const int E = s.experts;
   const bool counts = !s.counted || s.counted[row / s.groups];  // rows that do not count add nothing to the statistics
   float p[EPL];
@@ -70,7 +102,7 @@ __device__ void route_row(const L* logits, const RoutingState& s, std::int64_t r
     }
     warp_argmax(best, best_index);
     if (best_index >= E) best_index = 0;  // every probability NaN: count somewhere valid (the output is NaN anyway)
-    if (lane == 0 && counts) atomicAdd(&stats.values[best_index], 1.0);
+    if (counts) stats.add_slot(best_index, lane);
   } else {
     unsigned chosen = 0;  // bit i: this lane's slot i is selected
     int selected[max_top_k];
@@ -95,11 +127,10 @@ __device__ void route_row(const L* logits, const RoutingState& s, std::int64_t r
     const float scale = s.renorm ? 1.f / kept : 1.f;
 #pragma unroll
     for (int i = 0; i < EPL; ++i) g[i] = ((chosen >> i) & 1u) ? p[i] * scale : 0.f;
-    if (lane == 0)
-      for (int j = 0; j < s.k; ++j) {
-        s.selected[row * s.k + j] = selected[j];
-        if (counts) atomicAdd(&stats.values[selected[j]], 1.0);
-      }
+    for (int j = 0; j < s.k; ++j) {
+      if (lane == 0) s.selected[row * s.k + j] = selected[j];
+      if (counts) stats.add_slot(selected[j], lane);  // every lane knows the picks
+    }
   }
 #pragma unroll
   for (int i = 0; i < EPL; ++i) {
@@ -108,12 +139,12 @@ __device__ void route_row(const L* logits, const RoutingState& s, std::int64_t r
       s.probs[row * E + e] = p[i];
       s.gates[row * E + e] = g[i];
       gates_smem[e] = g[i];
-      if (counts) atomicAdd(&stats.values[E + e], double(p[i]));
+      if (counts) stats.probs[i] += double(p[i]);
     }
   }
   if (lane == 0) {
     s.lse[row] = lse;
-    if (counts) atomicAdd(&stats.values[2 * max_experts], double(lse) * double(lse));
+    if (counts) stats.lse2 += double(lse) * double(lse);
   }
   __syncwarp();
 }
@@ -184,14 +215,12 @@ template <int EPL, class L>
 __global__ void __launch_bounds__(block_threads) route_forward_kernel(const L* logits, std::int64_t ld, RoutingState s) {
   __shared__ BlockStats stats;
   __shared__ float gates[warps_per_block][max_experts];
-  stats.clear();
-  __syncthreads();
+  LaneStats<EPL> mine;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (std::int64_t row = std::int64_t(blockIdx.x) * warps_per_block + warp; row < s.rows;
        row += std::int64_t(gridDim.x) * warps_per_block)
-    route_row<EPL>(logits + row * ld, s, row, lane, gates[warp], stats);
-  __syncthreads();
-  stats.flush(s);
+    route_row<EPL>(logits + row * ld, s, row, lane, gates[warp], mine);
+  stats.gather(mine, s);
 }
 
 template <int EPL, class T>
@@ -200,21 +229,19 @@ __global__ void __launch_bounds__(block_threads)
                             float scale, T* v, std::int64_t ld_v, RoutingState s) {
   __shared__ BlockStats stats;
   __shared__ float gates[warps_per_block][max_experts];
-  stats.clear();
-  __syncthreads();
+  LaneStats<EPL> mine;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const std::int64_t width = std::int64_t(s.experts) * rank;
   for (std::int64_t row = std::int64_t(blockIdx.x) * warps_per_block + warp; row < s.rows;
        row += std::int64_t(gridDim.x) * warps_per_block) {
     const T* z_row = z + row * ld_z;
-    route_row<EPL>(z_row + logits_col, s, row, lane, gates[warp], stats);
+    route_row<EPL>(z_row + logits_col, s, row, lane, gates[warp], mine);
     const T* u = z_row + u_col;
     T* v_row = v + row * ld_v;
     for (std::int64_t c = lane; c < width; c += 32) v_row[c] = from_f<T>((gates[warp][c / rank] * scale) * to_f(u[c]));
     __syncwarp();
   }
-  __syncthreads();
-  stats.flush(s);
+  stats.gather(mine, s);
 }
 
 template <int EPL, class T>
@@ -304,7 +331,16 @@ __global__ void __launch_bounds__(block_threads)
   }
 }
 
-/// Calls f(std::integral_constant<int, EPL>) for the smallest experts-per-lane that fits E.
+/// stats[i] += statistic i summed over the blocks' partials (a block per statistic, fixed order).
+__global__ void __launch_bounds__(block_threads) sum_route_stats_kernel(RoutingState s, std::int64_t blocks) {
+  __shared__ double scratch[32];
+  const double* shares = s.partials + std::int64_t(blockIdx.x) * blocks;
+  double v = 0.0;
+  for (std::int64_t b = threadIdx.x; b < blocks; b += blockDim.x) v += shares[b];
+  v = block_sum(v, scratch);
+  if (threadIdx.x == 0) s.stats[blockIdx.x] += v;
+}
+
 __global__ void add_weighted_aux_kernel(RoutingState s, double* sum) {
   if (threadIdx.x != 0) return;
   const double rows = double(s.counted_rows);
@@ -317,6 +353,7 @@ __global__ void add_weighted_aux_kernel(RoutingState s, double* sum) {
   sum[0] += s.load_balance_weight * load_balance + s.z_loss_weight * (s.stats[2 * s.experts] / rows);
 }
 
+/// Calls f(std::integral_constant<int, EPL>) for the smallest experts-per-lane that fits E.
 template <class F>
 void by_experts_per_lane(int experts, F&& f) {
   if (experts <= 32) f(std::integral_constant<int, 1>{});
@@ -325,7 +362,14 @@ void by_experts_per_lane(int experts, F&& f) {
   else f(std::integral_constant<int, 8>{});
 }
 
-inline unsigned routing_grid(std::int64_t rows) { return grid_for(rows, warps_per_block, 8192u); }
+static_assert(warps_per_block == 8, "routing_blocks (kernels.hpp) counts 8 rows a block");
+inline unsigned routing_grid(std::int64_t rows) { return unsigned(routing_blocks(rows)); }
+
+/// Adds the blocks' shares of the statistics into state.stats (after a routing kernel).
+inline void sum_route_stats(const RoutingState& state, cudaStream_t stream) {
+  MOET_LAUNCH(unsigned(2 * state.experts + 1), block_threads, 0, stream, sum_route_stats_kernel)(state, routing_blocks(state.rows));
+  MOET_CUDA_CHECK_LAUNCH("sum_route_stats_kernel");
+}
 
 }  // namespace device
 
@@ -338,6 +382,7 @@ void route_forward(const L* logits, std::int64_t ld, const RoutingState& state, 
     (logits, ld, state);
   });
   MOET_CUDA_CHECK_LAUNCH("route_forward_kernel");
+  device::sum_route_stats(state, stream);
 }
 
 void add_weighted_aux(const RoutingState& state, double* sum, cudaStream_t stream) {
@@ -356,6 +401,7 @@ void lora_route_scale(const T* z, std::int64_t ld_z, std::int64_t logits_col, st
     (z, ld_z, logits_col, u_col, rank, scale, v, ld_v, state);
   });
   MOET_CUDA_CHECK_LAUNCH("lora_route_scale_kernel");
+  device::sum_route_stats(state, stream);
 }
 
 template <class T>
