@@ -29,15 +29,6 @@ struct Batch {
   std::int64_t stride_a = 0, stride_b = 0, stride_c = 0;
 };
 
-/// The largest power of two (at most 256) dividing the address and, for a batch, every
-/// operand's offset (stride_bytes): the alignment cuBLASLt may assume for each of them.
-inline int pointer_alignment(const void* p, std::int64_t stride_bytes = 0) {
-  const auto address = reinterpret_cast<std::uintptr_t>(p) | std::uintptr_t(stride_bytes);
-  int alignment = 256;
-  while (alignment > 1 && address % alignment != 0) alignment /= 2;
-  return alignment;
-}
-
 template <class T, class TC>
 void gemm(CudaContext& ctx, Op op_a, DeviceView<const T> a, Op op_b, DeviceView<const T> b, DeviceView<TC> c, float alpha,
           float beta, const TC* bias = nullptr, Batch batch = {}) {

@@ -13,6 +13,7 @@
 #include <cublasLt.h>
 
 #include <cstdint>
+#include <cstddef>
 #include <map>
 #include <utility>
 #include <tuple>
@@ -20,6 +21,15 @@
 #include "error.hpp"
 
 namespace moet::cuda_impl {
+
+/// The largest power of two (at most 256) dividing the address and, for a batch, every
+/// operand's offset (stride_bytes): the alignment cuBLASLt may assume for each of them.
+inline int pointer_alignment(const void* p, std::int64_t stride_bytes = 0) {
+  const auto address = reinterpret_cast<std::uintptr_t>(p) | std::uintptr_t(stride_bytes);
+  int alignment = 256;
+  while (alignment > 1 && address % alignment != 0) alignment /= 2;
+  return alignment;
+}
 
 /// Column-major cuBLASLt problem D (m x n) = op(A) (m x k) op(B) (k x n) [+ beta C] [+ bias],
 /// `batch` times over strided operands (element strides; batch 1 is a single product).
@@ -56,9 +66,6 @@ class MatmulCache {
   /// The plan of `key`, made on first use with the heuristic (workspace at most `workspace_bytes`);
   /// bias: the call's bias pointer (of alignment key.align_bias), null without one.
   const MatmulPlan& plan(cublasLtHandle_t lt, const MatmulKey& key, std::size_t workspace_bytes, const void* bias = nullptr) {
-    if ((bias != nullptr) != (key.align_bias != 0))
-      throw value_error(detail::concat("cuBLASLt plan: a bias pointer ", bias ? "given" : "missing", " for a key with bias alignment ",
-                                       key.align_bias));
     ++lookups_;
     auto found = plans_.find(key);
     if (found != plans_.end()) return found->second;

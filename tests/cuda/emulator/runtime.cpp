@@ -28,6 +28,7 @@
 #include <map>
 #include <memory>
 #include <moet/cuda/kernels/emulation.cuh>
+#include <moet/cuda/matmul_cache.hpp>  // pointer_alignment: the largest power of two up to 256 dividing an address
 #include <numeric>
 #include <random>
 #include <string>
@@ -654,13 +655,6 @@ struct Preference {
 /// refuses operands less aligned than that, where the device would fault ("misaligned address").
 constexpr std::uint64_t algo_marker = 0x6d6f6574616c676fULL;  // "moetalgo"
 
-/// The largest power of two up to 256 dividing every operand's address in the batch.
-std::uint64_t alignment_of(const void* p, std::int64_t stride_bytes) {
-  const auto address = reinterpret_cast<std::uintptr_t>(p) | std::uintptr_t(stride_bytes);
-  std::uint64_t alignment = 256;
-  while (alignment > 1 && address % alignment != 0) alignment /= 2;
-  return alignment;
-}
 
 MatmulDesc& get(cublasLtMatmulDesc_t d) { return *reinterpret_cast<MatmulDesc*>(d); }
 const Layout& get(cublasLtMatrixLayout_t l) { return *reinterpret_cast<const Layout*>(l); }
@@ -867,7 +861,7 @@ cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t, cublasLtMatmulDe
   std::uint64_t* words = results[0].algo.data;
   words[0] = algo_marker;
   for (int i = 0; i < 4; ++i) words[1 + i] = p.align[i];
-  words[5] = get(desc).bias ? alignment_of(get(desc).bias, 0) : 256;
+  words[5] = std::uint64_t(moet::cuda_impl::pointer_alignment(get(desc).bias));  // null: 256
   *returned = 1;
   return CUBLAS_STATUS_SUCCESS;
 }
@@ -890,14 +884,16 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t desc_, cons
     const void* pointers[] = {A, B, C, D};
     const Layout* layouts[] = {&a, &b, &c, &d};
     for (int i = 0; i < 4; ++i) {
-      const std::uint64_t has =
-          alignment_of(pointers[i], layouts[i]->stride * std::int64_t(element_bytes(layouts[i]->type)) * (layouts[i]->batch > 1));
+      const Layout& l = *layouts[i];
+      const std::int64_t stride_bytes = l.batch > 1 ? l.stride * std::int64_t(element_bytes(l.type)) : 0;
+      const std::uint64_t has = std::uint64_t(moet::cuda_impl::pointer_alignment(pointers[i], stride_bytes));
       if (has < algo->data[1 + i])
         return invalid(std::string("operand ") + names[i] + " is " + std::to_string(has) + "-byte aligned, the algorithm assumes " +
                        std::to_string(algo->data[1 + i]) + " (the device would fault: misaligned address)");
     }
-    if (desc.bias && alignment_of(desc.bias, 0) < algo->data[5])
-      return invalid("the bias is " + std::to_string(alignment_of(desc.bias, 0)) + "-byte aligned, the algorithm was chosen for " +
+    const std::uint64_t bias_alignment = std::uint64_t(moet::cuda_impl::pointer_alignment(desc.bias));
+    if (bias_alignment < algo->data[5])
+      return invalid("the bias is " + std::to_string(bias_alignment) + "-byte aligned, the algorithm was chosen for " +
                      std::to_string(algo->data[5]) + " (the device would fault: misaligned address)");
   }
   for (auto [p, l] : {std::pair{A, &a}, {B, &b}, {C, &c}, {static_cast<const void*>(D), &d}})
